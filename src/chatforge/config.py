@@ -1,0 +1,383 @@
+"""Configs as dataclasses, loaded from YAML recipes with ``--set key=value`` overrides.
+
+Every mistake in a config (unknown key, wrong type, bad value) raises ``ConfigError`` with a one-line
+message that names the dotted key, e.g. ``pretrain.lr: expected a number, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from chatforge.errors import ChatforgeError
+
+T = TypeVar("T")
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+DEFAULT_RECIPE = "cpu-demo"
+
+
+class ConfigError(ChatforgeError):
+    """A bad config key or value; the message is one line and names the key."""
+
+
+# ---------------------------------------------------------------- the config tree
+
+
+@dataclass
+class SourceConfig:
+    """One input of the data stage.
+
+    kind: ``world`` (the built-in generator), ``text`` (.txt, one document per file or per blank-line
+    block), ``jsonl`` / ``parquet`` (a text field per record) or ``hf`` (a Hugging Face dataset).
+    ``path`` may be a file, a directory or a glob; ``.gz`` files are read transparently.
+    """
+
+    kind: str = "world"
+    path: str = ""
+    text_field: str = "text"
+    split: str = "train"  # hf only
+    name: str = ""  # hf dataset config name
+    streaming: bool = False  # hf only
+    max_docs: int = 0  # 0 = all
+    seed: int = 0  # world only
+    n_docs: int = 4000  # world only
+    split_on_blank_lines: bool = False  # text only: one document per paragraph block
+
+    def validate(self, key: str) -> None:
+        kinds = ("world", "text", "jsonl", "parquet", "hf")
+        if self.kind not in kinds:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(kinds)}, got {self.kind!r}")
+        if self.kind != "world" and not self.path:
+            raise ConfigError(f"{key}.path: required for a {self.kind!r} source")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    min_chars: int = 64  # shorter documents are dropped
+    max_chars: int = 200_000  # longer ones are cut at a paragraph boundary
+    max_dup_line_frac: float = 0.3  # repetition filter: share of lines that repeat within a document
+    max_top_ngram_frac: float = 0.2  # repetition filter: share of chars in the most frequent word 3-gram
+    min_alpha_frac: float = 0.5  # non-text filter: share of letters among non-space characters
+    near_dup_threshold: float = 0.8  # MinHash Jaccard threshold; 1.0 turns near-dedup off
+    minhash_perm: int = 64
+    val_fraction: float = 0.02
+    num_workers: int = 0  # 0 = all cores
+    seed: int = 0  # salts the hash that assigns documents to train or val
+
+    def validate(self, key: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{key}.sources: at least one source is needed")
+        for i, s in enumerate(self.sources):
+            s.validate(f"{key}.sources[{i}]")
+        _check_range(f"{key}.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        _check_range(f"{key}.near_dup_threshold", self.near_dup_threshold, 0.0, 1.0, lo_open=True)
+        _check_range(f"{key}.min_alpha_frac", self.min_alpha_frac, 0.0, 1.0)
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            raise ConfigError(f"{key}.max_chars: must be greater than min_chars ({self.min_chars})")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    max_train_docs: int = 50_000  # a sample is enough for BPE merges
+
+    def validate(self, key: str) -> None:
+        if not 300 <= self.vocab_size <= 1_000_000:
+            raise ConfigError(f"{key}.vocab_size: must be between 300 and 1000000, got {self.vocab_size}")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the one transformer; names follow transformers' LlamaConfig where they overlap."""
+
+    vocab_size: int = 4096  # overwritten by the tokenizer's size when 0 or smaller than it
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 688
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2-style q/k/v bias
+    qk_norm: bool = False  # Qwen3-style RMSNorm on queries and keys
+    init_std: float = 0.02
+
+    def validate(self, key: str) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{key}.num_key_value_heads: must divide num_attention_heads ({self.num_attention_heads}),"
+                f" got {self.num_key_value_heads}"
+            )
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{key}.hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads})"
+                f" unless head_dim is set, got {self.hidden_size}"
+            )
+        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError(f"{key}.head_dim: must be even for rotary embeddings")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of the one training-loop core, shared by every stage."""
+
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1
+    seq_len: int = 256
+    optimizer: str = "muon"  # adamw | muon (Muon for 2-D hidden matrices, AdamW for the rest)
+    lr: float = 3e-3  # AdamW learning rate (embeddings, norms, head; everything when optimizer=adamw)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "wsd"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_frac: float = 0.3  # wsd: share of steps spent decaying to min_lr_ratio
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200  # 0 = only at the end
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    seed: int = 1337
+    progress: bool = True
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+
+    def validate(self, key: str) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"{key}.optimizer: must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"{key}.schedule: must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{key}.dtype: must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr: must be positive, got {self.lr}")
+        _check_range(f"{key}.decay_frac", self.decay_frac, 0.0, 1.0)
+        _check_range(f"{key}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{key}.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["The capital of", "Once upon a time", "12 + 7 ="])
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: one run directory, all stages."""
+
+    name: str = "cpu-demo"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def validate(self, key: str = "") -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "validate"):
+                v.validate(f.name)
+        if self.pretrain.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"pretrain.seq_len: {self.pretrain.seq_len} exceeds model.max_position_embeddings"
+                f" ({self.model.max_position_embeddings})"
+            )
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _check_range(key: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    if v < lo or v > hi or (lo_open and v == lo):
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{key}: must be in {bracket}{lo}, {hi}], got {v}")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Turn a YAML value into ``tp``, or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, args[0], value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _coerce(key, hints[k], v)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML/JSON-friendly values."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. pretrain.lr=3e-3")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path)}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def resolve_recipe(recipe: str | Path | None) -> Path:
+    """A recipe name (``cpu-demo``) or a path to a YAML file."""
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe: no such file {str(p)!r}")
+        return p
+    cand = RECIPES_DIR / f"{recipe}.yaml"
+    if not cand.is_file():
+        known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"recipe: unknown recipe {str(recipe)!r} (known: {', '.join(known)})")
+    return cand
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe, apply ``--set`` overrides, validate, and return a RunConfig."""
+    path = resolve_recipe(recipe)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: the built-in world, ingestion, cleaning, dedup and token shards."""

@@ -1,0 +1,1 @@
+"""Evals and the report card."""

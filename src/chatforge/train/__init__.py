@@ -1,0 +1,1 @@
+"""Training stages, all thin layers over the one loop core in ``loop.py``."""
