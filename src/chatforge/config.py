@@ -116,8 +116,14 @@ class ModelConfig:
     init_std: float = 0.02
 
     def validate(self, key: str) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -1,0 +1,272 @@
+"""The one transformer: a Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache).
+
+Module and parameter names match transformers' ``LlamaForCausalLM`` (and Qwen2/Qwen3 with their switches),
+so a state dict moves between the two with no renaming; see ``checkpoint.py`` for the directory format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like transformers does, so bf16 runs agree with it too.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary embeddings in the "rotate half" layout that transformers uses."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:  # longer than configured: extend rather than fail
+            self._build(max(need, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D] or [B, T, D]."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos.to(x.dtype)) + (_rotate_half(x) * sin.to(x.dtype))
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for ``batch`` independent sequence slots.
+
+    Each slot has its own length, so sequences of different lengths share one forward pass, and a
+    scheduler can free a slot (``reset``) and reuse it for a new sequence between decode steps.
+    """
+
+    k: list[torch.Tensor]  # per layer [B, n_kv, S, D]
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # [B] tokens already cached per slot
+
+    @classmethod
+    def empty(
+        cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+            lengths=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def reset(self, slots: torch.Tensor | list[int] | None = None) -> None:
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(slots, device=self.lengths.device)] = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.dim_per_head,
+        )
+        h, d = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.n_kv != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            assert positions is not None
+            # Write the new keys at each slot's own positions, then attend over the used prefix.
+            b_idx = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc[b_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
+            vc[b_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
+            used = int(positions.max()) + 1
+            key_pos = torch.arange(used, device=x.device)
+            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal per slot
+            out = F.scaled_dot_product_attention(
+                q,
+                kc[:, :, :used].to(q.dtype),
+                vc[:, :, :used].to(q.dtype),
+                attn_mask=mask[:, None],
+                enable_gqa=gqa,
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer, cache, positions):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named ``model`` inside ``GPT`` to mirror transformers' ``LlamaModel``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.max_position_embeddings, cfg.rope_theta)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. ``forward`` returns logits; ``hidden_states`` feeds reward/value heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate("model")
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2·layers) (GPT-2),
+        so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N for the matmuls plus the attention scores (PaLM's appendix B)."""
+        c = self.config
+        n = self.num_params(non_embedding=True)
+        if c.tie_word_embeddings:
+            n += self.lm_head.weight.numel()
+        attn = (
+            6 * c.num_hidden_layers * c.num_attention_heads * c.dim_per_head * seq_len
+        )  # causal: half of 12
+        return 6 * n + attn
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H].
+
+        Without a cache this is plain causal attention over ``input_ids``. With a cache, token t of slot b
+        sits at position ``cache.lengths[b] + t`` (or ``positions[b, t]``); the caller advances
+        ``cache.lengths`` by the number of real (non-padding) tokens of each slot.
+        """
+        B, T = input_ids.shape
+        if cache is not None and positions is None:
+            positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
+        if positions is not None and cache is not None and int(positions.max()) >= cache.max_len:
+            raise ValueError(f"KV cache full: position {int(positions.max())} >= capacity {cache.max_len}")
+        rope_pos = positions if positions is not None else torch.arange(T, device=input_ids.device)
+        cos, sin = self.model.rotary(rope_pos)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, cache, positions)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, cache, positions))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``targets`` are already shifted, ``ignore_index`` masks positions."""
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=ignore_index
+    )
