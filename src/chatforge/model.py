@@ -244,7 +244,7 @@ class GPT(nn.Module):
         sits at position ``cache.lengths[b] + t`` (or ``positions[b, t]``); the caller advances
         ``cache.lengths`` by the number of real (non-padding) tokens of each slot.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if cache is not None and positions is None:
             positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
         if positions is not None and cache is not None and int(positions.max()) >= cache.max_len:
