@@ -219,6 +219,18 @@ def _read_weights(p: Path) -> dict[str, torch.Tensor]:
     raise ChatforgeError(f"{p}: no model.safetensors (or sharded index) found")
 
 
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load ``path``'s weights into an existing module in place (used on resume)."""
+    sd = _read_weights(Path(path))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ChatforgeError(
+            f"{path}: weights do not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+
+
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / "train_state.pt"
     if not f.is_file():

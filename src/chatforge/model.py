@@ -268,5 +268,5 @@ class GPT(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross-entropy; ``targets`` are already shifted, ``ignore_index`` masks positions."""
     return F.cross_entropy(
-        logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=ignore_index
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
     )

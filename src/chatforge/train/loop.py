@@ -1,0 +1,408 @@
+"""The one training-loop core. Pretraining, SFT, reward modelling, DPO, PPO and GRPO differ only in the
+batches they feed it and the loss they compute.
+
+What it owns: device and dtype (CPU fp32, CUDA bf16 autocast), ``torch.compile``, ``torch.distributed``
+(DDP under ``torchrun``; gloo on CPU, NCCL on GPUs), gradient accumulation and clipping, the learning-rate
+schedule, atomic checkpoints with exact resume, a JSONL metrics log and a progress bar.
+
+Exact resume rests on one rule: a batch is a pure function of ``(step, micro_step, rank, world_size)``
+(``batch_fn``), so restoring weights, optimizer state, RNG state and the step number replays the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from chatforge.config import TrainConfig, to_dict
+from chatforge.errors import ChatforgeError
+from chatforge.train.optim import Optimizers, build_optimizer, lr_multiplier
+
+Batch = dict[str, torch.Tensor]
+# loss_fn(model, batch) -> (scalar loss to minimise, extra metrics to log, number of tokens it covered)
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float], int]]
+BatchFn = Callable[[int, int, int, int], Batch]
+SaveFn = Callable[[nn.Module, Path, dict[str, Any]], None]
+LoadFn = Callable[[nn.Module, Path], None]
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+# ---------------------------------------------------------------- runtime: device, dtype, processes
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick the device and dtype, and join the process group when launched by ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ChatforgeError("device: cuda was asked for but no CUDA GPU is available (use device=cpu)")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(device=dev, autocast_dtype=autocast_dtype, rank=rank, world_size=world, local_rank=local)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---------------------------------------------------------------- metrics log
+
+
+class MetricsLog:
+    """Append-only JSONL of events; on resume, entries after the restored step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [
+            ln
+            for ln in self.path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"event": event, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_metrics(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    recs = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return [r for r in recs if event is None or r.get("event") == event]
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Runs ``cfg.steps`` optimizer steps of ``loss_fn`` over ``batch_fn``'s batches in ``work_dir``.
+
+    ``work_dir`` receives ``metrics.jsonl`` and ``checkpoints/step_XXXXXXX`` (written by ``save_fn``, with
+    ``train_state.pt`` inside); ``checkpoints/latest`` names the newest complete one, so a run killed at any
+    moment resumes from it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        work_dir: str | Path,
+        *,
+        loss_fn: LossFn,
+        batch_fn: BatchFn,
+        save_fn: SaveFn,
+        load_fn: LoadFn,
+        evaluate: EvalFn | None = None,
+        runtime: Runtime | None = None,
+        desc: str = "train",
+        flops_per_token: float = 0.0,
+    ) -> None:
+        self.cfg = cfg
+        self.rt = runtime or setup_runtime(cfg)
+        self.work_dir = Path(work_dir)
+        self.loss_fn, self.batch_fn, self.evaluate = loss_fn, batch_fn, evaluate
+        self.save_fn, self.load_fn = save_fn, load_fn
+        self.desc = desc
+        self.flops_per_token = flops_per_token
+        self.model = model.to(self.rt.device)
+        self.optimizer: Optimizers = build_optimizer(self.model, cfg)
+        self.metrics = MetricsLog(self.work_dir / "metrics.jsonl", enabled=self.rt.is_main)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        wrapped: nn.Module = self.model
+        if self.rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            wrapped = DDP(self.model, device_ids=ids)
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+        self.train_model = wrapped
+
+    # ---- checkpoints
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if (path / "train_state.pt").is_file() else None
+
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "world_size": self.rt.world_size,
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_N`` atomically, then move the ``latest`` pointer (also atomically)."""
+        path = self.ckpt_dir / f"step_{self.step:07d}"
+        if self.rt.is_main:
+            self.save_fn(self.model, path, self.train_state())
+            tmp = self.ckpt_dir / "latest.tmp"
+            tmp.write_text(path.name)
+            os.replace(tmp, self.ckpt_dir / "latest")
+            old = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p != path)
+            for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+        if self.rt.distributed:
+            dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint in ``work_dir``, if any. Returns whether it did."""
+        path = self.latest_checkpoint()
+        if path is None:
+            return False
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.rt.world_size:
+            raise ChatforgeError(
+                f"{path}: saved with {state.get('world_size')} processes, resuming with {self.rt.world_size};"
+                " resume with the same number of processes for an exact replay"
+            )
+        self.load_fn(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.metrics.truncate_after(self.step)
+        return True
+
+    # ---- one optimizer step
+
+    def _to_device(self, batch: Batch) -> Batch:
+        nb = self.rt.device.type == "cuda"
+        return {
+            k: v.to(self.rt.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+
+    def train_step(self) -> dict[str, float]:
+        """Accumulate ``grad_accum`` micro-batches, clip, and step the optimizer once."""
+        cfg, rt = self.cfg, self.rt
+        self.model.train()
+        self.optimizer.set_lr_multiplier(lr_multiplier(self.step, cfg))
+        totals: dict[str, float] = {}
+        n_tokens = 0
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(cfg.grad_accum):
+            batch = self._to_device(self.batch_fn(self.step, micro, rt.rank, rt.world_size))
+            last = micro == cfg.grad_accum - 1
+            # Skip DDP's gradient all-reduce on all but the last micro-batch.
+            sync = contextlib.nullcontext() if (last or not rt.distributed) else self.train_model.no_sync()  # type: ignore[operator]
+            with sync, rt.autocast():
+                loss, extra, ntok = self.loss_fn(self.train_model, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            n_tokens += ntok
+            for k, v in extra.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        grad_norm = 0.0
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_val = loss_sum / cfg.grad_accum
+        if rt.distributed:
+            stats = torch.tensor([loss_val.item(), float(n_tokens)], device=rt.device)
+            dist.all_reduce(stats)
+            loss_f, n_tokens = stats[0].item() / rt.world_size, int(stats[1].item())
+        else:
+            loss_f = loss_val.item()
+        if not math.isfinite(loss_f):
+            raise ChatforgeError(
+                f"{self.desc}: loss became {loss_f} at step {self.step}; lower the learning rate"
+                " or check the data (the last good checkpoint is kept)"
+            )
+        self.step += 1
+        self.tokens += n_tokens
+        return {
+            "loss": loss_f,
+            "grad_norm": grad_norm,
+            "lr_mult": lr_multiplier(self.step - 1, cfg),
+            "tokens": n_tokens,
+            **totals,
+        }
+
+    # ---- the loop
+
+    def run_eval(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.rt.autocast():
+            res = self.evaluate(self.model, self.step)
+        self.model.train()
+        self.metrics.log("eval", self.step, **res)
+        return res
+
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        resumed = self.resume() if resume else False
+        if not resumed:
+            self.metrics.reset()
+            self.metrics.log("start", 0, config=to_dict(cfg), world_size=self.rt.world_size)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc=self.desc,
+            disable=not (self.rt.is_main and cfg.progress),
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
+        last_eval: dict[str, float] = {}
+        window_t, window_tok = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                out = self.train_step()
+                self.elapsed += time.perf_counter() - t0
+                window_tok += int(out["tokens"])
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = max(time.perf_counter() - window_t, 1e-9)
+                    tps = window_tok / dt
+                    rec = {
+                        **out,
+                        "tokens_per_s": round(tps, 1),
+                        "tokens_seen": self.tokens,
+                        "elapsed_s": round(self.elapsed, 3),
+                    }
+                    if self.flops_per_token:
+                        rec["flops_per_s"] = tps * self.flops_per_token
+                    self.metrics.log("train", self.step, **rec)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_t, window_tok = time.perf_counter(), 0
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    last_eval = self.run_eval()
+                    window_t = time.perf_counter()  # evaluation is not training time
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                    window_t = time.perf_counter()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0:
+                self.save_checkpoint()
+                print(
+                    f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume",
+                    file=sys.stderr,
+                )
+            raise
+        bar.close()
+        last_eval = self.run_eval() or last_eval
+        self.metrics.log(
+            "end", self.step, tokens_seen=self.tokens, elapsed_s=round(self.elapsed, 3), **last_eval
+        )
+        return {
+            "steps": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "resumed": resumed,
+            **last_eval,
+        }
+
+    def cleanup_checkpoints(self) -> None:
+        """Drop intermediate checkpoints once the final model is saved elsewhere."""
+        if self.rt.is_main and self.ckpt_dir.exists():
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Pretraining: next-token prediction on the token shards, on the shared loop core.
+
+Reads ``<run>/tokenizer`` and ``<run>/data`` (shards), trains in ``<run>/train/pretrain`` (metrics and
+checkpoints) and writes the base model to ``<run>/base`` as a Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chatforge.checkpoint import load_weights, save_model
+from chatforge.config import ModelConfig, RunConfig, TrainConfig
+from chatforge.data.corpus import TokenShards
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT, lm_loss
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+
+
+def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model config with the vocabulary padded up to a multiple of 64 (faster matmuls; the extra
+    rows are never produced by the tokenizer)."""
+    vocab = max(cfg.vocab_size, tokenizer_vocab)
+    return dataclasses.replace(cfg, vocab_size=(vocab + 63) // 64 * 64)
+
+
+def lm_batch_fn(shards: TokenShards, tc: TrainConfig):
+    """Random windows; the batch of (step, micro) is the same for any world size, split across ranks."""
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
+        rng = np.random.default_rng([tc.seed, step, micro])
+        rows = shards.sample_windows(rng, tc.batch_size * world, tc.seq_len + 1)
+        w = torch.from_numpy(np.ascontiguousarray(rows[rank * tc.batch_size : (rank + 1) * tc.batch_size]))
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    return batch_fn
+
+
+def lm_loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float], int]:
+    logits = model(batch["input_ids"])
+    return lm_loss(logits, batch["labels"]), {}, int(batch["labels"].numel())
+
+
+def validation_windows(shards: TokenShards, tc: TrainConfig) -> torch.Tensor:
+    n = tc.eval_batches * tc.batch_size
+    wins = list(shards.iter_windows(tc.seq_len + 1, max_windows=n))
+    if not wins:
+        raise ChatforgeError(
+            f"validation split has fewer than {tc.seq_len + 1} tokens; raise data.val_fraction or add data"
+        )
+    return torch.from_numpy(np.stack(wins).astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over fixed validation windows."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i : i + batch_size].to(device)
+        logits = model(w[:, :-1])
+        total += float(lm_loss(logits, w[:, 1:])) * w.shape[0]
+        count += w.shape[0]
+    return total / count
+
+
+def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
+    """The ``chatforge pretrain`` stage."""
+    run_dir = cfg.run_dir
+    tc = cfg.pretrain
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise ChatforgeError(f"{run_dir}/tokenizer: no tokenizer; run `chatforge tokenizer` first")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    train = TokenShards(run_dir / "data", "train")
+    val_windows = validation_windows(TokenShards(run_dir / "data", "val"), tc)
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    model = GPT(model_config_for(cfg.model, tok.vocab_size))
+
+    def evaluate(m: nn.Module, step: int) -> dict[str, float]:
+        loss = evaluate_lm(m, val_windows, tc.batch_size)
+        return {"val_loss": round(loss, 5)}
+
+    trainer = Trainer(
+        model,
+        tc,
+        run_dir / "train" / "pretrain",
+        loss_fn=lm_loss_fn,
+        batch_fn=lm_batch_fn(train, tc),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
+        load_fn=load_weights,
+        evaluate=evaluate,
+        runtime=rt,
+        desc="pretrain",
+        flops_per_token=model.flops_per_token(tc.seq_len),
+    )
+    summary = trainer.fit(resume=resume)
+    summary.update(
+        params=model.num_params(non_embedding=False),
+        params_non_embedding=model.num_params(),
+        train_tokens_available=train.n_tokens,
+    )
+    if rt.is_main:
+        save_model(
+            model, run_dir / "base", tokenizer=tok, extra_files={"training_summary.json": json.dumps(summary)}
+        )
+        trainer.cleanup_checkpoints()
+    return summary
