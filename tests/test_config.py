@@ -1,0 +1,72 @@
+"""Configs: recipes load, overrides apply, and every mistake is a one-line error naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatforge.config import ConfigError, RunConfig, load_config, to_dict
+
+
+def test_default_recipe_loads_and_validates() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == "cpu-demo"
+    assert cfg.data.sources[0].kind == "world"
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config("cpu-demo", ["pretrain.lr=3e-4", "pretrain.steps=7", "name=x", "pretrain.compile=true",
+                                   "sample.prompts=[a, b]"])
+    assert cfg.pretrain.lr == 3e-4 and cfg.pretrain.steps == 7 and cfg.name == "x"
+    assert cfg.pretrain.compile is True and cfg.sample.prompts == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.lrr=1", r"pretrain.lrr: unknown key \(did you mean 'lr'\?\)"),
+        ("pretrain.lr=fast", r"pretrain.lr: expected a number, got 'fast'"),
+        ("pretrain.steps=1.5", r"pretrain.steps: expected an integer"),
+        ("pretrain.optimizer=sgd", r"pretrain.optimizer: must be 'adamw' or 'muon'"),
+        ("model.num_key_value_heads=3", r"model.num_key_value_heads: must divide"),
+        ("pretrain.seq_len=4096", r"pretrain.seq_len: 4096 exceeds model.max_position_embeddings"),
+        ("data.sources=[{kind: csv}]", r"data.sources\[0\].kind: must be one of"),
+        ("data.sources=[{kind: text}]", r"data.sources\[0\].path: required"),
+        ("nosuch.key=1", r"nosuch: unknown key"),
+        ("pretrain=3", r"pretrain.steps|pretrain: expected a mapping"),
+        ("pretrain.compile=maybe", r"pretrain.compile: expected true or false"),
+        ("noequals", r"expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config("cpu-demo", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_recipe_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*cpu-demo"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(lst)
+
+
+def test_every_shipped_recipe_is_valid() -> None:
+    for recipe in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
+        cfg = load_config(recipe)
+        assert to_dict(cfg)["name"]
+
+
+def test_cli_prints_one_line_error_not_a_traceback() -> None:
+    res = subprocess.run([sys.executable, "-m", "chatforge.cli", "pretrain", "--set", "pretrain.lrr=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "chatforge pretrain: error: pretrain.lrr: unknown key (did you mean 'lr'?)"
