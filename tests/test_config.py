@@ -23,6 +23,13 @@ def test_overrides_are_parsed_as_yaml() -> None:
     assert cfg.pretrain.compile is True and cfg.sample.prompts == ["a", "b"]
 
 
+def test_list_elements_can_be_overridden() -> None:
+    cfg = load_config("cpu-demo", ["data.sources[0].n_docs=50", "data.sources.0.seed=3"])
+    assert cfg.data.sources[0].n_docs == 50 and cfg.data.sources[0].seed == 3
+    with pytest.raises(ConfigError, match=r"data.sources\[5\].seed: no list element \[5\]"):
+        load_config("cpu-demo", ["data.sources[5].seed=1"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -47,7 +54,7 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
 
 
 def test_unknown_recipe_and_bad_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*cpu-demo"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'nope'.*cpu-demo"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain:\n  lr: [1,\n")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -339,15 +341,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b.c=value`` strings (values parsed as YAML) onto a nested dict."""
     for item in overrides:
         path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{'.'.join(path)}: '{part}' is not a section")
+        # "sources[0]" and "sources.0" both address a list element.
+        parts: list[str | int] = []
+        for part in path:
+            m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", part)
+            name, idx = (m.group(1), m.group(2)) if m else (part, "")
+            if name:
+                parts.append(int(name) if name.isdigit() else name)
+            parts += [int(i) for i in re.findall(r"\d+", idx)]
+        key = ".".join(path)
+        node: Any = data
+        for part, nxt_part in itertools.pairwise(parts):
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"{key}: no list element [{part}] there")
+                nxt = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{key}: '{part}' is not inside a section")
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = [] if isinstance(nxt_part, int) else {}
+            if not isinstance(nxt, dict | list):
+                raise ConfigError(f"{key}: '{part}' is not a section")
             node = nxt
-        node[path[-1]] = value
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(f"{key}: no list element [{last}] there")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{last}' is not inside a section")
+        node[last] = value
     return data
 
 
