@@ -262,6 +262,15 @@ class Trainer:
                 f"{path}: saved with {state.get('world_size')} processes, resuming with {self.rt.world_size};"
                 " resume with the same number of processes for an exact replay"
             )
+        saved = state.get("config", {})
+        changed = [
+            k for k, v in to_dict(self.cfg).items() if k in saved and saved[k] != v and k != "progress"
+        ]
+        if changed and self.rt.is_main:
+            print(
+                f"{self.desc}: resuming {path.name} with changed settings: {', '.join(changed)}",
+                file=sys.stderr,
+            )
         self.load_fn(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
