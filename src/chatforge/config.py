@@ -102,7 +102,7 @@ class TokenizerConfig:
 class ModelConfig:
     """Sizes of the one transformer; names follow transformers' LlamaConfig where they overlap."""
 
-    vocab_size: int = 4096  # overwritten by the tokenizer's size when 0 or smaller than it
+    vocab_size: int = 4096  # set from the tokenizer (rounded up to a multiple of 64) when pretraining
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4

@@ -24,10 +24,9 @@ from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
 
 
 def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
-    """The model config with the vocabulary padded up to a multiple of 64 (faster matmuls; the extra
+    """The model config sized to the tokenizer, padded up to a multiple of 64 (faster matmuls; the extra
     rows are never produced by the tokenizer)."""
-    vocab = max(cfg.vocab_size, tokenizer_vocab)
-    return dataclasses.replace(cfg, vocab_size=(vocab + 63) // 64 * 64)
+    return dataclasses.replace(cfg, vocab_size=(tokenizer_vocab + 63) // 64 * 64)
 
 
 def lm_batch_fn(shards: TokenShards, tc: TrainConfig):

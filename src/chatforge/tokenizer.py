@@ -1,0 +1,250 @@
+"""Byte-level BPE tokenizer (HF ``tokenizers``) with the ChatML chat format.
+
+The saved directory (``tokenizer.json`` + ``tokenizer_config.json``) loads with
+``transformers.AutoTokenizer.from_pretrained`` and its ``apply_chat_template`` gives exactly the ids of
+:meth:`Tokenizer.apply_chat_template`. This module imports neither torch nor transformers, so it stays
+cheap to import in data workers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:
+    from chatforge.config import RunConfig
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3, in this order
+EOS_TOKEN, IM_START, IM_END, PAD_TOKEN = SPECIAL_TOKENS
+
+# The Jinja twin of Tokenizer.render_chat; transformers renders it for apply_chat_template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_HF_DEFAULT_MAX_LENGTH = 1_000_000_000_000_000_019_884_624_838_656  # transformers' "no limit" value
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # Digits one by one (as in Llama) so arithmetic is learnable; then GPT-2 style byte-level splitting.
+    # add_prefix_space=False keeps decode(encode(s)) == s exact; no normalizer for the same reason.
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
+        ]
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on ``texts``; the special tokens get ids 0..3."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ChatforgeError(f"tokenizer.vocab_size: must be at least {len(SPECIAL_TOKENS) + 256}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        # All 256 byte symbols up front: no input is ever out of vocabulary.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` with the chat format and HF-compatible saving."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, model_max_length: int | None = None) -> None:
+        self._tok = tok
+        self.model_max_length = model_max_length
+        ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+        if ids != list(range(len(SPECIAL_TOKENS))):
+            raise ChatforgeError(f"tokenizer: special tokens {SPECIAL_TOKENS} must have ids 0..3, got {ids}")
+
+    # ---------------------------------------------------------------- io
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() or not path.suffix else path
+        if not file.is_file():
+            raise ChatforgeError(f"no tokenizer at {path}: run `chatforge tokenizer` first")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust error is multi-line; keep the first line
+            raise ChatforgeError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        max_len = None
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                max_len = json.loads(cfg_file.read_text()).get("model_max_length")
+            except (json.JSONDecodeError, AttributeError):
+                raise ChatforgeError(f"{cfg_file}: not valid JSON") from None
+        if max_len == _HF_DEFAULT_MAX_LENGTH:
+            max_len = None
+        return cls(tok, model_max_length=max_len)
+
+    def save(self, path: str | Path, model_max_length: int | None = None) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json``.
+
+        We write the config ourselves instead of ``save_pretrained``: transformers 5 writes
+        ``tokenizer_class: TokenizersBackend`` (unknown to transformers 4, which vLLM and lm-eval may pin)
+        and puts the template in a separate ``chat_template.jinja``. The result loads in both.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if model_max_length is not None:
+            self.model_max_length = model_max_length
+        self._tok.save(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": EOS_TOKEN,  # never added (no post-processor); set for tools that expect one
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+            "additional_special_tokens": [IM_START, IM_END],
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # else HF decode would differ from ours
+            "model_max_length": self.model_max_length or _HF_DEFAULT_MAX_LENGTH,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        # A stale separate template would take precedence over ours in transformers.
+        (path / "chat_template.jinja").unlink(missing_ok=True)
+
+    def to_str(self) -> str:
+        """The tokenizer as JSON (picklable; used to rebuild it in worker processes)."""
+        return self._tok.to_str()
+
+    @classmethod
+    def from_str(cls, s: str) -> Tokenizer:
+        return cls(tokenizers.Tokenizer.from_str(s))
+
+    # ---------------------------------------------------------------- ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return 0
+
+    @property
+    def im_start_id(self) -> int:
+        return 1
+
+    @property
+    def im_end_id(self) -> int:
+        return 2
+
+    @property
+    def pad_id(self) -> int:
+        return 3
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    # ---------------------------------------------------------------- text
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``; no BOS/EOS added; special-token strings in ``text`` become their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        # tokenizers' own default is to skip special tokens; ours keeps them so chats decode faithfully.
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------------- chat
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The ChatML string for ``messages``; identical to rendering CHAT_TEMPLATE."""
+        parts = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ChatforgeError(f"chat message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+            content = m.get("content")
+            if not isinstance(content, str):
+                raise ChatforgeError(f"chat message {i} ({m['role']}): content must be a string")
+            parts.append(f"{IM_START}{m['role']}\n{content}{IM_END}\n")
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+        return "".join(parts)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
+
+# ---------------------------------------------------------------- the `chatforge tokenizer` stage
+
+
+def _sample_texts(docs_path: Path, k: int, seed: int) -> tuple[list[str], int]:
+    """A uniform sample of ``k`` document texts (reservoir sampling, so one streaming pass)."""
+    from chatforge.data.corpus import read_docs
+
+    rng = random.Random(seed)
+    sample: list[str] = []
+    n = 0
+    for doc in read_docs(docs_path):
+        if len(sample) < k:
+            sample.append(doc.text)
+        else:
+            j = rng.randrange(n + 1)
+            if j < k:
+                sample[j] = doc.text
+        n += 1
+    return sample, n
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train the tokenizer on the prepared docs, save it, and write the token shards."""
+    from chatforge.data.corpus import write_shards
+
+    data_dir = cfg.run_dir / "data"
+    docs_path = data_dir / "docs.jsonl.gz"
+    if not docs_path.is_file():
+        raise ChatforgeError(f"no documents at {docs_path}: run `chatforge data` first")
+    t0 = time.perf_counter()
+    texts, n_docs = _sample_texts(docs_path, cfg.tokenizer.max_train_docs, cfg.data.seed)
+    if not texts:
+        raise ChatforgeError(f"{docs_path} has no documents: run `chatforge data` again")
+    tok = train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    train_s = time.perf_counter() - t0
+    del texts
+    tok.save(cfg.run_dir / "tokenizer", model_max_length=cfg.model.max_position_embeddings)
+    shard_stats = write_shards(
+        docs_path, tok, data_dir, cfg.data.val_fraction, cfg.data.num_workers, cfg.data.seed
+    )
+    stats = {
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": cfg.tokenizer.vocab_size,
+        "train_docs": min(n_docs, cfg.tokenizer.max_train_docs),
+        "total_docs": n_docs,
+        "train_seconds": round(train_s, 3),
+        **shard_stats,
+    }
+    (cfg.run_dir / "tokenizer" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
