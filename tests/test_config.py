@@ -17,8 +17,10 @@ def test_default_recipe_loads_and_validates() -> None:
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
-    cfg = load_config("cpu-demo", ["pretrain.lr=3e-4", "pretrain.steps=7", "name=x", "pretrain.compile=true",
-                                   "sample.prompts=[a, b]"])
+    cfg = load_config(
+        "cpu-demo",
+        ["pretrain.lr=3e-4", "pretrain.steps=7", "name=x", "pretrain.compile=true", "sample.prompts=[a, b]"],
+    )
     assert cfg.pretrain.lr == 3e-4 and cfg.pretrain.steps == 7 and cfg.name == "x"
     assert cfg.pretrain.compile is True and cfg.sample.prompts == ["a", "b"]
 
@@ -73,7 +75,11 @@ def test_every_shipped_recipe_is_valid() -> None:
 
 
 def test_cli_prints_one_line_error_not_a_traceback() -> None:
-    res = subprocess.run([sys.executable, "-m", "chatforge.cli", "pretrain", "--set", "pretrain.lrr=1"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "chatforge.cli", "pretrain", "--set", "pretrain.lrr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip() == "chatforge pretrain: error: pretrain.lrr: unknown key (did you mean 'lr'?)"

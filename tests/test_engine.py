@@ -15,10 +15,17 @@ SENTENCE = "the quick brown fox jumps over the lazy dog and runs far away."
 def engine() -> Engine:
     torch.manual_seed(0)
     tok = train_tokenizer([SENTENCE] * 50 + ["a b c d e f g h i j k l m n o p"] * 20, vocab_size=300)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     model = GPT(cfg)
-    ids = torch.tensor([tok.encode(SENTENCE) + [tok.eos_id]])
+    ids = torch.tensor([[*tok.encode(SENTENCE), tok.eos_id]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
         loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
@@ -47,7 +54,9 @@ def test_decode_never_recomputes_the_prefix(engine: Engine) -> None:
     seen: list[int] = []
     h = engine.model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     try:
-        engine.generate(["the quick", "a b c d e"], SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=[]))
+        engine.generate(
+            ["the quick", "a b c d e"], SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=[])
+        )
     finally:
         h.remove()
     assert seen[0] > 1 and all(t == 1 for t in seen[1:])  # one prefill, then one token per step
