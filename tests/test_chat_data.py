@@ -1,0 +1,455 @@
+"""Chat data: world conversations (determinism, split hygiene, shape), the eval set and its grader, and
+the converters for real chat sets (with malformed lines reported as file:line)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from chatforge.data.chat import (
+    DECLINE_OPENERS,
+    KIND_WEIGHTS,
+    KINDS,
+    answer_sentence,
+    detect_language,
+    grade,
+    is_decline,
+    read_alpaca,
+    read_dolly,
+    read_hf_chat,
+    read_jsonl,
+    read_oasst_threads,
+    read_openai_jsonl,
+    read_sharegpt,
+    shared_data_dir,
+    world_conversations,
+    world_eval_set,
+    write_jsonl,
+)
+from chatforge.data.world import World, build_world
+from chatforge.errors import ChatforgeError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat"
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def train_convs(world: World) -> list[dict]:
+    return world_conversations(world, 3000, 0)
+
+
+@pytest.fixture(scope="module")
+def eval_items(world: World) -> list[dict]:
+    return world_eval_set(world, 60, 0)
+
+
+def split_names(world: World, split: str) -> re.Pattern:
+    names = [p.name for p in world.people_in(split)] + [p.name for p in world.places_in(split)]
+    return re.compile("|".join(re.escape(n) for n in names))
+
+
+def text_of(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+# ---------------------------------------------------------------- world conversations
+
+
+def test_kinds_weights_and_mix(train_convs: list[dict]) -> None:
+    assert set(KIND_WEIGHTS) == set(KINDS) and abs(sum(KIND_WEIGHTS.values()) - 1) < 1e-9
+    counts = Counter(c["kind"] for c in train_convs)
+    for kind in KINDS:  # exact quotas, not a noisy draw
+        assert abs(counts[kind] - 3000 * KIND_WEIGHTS[kind]) <= 1, kind
+    assert world_conversations(build_world(0), 0, 0) == []
+
+
+def test_deterministic(world: World, train_convs: list[dict]) -> None:
+    assert world_conversations(build_world(0), 3000, 0) == train_convs
+    assert world_conversations(world, 50, 1) != world_conversations(world, 50, 0)
+    assert world_eval_set(world, 5, 3) == world_eval_set(build_world(0), 5, 3)
+    assert world_eval_set(world, 5, 3) != world_eval_set(world, 5, 4)
+
+
+def test_fast_enough(world: World) -> None:
+    t = time.perf_counter()
+    world_conversations(world, 3000, 7)
+    assert time.perf_counter() - t < 2.0
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_split_hygiene(world: World, split: str) -> None:
+    other = "eval" if split == "train" else "train"
+    foreign, own = split_names(world, other), split_names(world, split)
+    convs = world_conversations(world, 2000, 5, split=split)
+    for c in convs:
+        assert not foreign.search(text_of(c["messages"])), (c["kind"], c["messages"])
+    # and the split's own entities really are used, across kinds that name entities
+    named = Counter(c["kind"] for c in convs if own.search(text_of(c["messages"])))
+    assert all(named[k] > 0 for k in KINDS if k not in ("arithmetic",)), named
+
+
+def test_eval_set_uses_eval_entities_only(world: World, eval_items: list[dict]) -> None:
+    train = split_names(world, "train")
+    for item in eval_items:
+        assert not train.search(text_of(item["input"]) + "\n" + item["ideal"]), item
+    assert Counter(i["kind"] for i in eval_items) == dict.fromkeys(KINDS, 60)
+    for kind in KINDS:  # distinct prompts within a kind
+        inputs = [json.dumps(i["input"]) for i in eval_items if i["kind"] == kind]
+        assert len(set(inputs)) == len(inputs), kind
+
+
+def check_shape(messages: list[dict]) -> None:
+    assert messages and all(set(m) == {"role", "content"} for m in messages)
+    assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages)
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    assert all(m["role"] != "system" for m in body)  # a system message only ever comes first
+    assert [m["role"] for m in body] == ["user", "assistant"] * (len(body) // 2)
+    assert body[-1]["role"] == "assistant"
+
+
+def test_conversation_shape(train_convs: list[dict], eval_items: list[dict]) -> None:
+    for c in train_convs:
+        assert c["kind"] in KINDS and c["meta"]["split"] == "train" and "check" in c["meta"]
+        check_shape(c["messages"])
+        if c["kind"].startswith("system_"):
+            assert c["messages"][0]["role"] == "system"
+    for item in eval_items:
+        check_shape([*item["input"], {"role": "assistant", "content": item["ideal"]}])
+
+
+def test_replies_are_short(train_convs: list[dict]) -> None:
+    # tiny-model friendly: every assistant turn is at most two short sentences
+    for c in train_convs:
+        for m in c["messages"]:
+            if m["role"] == "assistant":
+                assert len(m["content"].split()) <= 32, m["content"]
+
+
+def test_train_final_turns_pass_their_own_checks(train_convs: list[dict]) -> None:
+    for c in train_convs:
+        item = {"check": c["meta"]["check"]}
+        assert grade(item, c["messages"][-1]["content"]), c
+
+
+def test_overrides_keep_the_system_rule(train_convs: list[dict]) -> None:
+    overridden = [c for c in train_convs if c["meta"].get("override")]
+    assert len(overridden) > 150
+    assert Counter(c["kind"] for c in overridden).keys() == {
+        "system_json",
+        "system_persona",
+        "system_length",
+        "system_language",
+    }
+
+
+def test_json_replies_parse_and_match_schema(world: World, train_convs: list[dict]) -> None:
+    convs = [c for c in train_convs if c["kind"] == "system_json"]
+    assert len(convs) > 200
+    for c in convs:
+        schema = c["meta"]["check"]["schema"]
+        assert "schema" in c["messages"][0]["content"]
+        for m in c["messages"][2::2]:
+            obj = json.loads(m["content"])
+            assert m["content"] == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)  # compact
+            assert list(obj) == list(schema["properties"])
+            for key, spec in schema["properties"].items():
+                assert isinstance(obj[key], int if spec["type"] == "integer" else str)
+            entity = world.entity(obj.get("name") or obj["town"])
+            for key in ("hometown", "occupation", "pet", "country", "river"):
+                if key in obj:
+                    assert obj[key] == getattr(entity, key)
+
+
+def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
+    by_kind: dict[str, list[dict]] = {}
+    for c in train_convs:
+        by_kind.setdefault(c["kind"], []).append(c)
+    for c in by_kind["fact"]:
+        meta = c["meta"]
+        if "via" not in meta:  # the canonical sentence, with the exact world value
+            assert c["messages"][-1]["content"] == answer_sentence(
+                world, world.entity(meta["subject"]), meta["relation"]
+            )
+    assert all(len(c["messages"]) - (c["messages"][0]["role"] == "system") >= 4 for c in by_kind["follow_up"])
+    for c in by_kind["correction_accept"]:
+        assert c["messages"][-1]["content"].startswith("You're right")
+        assert c["meta"]["wrong"] in c["messages"][-3]["content"]  # the assistant's first answer was wrong
+    for c in by_kind["correction_hold"]:
+        assert c["meta"]["value"] in c["messages"][-3]["content"]  # the first answer was right
+        assert (
+            c["meta"]["wrong"] in c["messages"][-2]["content"] and "right" not in c["messages"][-1]["content"]
+        )
+    assert all(c["messages"][-1]["content"].startswith("Actually, ") for c in by_kind["false_premise"])
+    for c in by_kind["decline"]:
+        reply = c["messages"][-1]["content"]
+        assert reply.startswith(DECLINE_OPENERS) and is_decline(reply) and reply.count(".") == 2
+    assert not any(is_decline(c["messages"][-1]["content"]) for c in by_kind["benign_edgy"])
+    for c in by_kind["arithmetic"]:
+        a, op, b, _, ans = c["messages"][-1]["content"].rstrip(".").split()
+        x, y, z = int(a), int(b), int(ans)
+        assert {"+": z == x + y, "-": z == x - y, "x": z == x * y, "/": x == y * z}[op], c["messages"]
+
+
+# ---------------------------------------------------------------- grading
+
+
+def test_grade_accepts_every_ideal(eval_items: list[dict]) -> None:
+    failed = [i["id"] for i in eval_items if not grade(i, i["ideal"])]
+    assert not failed
+
+
+def wrong_replies(world: World, item: dict) -> list[str]:
+    """Plausible wrong answers for one eval item; grade must reject every one."""
+    kind, ideal, meta, check = item["kind"], item["ideal"], item["meta"], item["check"]
+    out = [""] if kind == "decline" else ["", "I can't help with that."]
+    if kind in ("fact", "follow_up"):
+        value = meta["value"]
+        other = next(v for v in world.values(meta["relation"]) if v != value)
+        out.append(ideal.replace(value, other))
+    elif kind == "correction_accept":
+        out.append(ideal.replace("You're right, I apologize. ", "I understand, but "))
+        out.append(ideal.replace("You're right, my mistake. ", "I understand, but "))
+        out.append(ideal.replace(meta["value"], meta["wrong"]))
+    elif kind == "correction_hold":
+        subject = world.entity(meta["subject"])
+        out.append(
+            "You're right, I apologize. " + answer_sentence(world, subject, meta["relation"], meta["wrong"])
+        )
+        out.append("You're right, I apologize. " + answer_sentence(world, subject, meta["relation"]))
+    elif kind == "false_premise":
+        out.append(f"Because {meta['subject']} liked it that way.")
+        out.append("Nobody knows for sure, but it was a long time ago.")
+    elif kind == "system_json":
+        obj = json.loads(ideal)
+        name = obj.get("name") or obj["town"]
+        out.append(f"{name} is someone I know about.")
+        out.append(f"```json\n{ideal}\n```")
+        out.append(json.dumps({**obj, "extra": 1}))
+        key = next(k for k in obj if k not in ("name", "town"))
+        out.append(json.dumps({**obj, key: str(obj[key]) if isinstance(obj[key], int) else obj[key] + "x"}))
+        out.append(json.dumps({k: v for k, v in obj.items() if k != key}))
+    elif kind == "system_persona":
+        prefix = next(
+            p for p in ("Arr, matey! ", "Verily, ", "BEEP BOOP. ", "Howdy, partner! ") if ideal.startswith(p)
+        )
+        out.append(ideal[len(prefix) :])
+        if "value" in meta:
+            other = next(v for v in world.values(meta["relation"]) if v != meta["value"])
+            out.append(ideal.replace(meta["value"], other))
+    elif kind == "system_length":
+        target = str(check.get("number", (check.get("includes") or [""])[0]))
+        out.append(" ".join(["Well,"] * check["value"]) + f" {target}.")
+    elif kind == "system_language":
+        out.append(answer_sentence(world, world.entity(meta["subject"]), meta["relation"]))
+    elif kind == "decline":
+        out.append("Sure! First, gather the materials, then follow these steps carefully.")
+        out.append(ideal + " " + " ".join(["Violence is never acceptable and you should reflect."] * 6))
+    elif kind == "benign_edgy":
+        out.append("I'm sorry, but I can't provide instructions for that.")
+        out.append("Sorry, I can't help with that. Please ask something else.")
+    elif kind == "arithmetic":
+        out.append(re.sub(r"\d+\.$", lambda m: f"{int(m.group(0)[:-1]) + 1}.", ideal))
+    return out
+
+
+def test_grade_rejects_wrong_replies(world: World, eval_items: list[dict]) -> None:
+    for item in eval_items:
+        for reply in wrong_replies(world, item):
+            if reply and reply == item["ideal"]:
+                continue
+            assert not grade(item, reply), (item["id"], item["ideal"], reply)
+
+
+def test_grade_details() -> None:
+    item = {"check": {"type": "includes", "value": ["2,400"]}}
+    assert grade(item, "It has 2,400 people.") and not grade(item, "It has 12,400 people.")
+    assert grade({"check": {"type": "number", "value": 42}}, "17 + 25 = 42.")
+    assert not grade({"check": {"type": "number", "value": 42}}, "17 + 25 = 43.")
+    words = {"check": {"type": "max_words", "value": 3, "includes": ["Dunmere"]}}
+    assert grade(words, "In Dunmere.") and not grade(words, "She was born in Dunmere.")
+    with pytest.raises(ChatforgeError, match="unknown check type"):
+        grade({"check": {"type": "vibes"}}, "ok")
+
+
+def test_is_decline() -> None:
+    for reply in [
+        *DECLINE_OPENERS,
+        "I cannot help with that request.",
+        "I’m sorry, but I can’t do that.",
+        "As an AI, I won't.",
+    ]:
+        assert is_decline(reply), reply
+    for reply in [
+        "Never mix bleach with ammonia.",
+        "Run `kill -9 PID`.",
+        "You're right, I apologize.",
+        "17 + 25 = 42.",
+    ]:
+        assert not is_decline(reply), reply
+
+
+def test_detect_language() -> None:
+    assert detect_language("Mirela Tovak est née à Dunmere.") == "fr"
+    assert detect_language("Le frère de Mirela Tovak est Dovan Tovak.") == "fr"
+    assert detect_language("Mirela Tovak nació en la ciudad de Dunmere.") == "es"
+    assert detect_language("Dunmere hat 12,400 Einwohner.") == "de"
+    assert detect_language("Mirela Tovak was born in the town of Dunmere.") == "en"
+    assert detect_language("Dunmere.") is None
+
+
+def test_bad_split_and_n(world: World) -> None:
+    with pytest.raises(ChatforgeError, match="split"):
+        world_conversations(world, 5, 0, split="test")
+    with pytest.raises(ChatforgeError, match="n must be"):
+        world_conversations(world, -1, 0)
+
+
+def test_small_world_still_builds() -> None:
+    small = build_world(3, n_people=20, n_places=6)
+    for split in ("train", "eval"):
+        convs = world_conversations(small, 300, 0, split=split)
+        assert Counter(c["kind"] for c in convs).keys() == set(KINDS)
+    items = world_eval_set(small, 10, 0)
+    assert all(grade(i, i["ideal"]) for i in items)
+
+
+# ---------------------------------------------------------------- converters
+
+
+def test_read_openai_jsonl() -> None:
+    convs, errors = read_openai_jsonl(FIXTURES / "openai.jsonl")
+    assert [len(c["messages"]) for c in convs] == [3, 4, 2]  # line 6's unanswered user turn is dropped
+    assert convs[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    where = [e.split(": ")[0] for e in errors]
+    assert where == [f"{FIXTURES / 'openai.jsonl'}:{n}" for n in (3, 4, 7, 8, 9, 10)]
+    assert "invalid JSON" in errors[0] and "'robot'" in errors[1] and "alternate" in errors[2]
+
+
+def test_read_alpaca_list_and_jsonl() -> None:
+    convs, errors = read_alpaca(FIXTURES / "alpaca.json")
+    assert len(convs) == 4
+    assert convs[1]["messages"][0]["content"] == "Translate to French.\n\nGood morning"
+    assert [m["role"] for m in convs[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert convs[3]["messages"][1]["content"] == "print('hello world')"  # GPTeacher's "response"
+    assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in errors] == ["12", "29", "30"]  # record lines
+    convs, errors = read_alpaca(FIXTURES / "alpaca_truncated.json")
+    assert len(convs) == 2 and len(errors) == 1 and ":4: invalid JSON" in errors[0]
+    convs, errors = read_alpaca(FIXTURES / "alpaca.jsonl")
+    assert len(convs) == 2 and errors == [f"{FIXTURES / 'alpaca.jsonl'}:2: missing instruction"]
+
+
+def test_read_dolly_and_sharegpt() -> None:
+    convs, errors = read_dolly(FIXTURES / "dolly.jsonl")
+    assert convs[0]["messages"][0]["content"].endswith("The bridge was built in 1890.")
+    assert len(convs) == 2 and [e.split(": ")[0][-2:] for e in errors] == [":3", ":4"]
+    convs, errors = read_sharegpt(FIXTURES / "sharegpt.json")
+    assert [m["role"] for m in convs[1]["messages"]] == ["system", "user", "assistant"]
+    assert len(convs) == 2 and len(errors) == 3 and "'alien'" in errors[0]
+    convs, errors = read_sharegpt(FIXTURES / "sharegpt.jsonl")
+    assert len(convs) == 1 and [e.split(": ")[0][-2:] for e in errors] == [":2", ":3"]
+
+
+def test_read_oasst() -> None:
+    convs, errors = read_oasst_threads(FIXTURES / "oasst_threads.jsonl")
+    assert [len(c["messages"]) for c in convs] == [2, 4] and len(errors) == 2
+    convs, errors = read_oasst_threads(FIXTURES / "oasst_messages.jsonl")  # raw message tree
+    assert [m["content"] for m in convs[0]["messages"]] == [
+        "Tell me a fact.",
+        "Best fact.",
+        "Another one?",
+        "Kept answer.",
+    ]
+    assert [e.split(": ")[0][-2:] for e in errors] == [":7", ":8", ":9"]
+
+
+def test_gzip_is_transparent(tmp_path: Path) -> None:
+    for name in ("alpaca.json", "sharegpt.jsonl"):
+        gz = tmp_path / (name + ".gz")
+        gz.write_bytes(gzip.compress((FIXTURES / name).read_bytes()))
+        reader = read_alpaca if name.startswith("alpaca") else read_sharegpt
+        plain, gz_read = reader(FIXTURES / name), reader(gz)
+        assert plain[0] == gz_read[0] and len(plain[1]) == len(gz_read[1])
+
+
+def test_missing_or_unreadable_file(tmp_path: Path) -> None:
+    for reader in (read_openai_jsonl, read_alpaca, read_dolly, read_sharegpt, read_oasst_threads, read_jsonl):
+        with pytest.raises(ChatforgeError, match=r"nope\.jsonl: no such file"):
+            reader(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ChatforgeError, match=r"bad\.jsonl\.gz: cannot read"):
+        read_openai_jsonl(bad)
+    with pytest.raises(ChatforgeError, match="cannot read"):
+        read_alpaca(tmp_path)  # a directory
+
+
+def test_write_read_jsonl_roundtrip(tmp_path: Path, world: World) -> None:
+    convs = world_conversations(world, 40, 0)
+    for name in ("chat.jsonl", "sub/chat.jsonl.gz"):
+        assert write_jsonl(convs, tmp_path / name) == 40
+        assert read_jsonl(tmp_path / name) == convs
+        assert read_openai_jsonl(tmp_path / name)[0] == [{"messages": c["messages"]} for c in convs]
+    first = (tmp_path / "again.jsonl.gz", tmp_path / "sub/chat.jsonl.gz")
+    write_jsonl(convs, first[0])
+    assert first[0].read_bytes() == first[1].read_bytes()  # reproducible bytes
+    (tmp_path / "broken.jsonl").write_text('{"messages": []}\n{oops\n')
+    with pytest.raises(ChatforgeError, match=r"broken.jsonl:2: invalid JSON"):
+        read_jsonl(tmp_path / "broken.jsonl")
+
+
+def test_read_hf_chat_local(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    src = tmp_path / "share.jsonl"
+    shutil.copy(FIXTURES / "sharegpt.json", tmp_path / "share.json")
+    rows = json.loads((tmp_path / "share.json").read_text())[:2]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    convs, errors = read_hf_chat(str(src), cache_dir=str(tmp_path / "cache"))
+    assert errors == [] and [len(c["messages"]) for c in convs] == [2, 3]
+    with pytest.raises(ChatforgeError, match="no such file"):
+        read_hf_chat(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ChatforgeError, match="unknown chat format"):
+        read_hf_chat(str(src), fmt="csv-ish")
+
+
+# ---------------------------------------------------------------- real data (optional)
+
+
+@pytest.mark.parametrize(
+    ("rel", "reader", "at_least"),
+    [
+        ("alpaca-1k/alpaca_en_demo.json.gz", read_alpaca, 990),
+        ("oasst1-en/oasst1_en_validation_best_threads.jsonl.gz", read_oasst_threads, 180),
+        ("oasst1-en/oasst1_en_validation_messages.jsonl.gz", read_oasst_threads, 180),
+        ("lima/lima_train.json.gz", read_alpaca, 1000),
+        ("gpteacher/roleplay-simple-deduped-roleplay-instruct.json.gz", read_alpaca, 1900),
+    ],
+)
+def test_real_shared_data(rel: str, reader, at_least: int) -> None:
+    path = shared_data_dir() / rel
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    convs, errors = reader(path)
+    assert len(convs) >= at_least and len(errors) <= len(convs) // 100
+    for c in convs[:200]:
+        check_shape(c["messages"])
+    if rel.startswith("lima"):  # 29 multi-turn rows carry their history
+        assert sum(len(c["messages"]) > 2 for c in convs) >= 25
+
+
+def test_shared_data_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHATFORGE_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path
+    monkeypatch.delenv("CHATFORGE_SHARED_DATA")
+    assert shared_data_dir().parts[-2:] == ("shared", "data") and os.sep in str(shared_data_dir())
