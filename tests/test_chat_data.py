@@ -111,7 +111,11 @@ def test_eval_set_uses_eval_entities_only(world: World, eval_items: list[dict]) 
 
 
 def check_shape(messages: list[dict]) -> None:
-    assert messages and all(set(m) == {"role", "content"} for m in messages)
+    assert messages and all(set(m) - {"weight"} == {"role", "content"} for m in messages)
+    # Only a deliberately wrong assistant turn is excluded from training.
+    assert all(
+        m.get("weight", 1) == 1 or (m["role"] == "assistant" and m is not messages[-1]) for m in messages
+    )
     assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages)
     body = messages[1:] if messages[0]["role"] == "system" else messages
     assert all(m["role"] != "system" for m in body)  # a system message only ever comes first

@@ -832,7 +832,12 @@ class _Gen:
             reply = rng.choice(HOLD_PREFIXES) + _lc_start(true_answer)
         meta = {"subject": entity.name, "relation": rel, "value": value, "wrong": wrong}
         check = {"type": "accept" if accept else "hold", "includes": [value], "excludes": [wrong]}
-        return _msgs(self._neutral(), [(q, first), (user, reply)]), meta, check
+        msgs = _msgs(self._neutral(), [(q, first), (user, reply)])
+        if accept:
+            # The deliberately wrong first answer is context, not a target: OpenAI's fine-tuning format
+            # marks such turns with weight 0, and SFT skips them in the loss.
+            next(m for m in msgs if m["role"] == "assistant")["weight"] = 0
+        return msgs, meta, check
 
     # -- false premises
     def false_premise(self) -> Built:
@@ -1282,7 +1287,12 @@ def _check_messages(messages: Any) -> Messages:
             raise _Bad(f"message {i} has unknown role {role!r}")
         if not isinstance(content, str) or not content.strip():
             raise _Bad(f"message {i} ({role}) has no text")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and "weight" in m:  # OpenAI's per-turn training weight (0 or 1)
+            if m["weight"] not in (0, 1):
+                raise _Bad(f"message {i} has weight {m['weight']!r} (must be 0 or 1)")
+            msg["weight"] = m["weight"]
+        out.append(msg)
     while out and out[-1]["role"] == "user":
         out.pop()
     body = out[1:] if out and out[0]["role"] == "system" else out
