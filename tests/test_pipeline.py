@@ -26,6 +26,13 @@ TINY = [
     "pretrain.ckpt_every=20",
     "pretrain.progress=false",
     "sample.max_new_tokens=16",
+    "chat_data.sources[0].n=300",
+    "chat_data.eval_per_kind=2",
+    "sft.steps=10",
+    "sft.batch_size=8",
+    "sft.eval_every=5",
+    "sft.progress=false",
+    "evals.max_new_tokens=16",
 ]
 
 
@@ -57,6 +64,11 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
     assert len(report["samples"]) == 3 and all(isinstance(s["completion"], str) for s in report["samples"])
     metrics = [json.loads(ln) for ln in (run_dir / "train/pretrain/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["event"] == "eval"] == [20, 40]
+    # The chat stages ran too: an SFT checkpoint and the world behaviour suite on both models.
+    assert (run_dir / "sft" / "config.json").is_file()
+    for name in ("base", "sft"):
+        res = json.loads((run_dir / "evals" / f"world_{name}.json").read_text())
+        assert res["overall"]["items"] == 24 and len(res["samples"]) == 24
 
 
 @pytest.mark.slow
@@ -81,11 +93,12 @@ def test_base_model_is_a_transformers_model(run_dir: Path) -> None:
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> None:
     res = _speedrun(run_dir.parent)
     assert res.returncode == 0, res.stderr[-2000:]
-    for stage in ("data", "tokenizer", "pretrain", "sample"):
+    for stage in ("data", "tokenizer", "pretrain", "sample", "sft", "eval"):
         assert f"[{stage}] up to date" in res.stdout
     res = _speedrun(run_dir.parent, "pretrain.steps=20")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[tokenizer] up to date" in res.stdout and "[pretrain] running" in res.stdout
+    assert "[sft] running" in res.stdout  # later stages follow the one that changed
     assert json.loads((run_dir / "report.json").read_text())["pretrain"]["steps"] == 20
 
 

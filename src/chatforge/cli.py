@@ -61,6 +61,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     _print(pretrain.run(_config(args), resume=not args.fresh))
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from chatforge.train import sft
+
+    _print(sft.run(_config(args), resume=not args.fresh))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from chatforge.sample import load_engine, sample_prompts
 
@@ -91,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data": (cmd_data, "gather, clean, filter and deduplicate the recipe's sources"),
         "tokenizer": (cmd_tokenizer, "train the BPE tokenizer and tokenize the documents into shards"),
         "pretrain": (cmd_pretrain, "pretrain the base model (resumes from the last checkpoint)"),
+        "sft": (cmd_sft, "chat-tune the base model on conversations (assistant tokens only)"),
         "sample": (cmd_sample, "sample continuations from a checkpoint"),
         "speedrun": (cmd_speedrun, "run every stage of the recipe and write the report card"),
     }
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         _add_config_args(p)
         p.set_defaults(fn=fn)
-        if name in ("pretrain", "speedrun"):
+        if name in ("pretrain", "sft", "speedrun"):
             p.add_argument("--fresh", action="store_true", help="ignore existing outputs and checkpoints")
         if name == "sample":
             p.add_argument("--model", default=None, help="checkpoint directory (default: <run>/base)")

@@ -196,6 +196,80 @@ class TrainConfig:
 
 
 @dataclass
+class ChatSourceConfig:
+    """One source of chat conversations for SFT.
+
+    kind: ``world`` (the built-in world's conversations; ``seed`` must be the pretraining world's seed),
+    ``openai`` (JSONL of ``{"messages": [...]}``), ``alpaca``, ``dolly``, ``sharegpt``, ``oasst`` or ``hf``.
+    """
+
+    kind: str = "world"
+    path: str = ""
+    n: int = 3000  # world only: conversations to generate
+    seed: int = 0  # world only: which world (must match data.sources' world seed)
+    sample_seed: int = 0  # world only: which conversations
+    max_convs: int = 0  # 0 = all
+    split: str = "train"  # hf only
+    fmt: str = "auto"  # hf only: auto | openai | sharegpt | alpaca | dolly | oasst
+
+    def validate(self, key: str) -> None:
+        kinds = ("world", "openai", "alpaca", "dolly", "sharegpt", "oasst", "hf")
+        if self.kind not in kinds:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(kinds)}, got {self.kind!r}")
+        if self.kind != "world" and not self.path:
+            raise ConfigError(f"{key}.path: required for a {self.kind!r} source")
+
+
+@dataclass
+class ChatDataConfig:
+    sources: list[ChatSourceConfig] = field(default_factory=lambda: [ChatSourceConfig()])
+    val_fraction: float = 0.05  # held-out conversations for the SFT validation loss
+    eval_per_kind: int = 30  # held-out world eval items per behaviour (eval-split entities)
+    eval_seed: int = 1
+    seed: int = 0  # shuffling and the train/val split
+
+    def validate(self, key: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{key}.sources: at least one source is needed")
+        for i, s in enumerate(self.sources):
+            s.validate(f"{key}.sources[{i}]")
+        _check_range(f"{key}.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+
+
+def _sft_defaults() -> TrainConfig:
+    return TrainConfig(
+        steps=300,
+        batch_size=16,
+        seq_len=256,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        eval_every=100,
+        eval_batches=4,
+        ckpt_every=100,
+    )
+
+
+@dataclass
+class EvalConfig:
+    """The speedrun's eval stage: the held-out world behaviour suite on each stage's checkpoint."""
+
+    models: list[str] = field(default_factory=lambda: ["base", "sft"])  # checkpoint dirs inside the run
+    n: int = 1  # samples per prompt
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        if self.n < 1:
+            raise ConfigError(f"{key}.n: must be at least 1, got {self.n}")
+        if self.temperature < 0:
+            raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+
+
+@dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["The capital of", "Once upon a time", "12 + 7 ="])
     max_new_tokens: int = 64
@@ -216,6 +290,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    sft: TrainConfig = field(default_factory=_sft_defaults)
+    evals: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -226,11 +303,13 @@ class RunConfig:
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
                 v.validate(f.name)
-        if self.pretrain.seq_len > self.model.max_position_embeddings:
-            raise ConfigError(
-                f"pretrain.seq_len: {self.pretrain.seq_len} exceeds model.max_position_embeddings"
-                f" ({self.model.max_position_embeddings})"
-            )
+        for stage in ("pretrain", "sft"):
+            seq = getattr(self, stage).seq_len
+            if seq > self.model.max_position_embeddings:
+                raise ConfigError(
+                    f"{stage}.seq_len: {seq} exceeds model.max_position_embeddings"
+                    f" ({self.model.max_position_embeddings})"
+                )
 
 
 # ---------------------------------------------------------------- loading
@@ -297,10 +376,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with a suggestion."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with a suggestion.
+
+    Keys not in ``data`` keep the defaults of ``base`` (or of ``cls``); a nested section starts from the
+    parent's default for it, so e.g. a partial ``sft:`` section keeps SFT's own defaults.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    base = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}
@@ -310,8 +394,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"{key}: unknown key{hint}")
-        kwargs[k] = _coerce(key, hints[k], v)
-    return cls(**kwargs)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            kwargs[k] = from_dict(tp, v, key, base=getattr(base, k))
+        else:
+            kwargs[k] = _coerce(key, tp, v)
+    return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
 
 
 def to_dict(obj: Any) -> Any:
@@ -402,7 +490,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         raise ConfigError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+    # Overrides apply to the full config (recipe over defaults), so they can reach default list elements.
+    data = apply_overrides(to_dict(from_dict(RunConfig, data)), overrides or [])
     cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg

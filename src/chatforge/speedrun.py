@@ -25,6 +25,14 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("base/config.json", "base/training_summary.json"),
     ),
     "sample": (("data", "tokenizer", "model", "pretrain", "sample"), ("samples/base.json",)),
+    "sft": (
+        ("data", "tokenizer", "model", "pretrain", "chat_data", "sft"),
+        ("sft/config.json", "chat/eval.jsonl"),
+    ),
+    "eval": (
+        ("data", "tokenizer", "model", "pretrain", "chat_data", "sft", "evals"),
+        ("evals/world_sft.json",),
+    ),
 }
 
 
@@ -37,13 +45,16 @@ def _stage_fns() -> dict[str, Callable[[RunConfig], dict[str, Any]]]:
     # Imported lazily: each stage pulls in heavy libraries only when it runs.
     from chatforge import sample, tokenizer
     from chatforge.data import corpus
-    from chatforge.train import pretrain
+    from chatforge.evals import runner
+    from chatforge.train import pretrain, sft
 
     return {
         "data": corpus.prepare,
         "tokenizer": tokenizer.run,
         "pretrain": pretrain.run,
         "sample": sample.run,
+        "sft": sft.run,
+        "eval": runner.run_stage,
     }
 
 
@@ -65,8 +76,8 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
             results[name] = book[name].get("result", {})
             continue
         stale = True  # everything after a stage that runs must run too
-        if fresh and name == "pretrain":
-            _drop(run_dir / "train" / "pretrain")
+        if fresh and name in ("pretrain", "sft"):
+            _drop(run_dir / "train" / name)
         log(f"[{name}] running")
         t0 = time.perf_counter()
         res = fns[name](cfg)

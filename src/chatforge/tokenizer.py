@@ -197,6 +197,33 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """``apply_chat_template`` ids plus a 0/1 mask of the tokens SFT trains on: each assistant
+        reply and its ``<|im_end|>`` (so the model learns to stop), unless the message has ``weight: 0``.
+
+        The mask comes from the tokenizer's character offsets over the one rendered string, so it is exact
+        however BPE merges characters at the edges of a turn.
+        """
+        text = self.render_chat(messages)
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for m in messages:
+            head = f"{IM_START}{m['role']}\n"
+            start = pos + len(head)
+            end = start + len(m["content"]) + len(IM_END)
+            if m["role"] == "assistant" and m.get("weight", 1):
+                spans.append((start, end))
+            pos = end + 1  # the newline after <|im_end|>
+        enc = self._tok.encode(text, add_special_tokens=False)
+        mask = [0] * len(enc.ids)
+        j = 0
+        for i, (a, _b) in enumerate(enc.offsets):
+            while j < len(spans) and a >= spans[j][1]:
+                j += 1
+            if j < len(spans) and spans[j][0] <= a < spans[j][1]:
+                mask[i] = 1
+        return enc.ids, mask
+
 
 # ---------------------------------------------------------------- the `chatforge tokenizer` stage
 

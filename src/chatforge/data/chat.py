@@ -43,6 +43,7 @@ from chatforge.data.world import (
     Person,
     Place,
     World,
+    build_world,
     fact_value,
 )
 from chatforge.errors import ChatforgeError
@@ -1649,3 +1650,54 @@ def shared_data_dir() -> Path:
     """``../shared/data`` beside the repository (or $CHATFORGE_SHARED_DATA): real sets for benchmarks."""
     env = os.environ.get("CHATFORGE_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------- the SFT data stage
+
+_FILE_READERS: dict[str, Callable[[str | os.PathLike], tuple[list[dict], list[str]]]] = {
+    "openai": read_openai_jsonl,
+    "alpaca": read_alpaca,
+    "dolly": read_dolly,
+    "sharegpt": read_sharegpt,
+    "oasst": read_oasst_threads,
+}
+
+
+def prepare(cfg: Any) -> dict:
+    """Gather the recipe's chat sources into ``<run>/chat/{train,val}.jsonl`` and the held-out world
+    behaviour set into ``<run>/chat/eval.jsonl``; returns counts and the first few bad-record reports."""
+    cd = cfg.chat_data
+    out_dir = Path(cfg.run_dir) / "chat"
+    convs: list[dict] = []
+    stats: dict[str, Any] = {"sources": [], "errors": []}
+    eval_items: list[dict] = []
+    for src in cd.sources:
+        if src.kind == "world":
+            world = build_world(src.seed)
+            got = world_conversations(world, src.n, src.sample_seed, split="train")
+            errors: list[str] = []
+            if not eval_items:
+                eval_items = world_eval_set(world, cd.eval_per_kind, cd.eval_seed)
+            name = f"world:seed={src.seed}"
+        elif src.kind == "hf":
+            got, errors = read_hf_chat(src.path, split=src.split, fmt=src.fmt)
+            name = f"hf:{src.path}"
+        else:
+            got, errors = _FILE_READERS[src.kind](src.path)
+            name = f"{src.kind}:{src.path}"
+        if src.max_convs:
+            got = got[: src.max_convs]
+        if not got:
+            raise ChatforgeError(f"chat source {name}: no usable conversations ({len(errors)} bad records)")
+        for c in got:
+            c.setdefault("kind", src.kind)
+        convs += got
+        stats["sources"].append({"source": name, "conversations": len(got), "bad_records": len(errors)})
+        stats["errors"] += errors[:5]
+    rng = random.Random(cd.seed)
+    rng.shuffle(convs)
+    n_val = max(1, int(len(convs) * cd.val_fraction))
+    stats["train"] = write_jsonl(convs[n_val:], out_dir / "train.jsonl")
+    stats["val"] = write_jsonl(convs[:n_val], out_dir / "val.jsonl")
+    stats["eval"] = write_jsonl(eval_items, out_dir / "eval.jsonl")
+    return stats

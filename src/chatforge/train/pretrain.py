@@ -20,7 +20,7 @@ from chatforge.data.corpus import TokenShards
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, lm_loss
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import Batch, BatchFn, Trainer, seed_everything, setup_runtime
 
 
 def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -29,7 +29,7 @@ def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return dataclasses.replace(cfg, vocab_size=(tokenizer_vocab + 63) // 64 * 64)
 
 
-def lm_batch_fn(shards: TokenShards, tc: TrainConfig):
+def lm_batch_fn(shards: TokenShards, tc: TrainConfig) -> BatchFn:
     """Random windows; the batch of (step, micro) is the same for any world size, split across ranks."""
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
