@@ -1,14 +1,33 @@
 """The generation engine on a tiny model that really learned a sentence."""
 
+import math
+from collections.abc import Iterator
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatforge.config import ModelConfig
-from chatforge.engine import Engine, SamplingParams, filter_logits
+from chatforge.engine import Engine, SamplingParams, _Detokenizer, filter_logits, token_bytes_table
 from chatforge.model import GPT, lm_loss
 from chatforge.tokenizer import train_tokenizer
 
 SENTENCE = "the quick brown fox jumps over the lazy dog and runs far away."
+# Multi-byte characters split across tokens, for the incremental detokenizer.
+_UNICODE_TOK = train_tokenizer(
+    ["caf\u00e9 \u00fcber na\u00efve \u65e5\u672c\u8a9e \U0001f600 ok"] * 30, vocab_size=300
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models: intra-op threads only add wake-up latency (a lot of it on a busy machine). Module
+    # scope, so it is in force before the module's model fixture trains or builds.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +128,150 @@ def test_filter_logits_top_p_keeps_the_smallest_nucleus() -> None:
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(filter_logits(logits, 3, 1.0))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+# ---------------------------------------------------------------- the step API
+
+
+def _drain(session, events: list | None = None) -> dict:
+    done = {}
+    while session.active:
+        for ev in session.step():
+            if events is not None:
+                events.append(ev)
+            if ev.finished:
+                done[ev.request_id] = ev.completion
+    return done
+
+
+def test_step_api_add_and_remove_between_steps_match_running_alone(engine: Engine) -> None:
+    tok = engine.tokenizer
+    p = SamplingParams(temperature=0, max_new_tokens=14, stop_token_ids=[])
+    prompts = {"a": "the quick", "b": "a b c d", "c": "the lazy dog and", "d": "over the"}
+    alone = {k: engine.generate([v], p)[0].token_ids for k, v in prompts.items()}
+    s = engine.start(max_batch=3, max_len=64)
+    got: dict[str, list[int]] = {k: [] for k in prompts}
+    done: dict = {}
+
+    def step() -> None:
+        events = s.step()
+        assert len({ev.request_id for ev in events}) == len(events)  # one event per sequence
+        for ev in events:
+            if ev.token_id is not None:
+                got[ev.request_id].append(ev.token_id)
+            if ev.finished:
+                done[ev.request_id] = ev.completion
+
+    assert s.add("a", tok.encode(prompts["a"]), p) == 0
+    step()
+    step()
+    assert s.add("b", tok.encode(prompts["b"]), p) == 1  # joins while "a" is decoding
+    for _ in range(3):
+        step()
+    assert s.add("c", tok.encode(prompts["c"]), p) == 2
+    step()
+    assert s.remove("b") and not s.remove("b")  # a client went away; a second remove is a no-op
+    assert s.active == 2 and s.free_slots == 1
+    assert s.add("d", tok.encode(prompts["d"]), p) == 1  # the freed slot is reused
+    while s.active:
+        step()
+    for k in ("a", "c", "d"):
+        assert got[k] == alone[k] and done[k].token_ids == alone[k], k
+    assert got["b"] == alone["b"][: len(got["b"])] and len(got["b"]) == 4
+    assert "b" not in done
+
+
+def test_session_full_and_duplicate_ids_are_errors(engine: Engine) -> None:
+    s = engine.start(max_batch=1, max_len=32)
+    p = SamplingParams(temperature=0, max_new_tokens=4)
+    s.add("x", [5, 6], p)
+    with pytest.raises(RuntimeError, match="no free slot"):
+        s.add("y", [5, 6], p)
+    s.remove("x")
+    s.add("y", [5, 6], p)
+    with pytest.raises(ValueError, match="already in the session"):
+        s.add("y", [5, 6], p)
+    with pytest.raises(ValueError, match="session's max_len"):
+        engine.start(max_batch=1, max_len=8).add("z", [5] * 6, p)
+
+
+def test_events_carry_text_and_the_completion(engine: Engine) -> None:
+    s = engine.start(max_batch=2)
+    p = SamplingParams(temperature=0, max_new_tokens=40)
+    s.add(7, engine.tokenizer.encode("the quick brown"), p)
+    events: list = []
+    done = _drain(s, events)
+    assert events[-1].finished and events[-1].finish_reason == "stop" and events[-1].token_id is None
+    assert all(not ev.finished for ev in events[:-1])
+    assert "".join(ev.text for ev in events) == done[7].text == SENTENCE[len("the quick brown") :]
+    assert [ev.token_id for ev in events[:-1]] == done[7].token_ids
+
+
+def test_per_row_params_in_one_session(engine: Engine) -> None:
+    """Greedy, seeded sampling and a stop string side by side, each equal to running alone."""
+    tok = engine.tokenizer
+    reqs = {
+        "greedy": ("the quick", SamplingParams(temperature=0, max_new_tokens=12)),
+        "sampled": (
+            "a b",
+            SamplingParams(temperature=1.2, top_p=0.95, seed=11, max_new_tokens=12, stop_token_ids=[]),
+        ),
+        "stopped": ("the", SamplingParams(temperature=0, max_new_tokens=30, stop=["fox"], logprobs=True)),
+    }
+    alone = {k: engine.generate([q], p)[0] for k, (q, p) in reqs.items()}
+    s = engine.start(max_batch=3)
+    for k, (q, p) in reqs.items():
+        s.add(k, tok.encode(q), p)
+    done = _drain(s)
+    for k in reqs:
+        assert done[k].token_ids == alone[k].token_ids and done[k].text == alone[k].text, k
+    assert done["stopped"].text == " quick brown " and done["stopped"].finish_reason == "stop"
+    assert done["stopped"].logprobs is not None and done["greedy"].logprobs is None
+
+
+def test_top_logprobs(engine: Engine) -> None:
+    p = SamplingParams(temperature=0, max_new_tokens=6, top_logprobs=3)
+    c = engine.generate(["the quick"], p)[0]
+    assert c.logprobs is not None and c.top_logprobs is not None
+    assert len(c.top_logprobs) == len(c.token_ids) == len(c.logprobs)
+    for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        assert len(top) == 3
+        assert [x[1] for x in top] == sorted((x[1] for x in top), reverse=True)
+        assert top[0][0] == t and top[0][1] == pytest.approx(lp)  # greedy picks the most likely
+        assert sum(math.exp(x[1]) for x in top) <= 1 + 1e-5
+
+
+def test_stream_never_leaks_part_of_a_stop_string(engine: Engine) -> None:
+    p = SamplingParams(temperature=0, max_new_tokens=40, stop=["jumps over"])
+    deltas = list(engine.stream("the quick", p))
+    assert "".join(deltas) == " brown fox "
+    assert not any("j" in d for d in deltas)
+
+
+def test_zero_new_tokens(engine: Engine) -> None:
+    c = engine.generate(["the"], SamplingParams(max_new_tokens=0))[0]
+    assert c.token_ids == [] and c.text == "" and c.finish_reason == "length"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 299), max_size=40))
+def test_incremental_detokenizer_equals_decode(ids: list[int]) -> None:
+    tok = _UNICODE_TOK
+    table = token_bytes_table(tok, tok.vocab_size)
+    assert table is not None
+    for d in (_Detokenizer(table, tok), _Detokenizer(None, tok)):
+        text = "".join(d.push(i) for i in ids) + d.flush()
+        assert text == tok.decode(ids)
+
+
+def test_sampler_follows_the_distribution_and_never_picks_filtered_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2, 1)
+    g = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    counts = torch.zeros(2, 4)
+    p = SamplingParams(temperature=1.0)
+    for _ in range(3000):
+        counts[torch.arange(2), Engine._sample(logits, p, g)] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(2, 4), atol=0.03)
+    top2 = SamplingParams(temperature=1.0, top_k=2)
+    picked = {int(t) for _ in range(500) for t in Engine._sample(logits, top2, g)}
+    assert picked == {0, 1}

@@ -82,6 +82,28 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(prompts[c.prompt_index] + c.text)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from chatforge.chat import main as chat
+    from chatforge.engine import SamplingParams
+
+    run_dir = _config(args).run_dir
+    model = args.model or (
+        run_dir / "sft" if (run_dir / "sft" / "config.json").is_file() else run_dir / "base"
+    )
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise ChatforgeError(str(e)) from None
+    chat(model, params, system=args.system)
+
+
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from chatforge import speedrun
 
@@ -99,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain": (cmd_pretrain, "pretrain the base model (resumes from the last checkpoint)"),
         "sft": (cmd_sft, "chat-tune the base model on conversations (assistant tokens only)"),
         "sample": (cmd_sample, "sample continuations from a checkpoint"),
+        "chat": (cmd_chat, "chat with a checkpoint in the terminal (streams replies; /help for commands)"),
         "speedrun": (cmd_speedrun, "run every stage of the recipe and write the report card"),
     }
     for name, (fn, help_) in specs.items():
@@ -115,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=None)
             p.add_argument("--top-k", dest="top_k", type=int, default=None)
             p.add_argument("--top-p", dest="top_p", type=float, default=None)
+            p.add_argument("--seed", type=int, default=None)
+        if name == "chat":
+            p.add_argument(
+                "--model", default=None, help="checkpoint directory (default: <run>/sft, else <run>/base)"
+            )
+            p.add_argument("--system", default=None, help="initial system message")
+            p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256)
+            p.add_argument("--temperature", type=float, default=0.7)
+            p.add_argument("--top-k", dest="top_k", type=int, default=0)
+            p.add_argument("--top-p", dest="top_p", type=float, default=0.9)
             p.add_argument("--seed", type=int, default=None)
     return ap
 
