@@ -74,6 +74,18 @@ def run_items(
     return out
 
 
+def json_valid(item: dict, reply: str) -> bool:
+    """The reply parses as a JSON object with exactly the schema's required keys (values not checked)."""
+    import json
+
+    try:
+        obj = json.loads(reply)
+    except json.JSONDecodeError:
+        return False
+    schema = item["check"]["schema"]
+    return isinstance(obj, dict) and set(obj) == set(schema.get("required", obj))
+
+
 def world_chat_eval(
     model_dir: str | Path,
     items: Sequence[dict],
@@ -82,13 +94,50 @@ def world_chat_eval(
     seed: int = 0,
     max_new_tokens: int = 64,
 ) -> dict[str, Any]:
-    """The held-out world behaviour suite on a checkpoint, graded by ``chatforge.data.chat.grade``."""
+    """The held-out world behaviour suite on a checkpoint, graded by ``chatforge.data.chat.grade``.
+
+    JSON-schema items run twice: as they are (does the model obey the system message?) and with the
+    schema enforced by constrained decoding (``system_json_constrained``); ``json_valid`` reports the
+    share of parseable, schema-shaped replies for both.
+    """
+    import json
+
     from chatforge.data.chat import grade
     from chatforge.sample import load_engine
 
     engine = load_engine(model_dir)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
-    return run_items(engine, items, grade, params)
+    out = run_items(engine, items, grade, params)
+    json_items = [it for it in items if it.get("check", {}).get("type") == "json_schema"]
+    if json_items:
+        by_schema: dict[str, list[dict]] = {}
+        for it in json_items:
+            by_schema.setdefault(json.dumps(it["check"]["schema"], sort_keys=True), []).append(it)
+        constrained: list[dict] = []
+        for schema, group in by_schema.items():
+            fmt = {"type": "json_schema", "json_schema": {"schema": json.loads(schema)}}
+            p = SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, response_format=fmt
+            )
+            res = run_items(engine, [{**it, "kind": "system_json_constrained"} for it in group], grade, p)
+            constrained += res["samples"]
+        unconstrained = [smp for smp in out["samples"] if smp["kind"] == "system_json"]
+        lookup = {it.get("id"): it for it in json_items}
+
+        def valid_rate(samples: list[dict]) -> float:
+            flags = [json_valid(lookup[smp["id"]], r) for smp in samples for r in smp["replies"]]
+            return round(sum(flags) / max(len(flags), 1), 4)
+
+        scores = [smp["scores"] for smp in constrained]
+        out["per_kind"]["system_json_constrained"] = aggregate([{"kind": "x"}] * len(scores), scores)[
+            "overall"
+        ]
+        out["json_valid"] = {
+            "unconstrained": valid_rate(unconstrained),
+            "constrained": valid_rate(constrained),
+        }
+        out["samples"] += constrained
+    return out
 
 
 def run_stage(cfg: Any) -> dict[str, Any]:
