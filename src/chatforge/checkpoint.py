@@ -190,7 +190,11 @@ def load_model(
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ChatforgeError(f"{p}: weights do not match config.json ({detail})") from None
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ChatforgeError(

@@ -1,0 +1,245 @@
+"""Checkpoint directories: transformers models load as our GPT and back, writes are atomic, errors are clear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import chatforge.checkpoint as checkpoint
+from chatforge.checkpoint import load_model, load_train_state, save_model
+from chatforge.config import ModelConfig
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT, lm_loss
+
+VOCAB = 101
+TOL = 1e-4
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
+
+
+def hf_model(family: str) -> PreTrainedModel:
+    """A randomly initialised transformers model, built here from a config (no download)."""
+    torch.manual_seed(0)
+    # A non-default rope theta, so that a theta that is not carried over shows up in the logits.
+    rope = {"rope_type": "default", "rope_theta": 50000.0}
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, rope_parameters=rope))
+    elif family == "qwen2":  # q/k/v biases, tied embeddings like the small Qwen2 models
+        model = Qwen2ForCausalLM(
+            Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=rope)
+        )
+    else:  # qwen3: qk-norm and a head_dim that is not hidden/heads
+        model = Qwen3ForCausalLM(
+            Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=32, rope_parameters=rope)
+        )
+    # Fresh norms are 1 and biases 0: perturb everything so a wrongly mapped one changes the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------- transformers -> ours -> transformers
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_transformers_model_loads_trains_and_saves_back(family: str, tmp_path: Path) -> None:
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path / "hf")
+    ids = tokens(2, 30)
+
+    ours = load_model(tmp_path / "hf")
+    assert isinstance(ours, GPT)
+    assert ours.config.qk_norm == (family == "qwen3")
+    assert ours.config.attention_bias == (family == "qwen2")
+    assert ours.config.rope_theta == 50000.0
+    with torch.no_grad():
+        before = ours(ids)
+        assert max_diff(before, hf(ids).logits) <= TOL
+
+    # A few training steps with our model, then back to transformers.
+    ours.train()
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    batch = tokens(4, 17, seed=2)
+    for _ in range(3):
+        lm_loss(ours(batch[:, :-1]), batch[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ours.eval()
+    save_model(ours, tmp_path / "ours", tokenizer=None)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == family
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        after = ours(ids)
+        assert max_diff(after, before) > 1e-2  # training changed the model...
+        assert max_diff(after, back(ids).logits) <= TOL  # ...and transformers sees the same change
+
+
+def test_ours_round_trips_through_our_own_loader(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, qk_norm=True))
+    save_model(model, tmp_path / "m", train_state={"step": 7, "rng": torch.arange(3)})
+    again = load_model(tmp_path / "m")
+    assert again.config == model.config
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        assert max_diff(model(ids), again(ids)) == 0.0
+    state = load_train_state(tmp_path / "m")
+    assert state is not None and state["step"] == 7 and state["rng"].tolist() == [0, 1, 2]
+    assert load_train_state(tmp_path / "nowhere") is None
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def small_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, intermediate_size=64))
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    dest = tmp_path / "ckpt"
+    old = small_model(0)
+    save_model(old, dest)
+    before = snapshot(dest)
+
+    def boom(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(small_model(1), dest)
+    assert snapshot(dest) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or old directory left behind
+    ids = tokens(1, 8)
+    with torch.no_grad():
+        assert max_diff(load_model(dest)(ids), old(ids)) == 0.0
+
+    # A failed first save leaves nothing at all.
+    with pytest.raises(OSError, match="disk full"):
+        save_model(old, tmp_path / "fresh")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_overwrite_replaces_checkpoint_without_leftovers(tmp_path: Path) -> None:
+    dest = tmp_path / "ckpt"
+    save_model(small_model(0), dest, train_state={"step": 1})
+    new = small_model(1)
+    save_model(new, dest)  # no train_state this time: the old one must not survive
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    ids = tokens(1, 8)
+    with torch.no_grad():
+        assert max_diff(load_model(dest)(ids), new(ids)) == 0.0
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    dest = tmp_path / "ckpt"
+    save_model(small_model(0), dest)
+    return dest
+
+
+def edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_directory_without_config_json(tmp_path: Path) -> None:
+    with pytest.raises(ChatforgeError, match=r"not a model directory \(no config.json\)"):
+        load_model(tmp_path)
+    with pytest.raises(ChatforgeError, match=r"no config\.json"):
+        load_model(tmp_path / "does-not-exist")
+
+
+def test_config_json_that_is_not_json(saved: Path) -> None:
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ChatforgeError, match=r"config\.json: not valid JSON"):
+        load_model(saved)
+
+
+def test_unsupported_model_type(saved: Path) -> None:
+    edit_config(saved, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ChatforgeError, match=r"model_type 'gpt2' is not supported \(supported: llama"):
+        load_model(saved)
+
+
+def test_unsupported_activation_and_rope_scaling(saved: Path) -> None:
+    edit_config(saved, hidden_act="gelu")
+    with pytest.raises(ChatforgeError, match="hidden_act 'gelu' is not supported"):
+        load_model(saved)
+    edit_config(saved, hidden_act="silu", rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ChatforgeError, match="rope scaling 'yarn' is not supported"):
+        load_model(saved)
+
+
+def test_config_missing_a_required_field(saved: Path) -> None:
+    edit_config(saved, hidden_size=None)
+    with pytest.raises(ChatforgeError, match="missing field 'hidden_size'"):
+        load_model(saved)
+
+
+def test_missing_weights_file(saved: Path) -> None:
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(ChatforgeError, match=r"no model.safetensors \(or sharded index\) found"):
+        load_model(saved)
+
+
+def test_weights_missing_for_the_config(saved: Path) -> None:
+    edit_config(saved, num_hidden_layers=2)  # the file holds one layer
+    with pytest.raises(
+        ChatforgeError, match=r"weights do not match config.json \(missing: \['model.layers.1"
+    ):
+        load_model(saved)
+
+
+def test_weights_of_the_wrong_shape_for_the_config(saved: Path) -> None:
+    edit_config(saved, intermediate_size=128)  # the file holds 64
+    with pytest.raises(ChatforgeError, match=r"do not match config\.json"):
+        load_model(saved)
