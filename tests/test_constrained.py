@@ -1,7 +1,6 @@
 """JSON / JSON-schema constrained decoding: valid output even from an untrained random model."""
 
 import json
-from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -66,13 +65,8 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: intra-op threads only add wake-up latency (a lot of it on a busy machine). Module
-    # scope, so it is in force before the module's model fixture trains or builds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The generation engine on a tiny model that really learned a sentence."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,13 +20,8 @@ _UNICODE_TOK = train_tokenizer(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: intra-op threads only add wake-up latency (a lot of it on a busy machine). Module
-    # scope, so it is in force before the module's model fixture trains or builds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest)."""
 
 
 @pytest.fixture(scope="module")
