@@ -342,7 +342,7 @@ class Trainer:
         with torch.no_grad(), self.rt.autocast():
             res = self.evaluate(self.model, self.step)
         self.model.train()
-        self.metrics.log("eval", self.step, **res)
+        self.metrics.log("eval", self.step, tokens_seen=self.tokens, elapsed_s=round(self.elapsed, 3), **res)
         return res
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
