@@ -68,7 +68,11 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
     assert (run_dir / "sft" / "config.json").is_file()
     for name in ("base", "sft"):
         res = json.loads((run_dir / "evals" / f"world_{name}.json").read_text())
-        assert res["overall"]["items"] == 24 and len(res["samples"]) == 24
+        plain = [smp for smp in res["samples"] if smp["kind"] != "system_json_constrained"]
+        assert res["overall"]["items"] == 24 and len(plain) == 24
+        # JSON-schema items also ran with the schema enforced.
+        assert set(res["json_valid"]) == {"unconstrained", "constrained"}
+        assert "system_json_constrained" in res["per_kind"]
 
 
 @pytest.mark.slow
