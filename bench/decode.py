@@ -33,10 +33,8 @@ from typing import Any
 
 import torch
 
-SHAPES: dict[str, dict[str, int]] = {
-    "S": dict(vocab=8192, hidden=256, layers=4, heads=4, intermediate=688),
-    "M": dict(vocab=16384, hidden=512, layers=8, heads=8, intermediate=1376),
-}
+from shapes import SHAPES, model_config
+
 SEED = 1234
 
 
@@ -55,20 +53,11 @@ def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, A
     from transformers import AutoModelForCausalLM
 
     from chatforge.checkpoint import save_model
-    from chatforge.config import ModelConfig
     from chatforge.engine import Engine
     from chatforge.model import GPT
 
     tok = _tokenizer(shape["vocab"])
-    cfg = ModelConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        intermediate_size=shape["intermediate"],
-        max_position_embeddings=max_len,
-    )
+    cfg = model_config(shape, max_len)
     torch.manual_seed(SEED)
     model = GPT(cfg)
     save_model(model, tmp, tokenizer=tok)

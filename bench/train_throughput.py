@@ -28,26 +28,10 @@ from typing import Any
 
 import torch
 
-SHAPES: dict[str, dict[str, int]] = {
-    "S": dict(vocab=8192, hidden=256, layers=4, heads=4, intermediate=688, seq=256, batch=16),
-    "M": dict(vocab=16384, hidden=512, layers=8, heads=8, intermediate=1376, seq=512, batch=8),
-}
+from shapes import SHAPES, model_config
+
 IMPLS = ("chatforge", "transformers")
 SEED = 1234
-
-
-def _model_config(shape: dict[str, int]):
-    from chatforge.config import ModelConfig
-
-    return ModelConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        intermediate_size=shape["intermediate"],
-        max_position_embeddings=shape["seq"],
-    )
 
 
 def _peak_rss_mb() -> float:
@@ -66,7 +50,7 @@ def worker(impl: str, shape_name: str, threads: int) -> None:
 
     rss_base = _peak_rss_mb()
     shape = SHAPES[shape_name]
-    cfg = _model_config(shape)
+    cfg = model_config(shape)
     torch.manual_seed(SEED)
     ours = GPT(cfg)
     model: torch.nn.Module
@@ -175,7 +159,7 @@ def bench_shape(name: str, steps: int, warmup: int, threads: int) -> dict[str, A
 
     shape = SHAPES[name]
     with torch.device("meta"):  # only for counting: no memory, no init
-        fpt = GPT(_model_config(shape)).flops_per_token(shape["seq"])
+        fpt = GPT(model_config(shape)).flops_per_token(shape["seq"])
     tokens = shape["batch"] * shape["seq"]
     workers = {impl: Worker(impl, name, threads) for impl in IMPLS}
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}

@@ -54,11 +54,7 @@ class SourceConfig:
     split_on_blank_lines: bool = False  # text only: one document per paragraph block
 
     def validate(self, key: str) -> None:
-        kinds = ("world", "text", "jsonl", "parquet", "hf")
-        if self.kind not in kinds:
-            raise ConfigError(f"{key}.kind: must be one of {', '.join(kinds)}, got {self.kind!r}")
-        if self.kind != "world" and not self.path:
-            raise ConfigError(f"{key}.path: required for a {self.kind!r} source")
+        _check_source(key, self.kind, self.path, ("world", "text", "jsonl", "parquet", "hf"))
 
 
 @dataclass
@@ -213,11 +209,9 @@ class ChatSourceConfig:
     fmt: str = "auto"  # hf only: auto | openai | sharegpt | alpaca | dolly | oasst
 
     def validate(self, key: str) -> None:
-        kinds = ("world", "openai", "alpaca", "dolly", "sharegpt", "oasst", "hf")
-        if self.kind not in kinds:
-            raise ConfigError(f"{key}.kind: must be one of {', '.join(kinds)}, got {self.kind!r}")
-        if self.kind != "world" and not self.path:
-            raise ConfigError(f"{key}.path: required for a {self.kind!r} source")
+        _check_source(
+            key, self.kind, self.path, ("world", "openai", "alpaca", "dolly", "sharegpt", "oasst", "hf")
+        )
 
 
 @dataclass
@@ -313,6 +307,13 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------- loading
+
+
+def _check_source(key: str, kind: str, path: str, kinds: tuple[str, ...]) -> None:
+    if kind not in kinds:
+        raise ConfigError(f"{key}.kind: must be one of {', '.join(kinds)}, got {kind!r}")
+    if kind != "world" and not path:
+        raise ConfigError(f"{key}.path: required for a {kind!r} source")
 
 
 def _check_range(key: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
