@@ -236,7 +236,7 @@ def _sft_defaults() -> TrainConfig:
         batch_size=16,
         seq_len=256,
         optimizer="adamw",
-        lr=1e-3,
+        lr=3e-3,
         schedule="cosine",
         warmup_steps=20,
         min_lr_ratio=0.1,
