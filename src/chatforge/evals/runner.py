@@ -34,23 +34,24 @@ def generate_replies(
     return replies
 
 
+def summarize(rows: list[list[float]]) -> dict[str, float]:
+    """Mean over all samples, mean of per-item medians, and worst-of-n, for rows of per-sample scores."""
+    return {
+        "mean": round(statistics.fmean(x for r in rows for x in r), 4),
+        "median": round(statistics.fmean(statistics.median(r) for r in rows), 4),
+        "worst": round(statistics.fmean(min(r) for r in rows), 4),
+        "items": len(rows),
+    }
+
+
 def aggregate(items: Sequence[dict], scores: list[list[float]]) -> dict[str, Any]:
-    """Per kind and overall: mean over all samples, mean of per-item medians, and worst-of-n."""
+    """``summarize`` per kind and overall."""
     kinds: dict[str, list[list[float]]] = {}
     for it, sc in zip(items, scores, strict=True):
         kinds.setdefault(it.get("kind", "all"), []).append(sc)
-
-    def summary(rows: list[list[float]]) -> dict[str, float]:
-        return {
-            "mean": round(statistics.fmean(x for r in rows for x in r), 4),
-            "median": round(statistics.fmean(statistics.median(r) for r in rows), 4),
-            "worst": round(statistics.fmean(min(r) for r in rows), 4),
-            "items": len(rows),
-        }
-
     return {
-        "per_kind": {k: summary(v) for k, v in sorted(kinds.items())},
-        "overall": summary([r for v in kinds.values() for r in v]),
+        "per_kind": {k: summarize(v) for k, v in sorted(kinds.items())},
+        "overall": summarize([r for v in kinds.values() for r in v]),
     }
 
 
@@ -129,9 +130,7 @@ def world_chat_eval(
             return round(sum(flags) / max(len(flags), 1), 4)
 
         scores = [smp["scores"] for smp in constrained]
-        out["per_kind"]["system_json_constrained"] = aggregate([{"kind": "x"}] * len(scores), scores)[
-            "overall"
-        ]
+        out["per_kind"]["system_json_constrained"] = summarize(scores)
         out["json_valid"] = {
             "unconstrained": valid_rate(unconstrained),
             "constrained": valid_rate(constrained),

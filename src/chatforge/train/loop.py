@@ -290,7 +290,8 @@ class Trainer:
         """Accumulate ``grad_accum`` micro-batches, clip, and step the optimizer once."""
         cfg, rt = self.cfg, self.rt
         self.model.train()
-        self.optimizer.set_lr_multiplier(lr_multiplier(self.step, cfg))
+        lr_mult = lr_multiplier(self.step, cfg)
+        self.optimizer.set_lr_multiplier(lr_mult)
         totals: dict[str, float] = {}
         n_tokens = 0
         loss_sum = torch.zeros((), device=rt.device)
@@ -328,7 +329,7 @@ class Trainer:
         return {
             "loss": loss_f,
             "grad_norm": grad_norm,
-            "lr_mult": lr_multiplier(self.step - 1, cfg),
+            "lr_mult": lr_mult,
             "tokens": n_tokens,
             **totals,
         }
