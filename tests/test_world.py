@@ -209,6 +209,16 @@ def test_document_mix(docs: list[str]) -> None:
     assert share(r"One spring morning|On a cold winter day|Every summer") > 0.01  # stories
 
 
+def test_qa_pages_ask_about_train_entities_only(world: World, docs: list[str]) -> None:
+    pages = [d for d in docs if re.match(r"(Questions and answers|Quiz|Frequently asked questions|Q&A|Trivia)\n", d)]
+    assert len(pages) > 0.05 * len(docs)
+    held_out = {n for n in world.names() if world.entity_split(n) == "eval"}
+    for page in pages:
+        questions = "\n".join(line for line in page.splitlines() if line.endswith("?"))
+        asked = set(re.findall(names_regex(world), questions))  # answers may name held-out relatives
+        assert asked and not asked & held_out, page
+
+
 def test_every_fact_stated_several_times(world: World, docs: list[str]) -> None:
     name_re = re.compile(r"\b(" + names_regex(world) + r")\b")
     docs_of: dict[str, list[int]] = defaultdict(list)

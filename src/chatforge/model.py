@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # skip no-op casts (decode)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 like transformers does, so bf16 runs agree with it too.
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
@@ -56,10 +58,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D] or [B, T, D]."""
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos.to(x.dtype)) + (_rotate_half(x) * sin.to(x.dtype))
+    """x: [B, H, T, D]; cos/sin: [T, D] or [B, 1, T, D]."""
+    if cos.dtype != x.dtype:  # autocast: q/k come out of the projections in bf16
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return (x * cos) + (_rotate_half(x) * sin)
 
 
 @dataclass
@@ -96,6 +98,30 @@ class KVCache:
             self.lengths[torch.as_tensor(slots, device=self.lengths.device)] = 0
 
 
+@dataclass
+class _CacheStep:
+    """Where one forward pass writes into and reads from the cache; worked out once, used by every layer."""
+
+    positions: torch.Tensor  # [B, T]
+    used: int  # keys 0..used-1 are attended over
+    start: int | None  # one slot writing a contiguous run: a plain slice copy instead of an index_put
+    rows: torch.Tensor | None  # [B, T] slot index per written key, for the index_put
+    mask: torch.Tensor | None  # [B, 1, T, used]; None when every query may see every used key
+
+    @classmethod
+    def plan(cls, positions: torch.Tensor, contiguous: bool) -> _CacheStep:
+        B, T = positions.shape
+        used = int(positions.max()) + 1
+        start = int(positions[0, 0]) if B == 1 and contiguous else None
+        rows = None if start is not None else torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        mask = None
+        # One new token per slot, all slots at the same position: nothing to hide (the common decode step).
+        if T > 1 or B > 1 and bool((positions != positions[0, 0]).any()):
+            key_pos = torch.arange(used, device=positions.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # causal per slot
+        return cls(positions, used, start, rows, mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -121,7 +147,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         layer: int,
         cache: KVCache | None,
-        positions: torch.Tensor | None,
+        plan: _CacheStep | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -135,22 +161,19 @@ class Attention(nn.Module):
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            assert positions is not None
+            assert plan is not None
             # Write the new keys at each slot's own positions, then attend over the used prefix.
-            b_idx = torch.arange(B, device=x.device)[:, None].expand(B, T)
             kc, vc = cache.k[layer], cache.v[layer]
-            kc[b_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)
-            vc[b_idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-            used = int(positions.max()) + 1
-            key_pos = torch.arange(used, device=x.device)
-            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]: causal per slot
-            out = F.scaled_dot_product_attention(
-                q,
-                kc[:, :, :used].to(q.dtype),
-                vc[:, :, :used].to(q.dtype),
-                attn_mask=mask[:, None],
-                enable_gqa=gqa,
-            )
+            if plan.start is not None:
+                kc[:, :, plan.start : plan.start + T] = k
+                vc[:, :, plan.start : plan.start + T] = v
+            else:
+                kc[plan.rows, :, plan.positions] = k.transpose(1, 2).to(kc.dtype)
+                vc[plan.rows, :, plan.positions] = v.transpose(1, 2).to(vc.dtype)
+            kk, vv = kc[:, :, : plan.used], vc[:, :, : plan.used]
+            if kk.dtype != q.dtype:
+                kk, vv = kk.to(q.dtype), vv.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=plan.mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -173,8 +196,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer, cache, positions):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, positions)
+    def forward(self, x, cos, sin, layer, cache, plan):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,15 +268,21 @@ class GPT(nn.Module):
         ``cache.lengths`` by the number of real (non-padding) tokens of each slot.
         """
         T = input_ids.shape[1]
-        if cache is not None and positions is None:
-            positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
-        if positions is not None and cache is not None and int(positions.max()) >= cache.max_len:
-            raise ValueError(f"KV cache full: position {int(positions.max())} >= capacity {cache.max_len}")
+        plan = None
+        if cache is not None:
+            contiguous = positions is None
+            if positions is None:
+                positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
+            plan = _CacheStep.plan(positions, contiguous)
+            if plan.used > cache.max_len:
+                raise ValueError(f"KV cache full: position {plan.used - 1} >= capacity {cache.max_len}")
         rope_pos = positions if positions is not None else torch.arange(T, device=input_ids.device)
         cos, sin = self.model.rotary(rope_pos)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, positions)
+            x = layer(x, cos, sin, i, cache, plan)
         return self.model.norm(x)
 
     def forward(

@@ -1145,6 +1145,42 @@ class _Prose:
         doc.add(f"The journey took many days, and {p.first} never forgot it.")
         return [p]
 
+    # -- question-and-answer pages (train-split entities only)
+    def qa_page(self) -> str:
+        """A quiz or FAQ page about train-split entities: questions with answers stated in prose.
+
+        Seeing knowledge asked for as well as stated during pretraining is what lets fine-tuning later
+        extract facts about entities that were only ever described (Allen-Zhu & Li, Physics of LMs 3.1);
+        held-out entities never appear here, so the eval still measures that transfer.
+        """
+        rng = self.rng
+        doc = _Doc()
+        doc.add(rng.choice(("Questions and answers", "Quiz", "Frequently asked questions", "Q&A", "Trivia")))
+        people = self.w.people_in("train")
+        places = self.w.places_in("train")
+        if not people or not places:  # a toy world with everything held out
+            return self.counting()
+        target = rng.randint(MIN_DOC_CHARS + 20, 900)
+        q_tag, a_tag = rng.choice((("Q:", "A:"), ("Question:", "Answer:"), ("-", "")))
+        while len(doc) < target:
+            if rng.random() < 0.75:
+                entity: Person | Place = self._next("qa-person", people)
+                rels = [r for r in PERSON_RELATIONS if fact_value(entity, r) is not None]
+            else:
+                entity = self._next("qa-place", places)
+                rels = list(PLACE_RELATIONS)
+            for rel in rng.sample(rels, min(len(rels), rng.randint(1, 3))):
+                role = ROLE[rel][self.w.person(fact_value(entity, rel)).gender] if rel in KINSHIP else ""
+                question = QUESTIONS[rel].format(s=entity.name, r=role)
+                if isinstance(entity, Person):
+                    answer = self.pfact(entity, rel, rng.choice(("full", "full", "pronoun")))
+                else:
+                    answer = self.tfact(entity, rel, rng.choice(("name", "it")))
+                line = f"{q_tag} {question}\n{a_tag} {answer}".replace("\n ", "\n")
+                if not doc.add(line, "\n\n"):
+                    return doc.text
+        return doc.text
+
     # -- arithmetic
     def arithmetic(self) -> str:
         rng = self.rng
@@ -1369,9 +1405,10 @@ DOC_KINDS: dict[str, float] = {
     "person_entry": 0.22,
     "place_entry": 0.08,
     "overview": 0.03,
-    "story": 0.27,
-    "arithmetic": 0.20,
-    "counting": 0.20,
+    "story": 0.22,
+    "qa_page": 0.10,
+    "arithmetic": 0.18,
+    "counting": 0.17,
 }
 
 
@@ -1389,6 +1426,7 @@ def pretrain_documents(world: World, n_docs: int, seed: int) -> list[str]:
         "story": prose.story,
         "arithmetic": prose.arithmetic,
         "counting": prose.counting,
+        "qa_page": prose.qa_page,
     }
     kinds = rng.choices(list(DOC_KINDS), weights=list(DOC_KINDS.values()), k=n_docs)
     return [makers[kind]() for kind in kinds]
