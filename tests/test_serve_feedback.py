@@ -1,0 +1,194 @@
+"""The feedback database, the preference export, the Bradley–Terry leaderboard and rater statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatforge.cli import main as cli
+from chatforge.config import ServeConfig
+from chatforge.serve.api import create_app
+from chatforge.serve.db import Database
+from chatforge.serve.feedback import Pair, leaderboard, rater_stats
+from serve_util import fresh_database, running, throwaway_postgres
+
+PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who builds clocks?"}]
+
+
+def _vote(db: Database, winner: str, rater: str = "r1", a_left: bool = True, **kw) -> int:
+    fields = dict(
+        prompt=PROMPT,
+        answer_a="Ada.",
+        answer_b="Bob.",
+        model_a="sft",
+        model_b="base",
+        sampling={"temperature": 0.7, "max_tokens": 64},
+        seed_a=1,
+        seed_b=2,
+        a_left=a_left,
+        winner=winner,
+        rater=db.rater_id(rater),
+    )
+    fields.update(kw)
+    return db.add_vote(**fields)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server URL: $CHATFORGE_TEST_PG_URL (e.g. postgresql+psycopg://user:pw@127.0.0.1/db),
+    else a throwaway cluster started for this module; skips when neither is possible."""
+    if os.environ.get("CHATFORGE_TEST_PG_URL"):
+        yield os.environ["CHATFORGE_TEST_PG_URL"]
+        return
+    with throwaway_postgres() as url:
+        if url is None:
+            pytest.skip("no PostgreSQL here (initdb/pg_ctl, psycopg, or a non-root user to run them)")
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each DB test runs on a SQLite file and on a fresh database of a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fb.db'}"
+    server = request.getfixturevalue("postgres")
+    if os.environ.get("CHATFORGE_TEST_PG_URL"):
+        return server  # a given server: use its database as is
+    return fresh_database(server, "t_" + re.sub(r"\W", "_", request.node.name).lower()[-50:])
+
+
+def test_conversations_ratings_and_votes_persist(db_url: str) -> None:
+    url = db_url
+    db = Database(url)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "model": "sft"}]
+    cid = db.save_conversation(None, "hi", "Be kind.", msgs, rater=db.rater_id("me"))
+    assert db.rate_message(cid, 1, -1, "too short")
+    assert not db.rate_message(cid, 0, 1)  # only assistant messages get thumbs
+    # a regenerate rewrites the thread: the kept turn keeps nothing stale, the new reply is unrated
+    db.save_conversation(cid, "hi", "Be kind.", [*msgs[:1], {"role": "assistant", "content": "hey"}])
+    vid = _vote(db, "a", rater="me", conversation_id=cid)
+    db.close()
+    db = Database(url)  # a new connection sees it all
+    conv = db.conversation(cid)
+    assert conv["system"] == "Be kind." and [m["content"] for m in conv["messages"]] == ["hi", "hey"]
+    assert conv["messages"][1]["rating"] == 0
+    assert db.conversations(db.rater_id("me"))[0]["id"] == cid
+    (v,) = [v for v in db.votes() if v.id == vid]
+    assert v.prompt == PROMPT and v.rater == db.rater_id("me") != "me" and v.sampling["temperature"] == 0.7
+    with pytest.raises(ValueError):
+        _vote(db, "left")
+    db.close()
+
+
+def test_export_round_trips_to_the_preference_format(db_url: str, tmp_path: Path) -> None:
+    url = db_url
+    db = Database(url)
+    _vote(db, "a")
+    _vote(db, "b", answer_a="A2", answer_b="B2")
+    _vote(db, "tie")
+    _vote(db, "both_bad")
+    db.close()
+    out = tmp_path / "prefs.jsonl"
+    assert cli(["feedback", "export", "--db", url, "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 2
+    assert recs[0]["messages"] == PROMPT  # the system message is part of the prompt
+    assert recs[0]["chosen"] == {"role": "assistant", "content": "Ada."}
+    assert recs[0]["rejected"] == {"role": "assistant", "content": "Bob."}
+    assert recs[1]["chosen"]["content"] == "B2" and recs[1]["rejected"]["content"] == "A2"
+    assert {r["source"] for r in recs} == {"ui-vote"} and all(len(r["rater"]) == 16 for r in recs)
+
+
+def test_concurrent_votes_through_the_server_all_land(db_url: str) -> None:
+    """Votes posted at once from many clients are all stored: none lost to a race or a dropped write."""
+    app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url)
+    body = {
+        "prompt": PROMPT,
+        "answer_a": "Ada.",
+        "answer_b": "Bob.",
+        "model_a": "sft",
+        "model_b": "base",
+        "sampling": {"temperature": 0.7},
+        "seed_a": 1,
+        "seed_b": 2,
+        "winner": "a",
+    }
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+
+        def post(i: int) -> int:
+            vote = {**body, "a_left": i % 2 == 0, "rater": f"r{i % 4}", "winner": ("a", "b", "tie")[i % 3]}
+            return client.post("/ui/votes", json=vote).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(post, range(48)))
+    assert statuses == [200] * 48
+    db = Database(db_url)
+    votes = db.votes()
+    db.close()
+    assert len(votes) == 48 and sorted(v.winner for v in votes).count("tie") == 16
+    assert len({v.rater for v in votes}) == 4
+
+
+def _simulate(n: int, strengths: dict[str, float], raters: dict[str, str], seed: int = 0) -> list[Pair]:
+    """Votes between random pairs; "honest" raters follow Bradley–Terry, "left" always click left,
+    "random" flip a coin."""
+    rng = random.Random(seed)
+    models = list(strengths)
+    pairs = []
+    for i in range(n):
+        a, b = rng.sample(models, 2)
+        rater = list(raters)[i % len(raters)]
+        a_left = rng.random() < 0.5
+        kind = raters[rater]
+        if kind == "honest":
+            a_wins = rng.random() < strengths[a] / (strengths[a] + strengths[b])
+        elif kind == "left":
+            a_wins = a_left
+        else:
+            a_wins = rng.random() < 0.5
+        winner = "tie" if kind == "honest" and rng.random() < 0.05 else ("a" if a_wins else "b")
+        pairs.append(Pair(a, b, winner, rater, a_left))
+    return pairs
+
+
+def test_leaderboard_ranks_the_better_version_first() -> None:
+    pairs = _simulate(400, {"rlhf": 6.0, "sft": 2.0, "base": 0.5}, {"r1": "honest", "r2": "honest"})
+    board = leaderboard(pairs, n_boot=100)
+    assert [r["model"] for r in board] == ["rlhf", "sft", "base"]
+    for r in board:
+        assert r["ci_low"] < r["rating"] < r["ci_high"]
+    assert board[0]["ci_low"] > board[1]["ci_high"]  # clearly better: the intervals do not overlap
+    # true gap rlhf/sft = 400*log10(3) ~ 191 Elo
+    assert 100 < board[0]["rating"] - board[1]["rating"] < 300
+
+
+def test_rater_stats_spot_biased_and_careless_raters() -> None:
+    raters = {"h1": "honest", "h2": "honest", "h3": "honest", "lefty": "left", "coin": "random"}
+    pairs = _simulate(1000, {"rlhf": 8.0, "sft": 2.0, "base": 0.5}, raters, seed=1)
+    stats = {r["rater"]: r for r in rater_stats(pairs)}
+    for h in ("h1", "h2", "h3"):
+        assert stats[h]["agreement"] > 0.7 and stats[h]["weight"] > 0.8 and not stats[h]["flagged"]
+    assert (
+        stats["lefty"]["left_rate"] == 1.0 and stats["lefty"]["flagged"] and stats["lefty"]["weight"] == 0.1
+    )
+    assert stats["coin"]["agreement"] < 0.65 and stats["coin"]["weight"] < 0.6
+    # Down-weighting: a loud biased rater distorts the plain fit less once weighted
+    weights = {r: s["weight"] for r, s in stats.items()}
+    plain = {r["model"]: r["rating"] for r in leaderboard(pairs, n_boot=0)}
+    weighted = {r["model"]: r["rating"] for r in leaderboard(pairs, n_boot=0, weights=weights)}
+    assert weighted["rlhf"] - weighted["base"] > plain["rlhf"] - plain["base"]
+
+
+def test_feedback_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["feedback", "leaderboard", "--name", "nothing-here", "--set", f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no feedback database" in err
+    assert cli(["feedback", "raters", "--db", "nosuchdriver://x"]) == 2

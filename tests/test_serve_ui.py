@@ -1,0 +1,148 @@
+"""The web UI end to end: Debian's headless Chromium (Playwright) against a real server and SQLite file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from chatforge.config import ServeConfig
+from chatforge.serve.api import create_app
+from chatforge.serve.feedback import export
+from serve_util import make_checkpoints, running
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian chromium is not installed")
+EVIL = '<script>window.__xss=1</script> <img src=x onerror="window.__xss=2"> **bold**\n```\n<b>code</b>\n```'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """Tiny models: one thread (see conftest)."""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("ui")
+    ck = make_checkpoints(root)
+    db_url = f"sqlite:///{root / 'serve.db'}"
+    app = create_app({"sft": ck["sft"], "base": ck["base"]}, cfg=ServeConfig(max_batch=4), db=db_url)
+    with running(app) as url:
+        yield url, app.state.db, root
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
+        except Exception as e:  # a Chromium that cannot start here: skip rather than fail
+            pytest.skip(f"chromium did not start: {str(e).splitlines()[0]}")
+        pg = browser.new_page()
+        pg.set_default_timeout(30_000)
+        yield pg
+        browser.close()
+
+
+def _open(page, url: str, path: str = "/") -> None:
+    page.goto("about:blank")  # a fresh load even when only the #fragment differs
+    page.goto(url + path)
+    page.wait_for_selector("body[data-ready='1']")
+
+
+def test_chat_streams_is_stored_and_rated(site, page) -> None:
+    url, db, _ = site
+    _open(page, url)
+    page.select_option("#model", "base")
+    page.fill("#max-tokens", "24")
+    page.fill("#system", "Answer briefly.")
+    # Count DOM updates of the reply while it streams in.
+    page.evaluate("""() => { window.__updates = 0; new MutationObserver(() => window.__updates++)
+        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
+    page.fill("[data-testid=input]", "Who builds clocks?")
+    page.click("[data-testid=send]")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming') && document.querySelector('#history a')"
+    )
+    assert page.evaluate("window.__chunks") > 1 and page.evaluate("window.__updates") > 3  # it streamed
+    reply = page.inner_text(".msg.assistant .content")
+    conv = db.conversation(db.conversations()[0]["id"])
+    assert conv["system"] == "Answer briefly."
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+    assert conv["messages"][1]["model"] == "base" and conv["messages"][1]["content"].strip() == reply.strip()
+    # thumbs down with a reason
+    page.click("[data-testid=thumb-down]")
+    page.fill("[data-testid=reason]", "made no sense")
+    page.press("[data-testid=reason]", "Enter")
+    page.locator("[data-testid=reason]").blur()
+    page.wait_for_timeout(300)
+    m = db.conversation(conv["id"])["messages"][1]
+    assert (m["rating"], m["rating_reason"]) == (-1, "made no sense")
+    # regenerate replaces the reply; edit-and-resend rewrites the user turn
+    page.click("[data-testid=regenerate]")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
+    )
+    page.click(".msg.user button")
+    page.fill("[data-testid=edit-box]", "Where is Mirth?")
+    page.click("[data-testid=edit-send]")
+    page.wait_for_function(
+        "document.querySelector('.msg.user .content').innerText.includes('Mirth') && !document.querySelector('.streaming')"
+    )
+    page.wait_for_timeout(300)
+    msgs = db.conversation(conv["id"])["messages"]
+    assert msgs[0]["content"] == "Where is Mirth?" and len(msgs) == 2
+
+
+def test_compare_mode_vote_lands_in_db_and_export(site, page) -> None:
+    url, db, root = site
+    _open(page, url)
+    page.click("#new-chat")
+    page.check("[data-testid=compare]")
+    page.select_option("#model-a", "sft")
+    page.select_option("#model-b", "base")
+    page.fill("#max-tokens", "16")
+    page.fill("[data-testid=input]", "Tell me about Ada.")
+    page.click("[data-testid=send]")
+    page.wait_for_selector("[data-testid=vote-left]")
+    left = page.locator("[data-testid=compare-content]").nth(0).inner_text()
+    page.click("[data-testid=vote-left]")
+    page.wait_for_selector("[data-testid=voted]")
+    (vote,) = db.votes()
+    assert vote.winner == ("a" if vote.a_left else "b")
+    assert {vote.model_a, vote.model_b} == {"sft", "base"} and vote.model_a == "sft"
+    assert vote.prompt[-1] == {"role": "user", "content": "Tell me about Ada."}
+    chosen = vote.answer_a if vote.winner == "a" else vote.answer_b
+    assert chosen.strip() == left.strip()
+    summary = export(db, root / "prefs.jsonl")
+    rec = json.loads((root / "prefs.jsonl").read_text().splitlines()[0])
+    assert summary["pairs"] == 1 and rec["chosen"]["content"] == chosen and rec["messages"] == vote.prompt
+
+
+def test_model_output_is_rendered_as_text(site, page) -> None:
+    url, db, _ = site
+    cid = db.save_conversation(
+        None, "xss", "", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": EVIL}]
+    )
+    _open(page, url, f"/#{cid}")
+    page.wait_for_selector(".msg.assistant")
+    box = page.locator(".msg.assistant .content")
+    assert "<script>window.__xss=1</script>" in box.inner_text() and "<img src=x" in box.inner_text()
+    assert box.locator("img").count() == 0 and box.locator("script").count() == 0
+    assert (
+        box.locator("strong").inner_text() == "bold" and box.locator("pre code").inner_text() == "<b>code</b>"
+    )
+    page.wait_for_timeout(200)
+    assert page.evaluate("window.__xss") is None
