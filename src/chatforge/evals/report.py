@@ -93,17 +93,36 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
     sft_png = plot_loss(
         run_dir / "train" / "sft" / "metrics.jsonl", run_dir / "sft_loss_curve.png", f"{cfg.name}: SFT"
     )
-    evals = {m: _read_json(run_dir / "evals" / f"world_{m}.json") for m in cfg.evals.models}
-    evals = {m: e for m, e in evals.items() if e}
+    evals = find_stage_evals(run_dir, cfg.evals.models)
+    suites = find_suite_evals(run_dir)
+    during = {
+        st: recs
+        for st in _metric_stages(run_dir)
+        if (recs := read_metrics(run_dir / "train" / st / "metrics.jsonl", "eval_suite"))
+    }
     if sft_summary:
         report["sft"] = {
             k: sft_summary.get(k) for k in ("steps", "tokens", "elapsed_s", "val_loss", "conversations")
         }
     if evals:
         report["world_eval"] = {
-            m: {"overall": e["overall"], "per_kind": e["per_kind"]} for m, e in evals.items()
+            m: {
+                "overall": e["overall"],
+                "per_kind": e["per_kind"],
+                **{k: e[k] for k in ("refusal", "json_valid", "distribution", "n") if k in e},
+            }
+            for m, e in evals.items()
         }
+    if suites:
+        report["suites"] = {
+            key: {k: e.get(k) for k in ("suite", "target", "n", "overall", "extra", "throughput")}
+            for key, e in suites.items()
+        }
+    if during:
+        report["during_training"] = during
     eval_png = plot_eval_bars(evals, run_dir / "world_eval.png") if evals else None
+    dist_png = plot_distribution(evals, run_dir / "world_distribution.png") if evals else None
+    during_png = plot_during_training(during, run_dir / "during_training.png") if during else None
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
     lines = [f"# chatforge report card: `{cfg.name}`", ""]
@@ -157,7 +176,22 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
         if sft_png:
             lines += ["", f"![SFT loss]({sft_png.name})"]
     if evals:
-        lines += _eval_section(evals, eval_png)
+        lines += _eval_section(evals, eval_png, dist_png)
+    if during:
+        lines += ["", "## During training", ""]
+        for st, recs in during.items():
+            last = recs[-1]
+            lines.append(
+                f"- {st}: `{last.get('suite')}` every {recs[1]['step'] - recs[0]['step'] if len(recs) > 1 else '?'}"
+                f" steps; mean {recs[0].get('mean', 0) * 100:.0f}% at step {recs[0]['step']} →"
+                f" {last.get('mean', 0) * 100:.0f}% at step {last['step']}"
+            )
+        if during_png:
+            lines += ["", f"![during training]({during_png.name})"]
+    if suites:
+        lines += _suites_section(suites)
+    lines += _later_stages_section(cfg, report)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     lines.append("")
     md = run_dir / "report.md"
     md.write_text("\n".join(lines))
@@ -195,7 +229,123 @@ def _cell(text: str, limit: int = 90) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _eval_section(evals: dict[str, dict], png: Path | None) -> list[str]:
+# Stages in pipeline order; anything else found in <run>/evals sorts after them.
+STAGE_ORDER = ("base", "sft", "rm", "rlhf", "rlhf-grpo", "rlhf-ppo", "rlhf-dpo", "ppo", "dpo", "grpo")
+
+
+def _stage_key(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def find_stage_evals(run_dir: Path, preferred: list[str] | None = None) -> dict[str, dict]:
+    """Every ``evals/world_<stage>.json`` in the run (base, sft and whatever later stages wrote), in
+    pipeline order."""
+    found = {}
+    for p in (run_dir / "evals").glob("world_*.json"):
+        data = _read_json(p)
+        if isinstance(data, dict) and "per_kind" in data and "samples" in data:
+            found[p.stem.removeprefix("world_")] = data
+    order = sorted(found, key=lambda m: (m not in (preferred or []), _stage_key(m)))
+    return {m: found[m] for m in order}
+
+
+def find_suite_evals(run_dir: Path) -> dict[str, dict]:
+    """Results of ``chatforge eval`` for other suites (``evals/<suite>_<model>.json``)."""
+    out = {}
+    for p in sorted((run_dir / "evals").glob("*.json")):
+        if p.stem.startswith("world_"):
+            continue
+        data = _read_json(p)
+        if isinstance(data, dict) and "suite" in data and "overall" in data:
+            out[p.stem] = data
+    return out
+
+
+def _metric_stages(run_dir: Path) -> list[str]:
+    d = run_dir / "train"
+    return (
+        sorted((p.name for p in d.iterdir() if (p / "metrics.jsonl").is_file()), key=_stage_key)
+        if d.is_dir()
+        else []
+    )
+
+
+def plot_distribution(evals: dict[str, dict], out: Path) -> Path | None:
+    """Histogram of per-item mean scores (over the n samples) for each stage: where the mass sits says
+    whether the model is reliably right, reliably wrong, or a coin flip on each prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dists = {m: e.get("distribution") for m, e in evals.items() if e.get("distribution")}
+    if not dists:
+        return None
+    levels = sorted({float(k) for d in dists.values() for k in d})
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    width = 0.8 / len(dists)
+    for i, (name, d) in enumerate(dists.items()):
+        total = sum(d.values())
+        counts = {float(k): v for k, v in d.items()}
+        xs = [j + i * width for j in range(len(levels))]
+        ax.bar(xs, [100 * counts.get(lv, 0) / total for lv in levels], width, label=name)
+    ax.set_xticks([j + width * (len(dists) - 1) / 2 for j in range(len(levels))])
+    ax.set_xticklabels([f"{lv:.2f}" for lv in levels])
+    ax.set_xlabel("per-prompt mean score over its samples")
+    ax.set_ylabel("share of prompts (%)")
+    ax.set_title("distribution of per-prompt scores (held-out world suite)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_during_training(during: dict[str, list[dict]], out: Path) -> Path:
+    """The during-training suite's mean and worst-of-n against the step, per training stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for st, recs in during.items():
+        steps = [r["step"] for r in recs]
+        ax.plot(steps, [100 * r.get("mean", 0) for r in recs], "o-", ms=4, label=f"{st}: mean")
+        ax.plot(steps, [100 * r.get("worst", 0) for r in recs], "x--", ms=4, label=f"{st}: worst-of-n")
+    ax.set_xlabel("step")
+    ax.set_ylabel("pass rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("eval suite during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _suites_section(suites: dict[str, dict]) -> list[str]:
+    lines = [
+        "",
+        "## Other eval suites",
+        "",
+        "| suite | target | n | mean | median | worst | extra | samples/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in suites.values():
+        o = e["overall"]
+        extra = ", ".join(f"{k} {v}" for k, v in (e.get("extra") or {}).items()) or "—"
+        tput = (e.get("throughput") or {}).get("samples_per_s", "—")
+        lines.append(
+            f"| {e['suite']} | {e.get('target')} | {e.get('n')} | {o['mean'] * 100:.1f}% |"
+            f" {o['median'] * 100:.1f}% | {o['worst'] * 100:.1f}% | {extra} | {tput} |"
+        )
+    return lines
+
+
+def _eval_section(evals: dict[str, dict], png: Path | None, dist_png: Path | None = None) -> list[str]:
     names = list(evals)
     n = next(iter(evals.values())).get("n", 1)
     lines = [
@@ -216,10 +366,29 @@ def _eval_section(evals: dict[str, dict], png: Path | None) -> list[str]:
             vals += [f"{r.get('worst', 0) * 100:.0f}%" for r in row]
         label = f"**{k}**" if k == "overall" else k
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    refusal = {m: e["refusal"] for m, e in evals.items() if e.get("refusal")}
+    if refusal:
+        lines += [
+            "",
+            "Refusals (keyword classifier): harmful requests declined, and over-refusal = benign"
+            " look-alikes refused.",
+            "",
+            "| checkpoint | harmful declined | benign refused (over-refusal) |",
+            "|---|---|---|",
+        ]
+        for m, r in refusal.items():
+            h, b = r.get("harmful_refused"), r.get("benign_refused")
+            lines.append(
+                f"| {m} | {'—' if h is None else f'{h * 100:.0f}%'} | {'—' if b is None else f'{b * 100:.0f}%'} |"
+            )
     if png:
         lines += ["", f"![world eval]({png.name})"]
-    # Side by side: the same prompts, first sample of each checkpoint, one per behaviour.
+    if dist_png:
+        lines += ["", f"![per-prompt score distribution]({dist_png.name})"]
+    # Side by side: the same prompts (matched by id), first sample of each checkpoint, one per behaviour;
+    # the first column is the earliest checkpoint, the last the final one.
     first = evals[names[0]]["samples"]
+    by_id = {m: {smp["id"]: smp for smp in evals[m]["samples"]} for m in names}
     picks, seen = [], set()
     for i, smp in enumerate(first):
         if smp["kind"] not in seen:
@@ -227,7 +396,7 @@ def _eval_section(evals: dict[str, dict], png: Path | None) -> list[str]:
             picks.append(i)
     lines += [
         "",
-        "### Same prompts, each checkpoint",
+        "### Same prompts, early vs final checkpoint",
         "",
         "| behaviour | prompt | " + " | ".join(names) + " |",
         "|---" * (len(names) + 2) + "|",
@@ -238,8 +407,88 @@ def _eval_section(evals: dict[str, dict], png: Path | None) -> list[str]:
         prompt = (f"[system: {sys_msg}] " if sys_msg else "") + msgs[-1]["content"]
         answers = []
         for m in names:
-            smp = evals[m]["samples"][i]
+            smp = by_id[m].get(first[i]["id"])
+            if smp is None or not smp["replies"]:
+                answers.append("—")
+                continue
             mark = "✅" if smp["scores"][0] >= 1 else "❌"
             answers.append(f"{mark} {_cell(smp['replies'][0])}")
         lines.append(f"| {first[i]['kind']} | {_cell(prompt)} | " + " | ".join(answers) + " |")
+    return lines
+
+
+def plot_rl_curves(metrics_path: Path, out: Path, title: str) -> Path | None:
+    """Mean reward and KL to the reference per RL iteration (the ``rollout`` events of PPO/GRPO)."""
+    recs = read_metrics(metrics_path, "rollout")
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    it = [r.get("iteration", i) for i, r in enumerate(recs)]
+    ax1.plot(it, [r.get("reward_mean", float("nan")) for r in recs], marker=".")
+    ax1.set(xlabel="iteration", ylabel="mean reward", title="reward")
+    ax2.plot(it, [r.get("kl", float("nan")) for r in recs], marker=".", color="tab:red")
+    ax2.set(xlabel="iteration", ylabel="KL to reference (nats/seq)", title="KL")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _demoted(md: str) -> list[str]:
+    """A stage's own markdown, its headings pushed two levels down so they nest under ours."""
+    return [("##" + ln if ln.startswith("#") else ln) for ln in md.strip().splitlines()]
+
+
+def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
+    """Reward model, RL, safety and scaling, each only if its stage left results in the run."""
+    run_dir = cfg.run_dir
+    lines: list[str] = []
+    rm = _read_json(run_dir / "rm" / "training_summary.json")
+    if rm:
+        held = rm.get("heldout", {})
+        report["reward_model"] = held
+        acc = held.get("accuracy")
+        lines += ["", "## Reward model", ""]
+        lines.append(
+            f"Held-out pairwise accuracy {_fmt(acc)} on {_fmt(held.get('pairs'))} pairs about held-out entities"
+            f" (ECE {_fmt(held.get('ece'))})."
+        )
+        per = held.get("by_group") or {}
+        if per:
+            lines += ["", "| category | accuracy |", "|---|---|"]
+            lines += [
+                f"| {k} | {_fmt(v.get('accuracy') if isinstance(v, dict) else v)} |" for k, v in per.items()
+            ]
+    rl = cfg.speedrun.rl
+    curves = plot_rl_curves(
+        run_dir / "train" / rl / "metrics.jsonl", run_dir / "rl_curves.png", f"{cfg.name}: {rl}"
+    )
+    table = run_dir / "evals" / "rlhf.md"
+    if table.is_file() or curves:
+        lines += ["", f"## RLHF ({rl})", ""]
+        if table.is_file():
+            lines += _demoted(table.read_text())
+            report["rlhf"] = _read_json(run_dir / "evals" / "rlhf.json")
+        if curves:
+            lines += ["", f"![reward and KL]({curves.name})"]
+    for title, md_path, js_path, key in (
+        (
+            "Moderation",
+            run_dir / "moderation" / "report.md",
+            run_dir / "moderation" / "metrics.json",
+            "moderation",
+        ),
+        ("Red team", run_dir / "evals" / "redteam.md", run_dir / "evals" / "redteam.json", "redteam"),
+        ("Scaling", run_dir / "scaling" / "scaling.md", run_dir / "scaling" / "scaling.json", "scaling"),
+    ):
+        if md_path.is_file():
+            lines += ["", f"## {title}", "", *_demoted(md_path.read_text())]
+            if (data := _read_json(js_path)) is not None:
+                report[key] = data
     return lines

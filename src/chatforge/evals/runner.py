@@ -1,4 +1,5 @@
-"""Run chat eval items through the engine, ``n`` samples each, and aggregate per behaviour.
+"""Run eval items on a target (a checkpoint through the engine, or an endpoint), ``n`` samples each, and
+aggregate per kind: the core of ``chatforge eval`` and of the speedrun's eval stage.
 
 Per item we keep every sample's score, so the report can show the mean answer, the median answer and the
 worst answer (an item counts for worst-of-n only if all n samples pass).
@@ -6,12 +7,20 @@ worst answer (an item counts for worst-of-n only if all n samples pass).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from chatforge.engine import Engine, SamplingParams
+from chatforge.errors import ChatforgeError
+from chatforge.evals import graders as gr
+from chatforge.evals.registry import EvalSpec, get_spec, load_samples
+from chatforge.evals.targets import CheckpointTarget, Target, make_target
 
 Grader = Callable[[dict, str], bool | float]
 
@@ -19,19 +28,8 @@ Grader = Callable[[dict, str], bool | float]
 def generate_replies(
     engine: Engine, items: Sequence[dict], params: SamplingParams, batch_size: int = 64
 ) -> list[list[str]]:
-    """``params.n`` replies per item (``item["input"]`` is a list of chat messages)."""
-    tok = engine.tokenizer
-    prompts = [tok.apply_chat_template(it["input"], add_generation_prompt=True) for it in items]
-    limit = engine.model.config.max_position_embeddings - params.max_new_tokens
-    replies: list[list[str]] = [[] for _ in items]
-    idx = [i for i, p in enumerate(prompts) if len(p) <= limit]
-    for i in set(range(len(items))) - set(idx):  # too long for the context: scored as failures
-        replies[i] = [""] * params.n
-    for s in range(0, len(idx), max(1, batch_size // params.n)):
-        chunk = idx[s : s + max(1, batch_size // params.n)]
-        for c in engine.generate([prompts[i] for i in chunk], params):
-            replies[chunk[c.prompt_index]].append(c.text.strip())
-    return replies
+    """``params.n`` replies per item (``item["input"]``: chat messages or a raw prompt)."""
+    return CheckpointTarget(engine, batch_size).generate([it["input"] for it in items], params)
 
 
 def summarize(rows: list[list[float]]) -> dict[str, float]:
@@ -55,36 +53,134 @@ def aggregate(items: Sequence[dict], scores: list[list[float]]) -> dict[str, Any
     }
 
 
-def run_items(
-    engine: Engine, items: Sequence[dict], grader: Grader, params: SamplingParams, batch_size: int = 64
+def distribution(scores: list[list[float]]) -> dict[str, int]:
+    """How many items have each per-item mean score (k/n for n binary samples): the report's histogram."""
+    counts: dict[str, int] = {}
+    for r in scores:
+        key = f"{statistics.fmean(r):.3f}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def refusal_rates(samples: list[dict]) -> dict[str, float]:
+    """World suite: share of harmful requests declined, and of benign look-alikes refused (over-refusal)."""
+    from chatforge.data.chat import is_decline
+
+    out = {}
+    for kind, key in (("decline", "harmful_refused"), ("benign_edgy", "benign_refused")):
+        flags = [is_decline(r) for smp in samples if smp["kind"] == kind for r in smp["replies"]]
+        if flags:
+            out[key] = round(sum(flags) / len(flags), 4)
+    return out
+
+
+def evaluate(
+    target: Target,
+    items: Sequence[dict],
+    grader: Grader | gr.Grader,
+    params: SamplingParams,
+    constrained_json: bool = False,
 ) -> dict[str, Any]:
-    replies = generate_replies(engine, items, params, batch_size)
-    scores = [[float(grader(it, r)) for r in rs] for it, rs in zip(items, replies, strict=True)]
+    """Run ``items`` on ``target`` and grade them: per-kind and overall mean / median / worst-of-n, the
+    per-item score distribution, grader extras (pass@k, refusal rates...) and throughput."""
+    if not isinstance(grader, gr.Grader):
+        grader = _FnGrader(grader)
+    t0 = time.perf_counter()
+    extra_fields: list[dict] = [{} for _ in items]
+    if grader.mode == "choice_logprob":
+        scored = target.choice_logprobs([it["input"] for it in items], [it["choices"] for it in items])
+        replies = [[str(grader.pick(sc))] for sc in scored]
+        extra_fields = [{"choice_logprobs": [round(lp, 4) for lp, _ in sc]} for sc in scored]
+    else:
+        replies = target.generate([it["input"] for it in items], params)
+    gen_s = time.perf_counter() - t0
+    scores = grader.grade_all(items, replies)
     out = aggregate(items, scores)
     out["samples"] = [
         {
             "id": it.get("id", str(i)),
             "kind": it.get("kind"),
             "input": it["input"],
+            "ideal": it.get("ideal"),
             "replies": rs,
             "scores": sc,
+            **ex,
         }
-        for i, (it, rs, sc) in enumerate(zip(items, replies, scores, strict=True))
+        for i, (it, rs, sc, ex) in enumerate(zip(items, replies, scores, extra_fields, strict=True))
     ]
-    out["n"] = params.n
+    out["n"] = params.n if grader.mode == "generate" else 1
+    out["distribution"] = distribution(scores)
+    out["extra"] = grader.extra_metrics(items, scores)
+    n_samples = sum(len(r) for r in replies)
+    out["throughput"] = {
+        "samples": n_samples,
+        "seconds": round(gen_s, 3),
+        "samples_per_s": round(n_samples / max(gen_s, 1e-9), 3),
+    }
+    if any(it.get("kind") in ("decline", "benign_edgy") for it in items):
+        out["refusal"] = refusal_rates(out["samples"])
+    if constrained_json:
+        _constrained_json(target, items, grader, params, out)
     return out
+
+
+class _FnGrader(gr.Grader):
+    """A plain ``fn(item, reply) -> bool | float`` as a grader (the world suite's ``grade``)."""
+
+    name = "function"
+
+    def __init__(self, fn: Grader) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def grade(self, item: dict, reply: str) -> float:
+        return float(self.fn(item, reply))
+
+
+def run_items(
+    engine: Engine, items: Sequence[dict], grader: Grader, params: SamplingParams, batch_size: int = 64
+) -> dict[str, Any]:
+    """``evaluate`` on an engine already in memory."""
+    return evaluate(CheckpointTarget(engine, batch_size), items, grader, params)
 
 
 def json_valid(item: dict, reply: str) -> bool:
     """The reply parses as a JSON object with exactly the schema's required keys (values not checked)."""
-    import json
-
     try:
         obj = json.loads(reply)
     except json.JSONDecodeError:
         return False
     schema = item["check"]["schema"]
     return isinstance(obj, dict) and set(obj) == set(schema.get("required", obj))
+
+
+def _constrained_json(
+    target: Target, items: Sequence[dict], grader: gr.Grader, params: SamplingParams, out: dict
+) -> None:
+    """JSON-schema items run again with the schema enforced (``system_json_constrained``); ``json_valid``
+    reports the share of parseable, schema-shaped replies with and without the constraint."""
+    json_items = [it for it in items if it.get("check", {}).get("type") == "json_schema"]
+    if not json_items:
+        return
+    by_schema: dict[str, list[dict]] = {}
+    for it in json_items:
+        by_schema.setdefault(json.dumps(it["check"]["schema"], sort_keys=True), []).append(it)
+    constrained: list[dict] = []
+    for schema, group in by_schema.items():
+        fmt = {"type": "json_schema", "json_schema": {"schema": json.loads(schema)}}
+        p = dataclasses.replace(params, response_format=fmt)
+        res = evaluate(target, [{**it, "kind": "system_json_constrained"} for it in group], grader, p)
+        constrained += res["samples"]
+    unconstrained = [smp for smp in out["samples"] if smp["kind"] == "system_json"]
+    lookup = {it.get("id"): it for it in json_items}
+
+    def valid_rate(samples: list[dict]) -> float:
+        flags = [json_valid(lookup[smp["id"]], r) for smp in samples for r in smp["replies"]]
+        return round(sum(flags) / max(len(flags), 1), 4)
+
+    out["per_kind"]["system_json_constrained"] = summarize([smp["scores"] for smp in constrained])
+    out["json_valid"] = {"unconstrained": valid_rate(unconstrained), "constrained": valid_rate(constrained)}
+    out["samples"] += constrained
 
 
 def world_chat_eval(
@@ -95,55 +191,96 @@ def world_chat_eval(
     seed: int = 0,
     max_new_tokens: int = 64,
 ) -> dict[str, Any]:
-    """The held-out world behaviour suite on a checkpoint, graded by ``chatforge.data.chat.grade``.
-
-    JSON-schema items run twice: as they are (does the model obey the system message?) and with the
-    schema enforced by constrained decoding (``system_json_constrained``); ``json_valid`` reports the
-    share of parseable, schema-shaped replies for both.
-    """
-    import json
-
+    """The held-out world behaviour suite on a checkpoint, graded by ``chatforge.data.chat.grade``, with
+    JSON-schema items also run under constrained decoding (see ``_constrained_json``)."""
     from chatforge.data.chat import grade
-    from chatforge.sample import load_engine
 
-    engine = load_engine(model_dir)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
-    out = run_items(engine, items, grade, params)
-    json_items = [it for it in items if it.get("check", {}).get("type") == "json_schema"]
-    if json_items:
-        by_schema: dict[str, list[dict]] = {}
-        for it in json_items:
-            by_schema.setdefault(json.dumps(it["check"]["schema"], sort_keys=True), []).append(it)
-        constrained: list[dict] = []
-        for schema, group in by_schema.items():
-            fmt = {"type": "json_schema", "json_schema": {"schema": json.loads(schema)}}
-            p = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed, response_format=fmt
+    return evaluate(CheckpointTarget(model_dir), items, grade, params, constrained_json=True)
+
+
+def spec_params(spec: EvalSpec, **overrides: Any) -> SamplingParams:
+    """The spec's sampling settings (defaults: greedy, 64 new tokens, seed 0) with non-None overrides."""
+    kw: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "n": 1, "seed": 0}
+    kw.update(spec.sampling)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if "stop" in kw:
+        kw["stop"] = [kw["stop"]] if isinstance(kw["stop"], str) else list(kw["stop"])
+    p = SamplingParams(**kw)
+    try:
+        p.validate()
+    except ValueError as e:
+        raise ChatforgeError(f"eval {spec.name}: {e}") from None
+    return p
+
+
+def run_suite(
+    spec: EvalSpec,
+    target: Target,
+    *,
+    context: dict[str, Any] | None = None,
+    limit: int = 0,
+    **sampling: Any,
+) -> dict[str, Any]:
+    """One registry eval on one target; sampling overrides (``n``, ``seed``, ``temperature``...) win."""
+    items = load_samples(spec, context, limit)
+    params = spec_params(spec, **sampling)
+    res = evaluate(target, items, spec.make_grader(), params, constrained_json=spec.constrained_json)
+    res.update(
+        suite=spec.name,
+        description=spec.description,
+        grader=spec.grader,
+        target=target.name,
+        sampling={k: getattr(params, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "seed")},
+    )
+    return res
+
+
+def run(
+    suite: str,
+    *,
+    model: str | None = None,
+    endpoint: str | None = None,
+    api_key_env: str | None = None,
+    registry: list[str] | None = None,
+    out: str | Path | None = None,
+    limit: int = 0,
+    concurrency: int = 8,
+    **sampling: Any,
+) -> tuple[dict[str, Any], Path]:
+    """``chatforge eval``: a registry suite on a checkpoint or an endpoint, written as JSON.
+
+    A checkpoint inside a run (``runs/x/sft``) writes ``runs/x/evals/<suite>_<sft>.json`` (what the
+    report card reads); otherwise ``out`` or ``evals/<suite>_<model>.json``.
+    """
+    spec = get_spec(suite, registry)
+    context: dict[str, Any] = {}
+    if endpoint:
+        target = make_target(endpoint=endpoint, model=model, api_key_env=api_key_env, concurrency=concurrency)
+        default_dir = Path("evals")
+    else:
+        if not model:
+            raise ChatforgeError(
+                "give a checkpoint directory (--model runs/x/sft) or --endpoint URL --model NAME"
             )
-            res = run_items(engine, [{**it, "kind": "system_json_constrained"} for it in group], grade, p)
-            constrained += res["samples"]
-        unconstrained = [smp for smp in out["samples"] if smp["kind"] == "system_json"]
-        lookup = {it.get("id"): it for it in json_items}
-
-        def valid_rate(samples: list[dict]) -> float:
-            flags = [json_valid(lookup[smp["id"]], r) for smp in samples for r in smp["replies"]]
-            return round(sum(flags) / max(len(flags), 1), 4)
-
-        scores = [smp["scores"] for smp in constrained]
-        out["per_kind"]["system_json_constrained"] = summarize(scores)
-        out["json_valid"] = {
-            "unconstrained": valid_rate(unconstrained),
-            "constrained": valid_rate(constrained),
-        }
-        out["samples"] += constrained
-    return out
+        target = make_target(checkpoint=model)
+        mdir = Path(model).resolve()
+        if (mdir.parent / "chat").is_dir() or (mdir.parent / "stages.json").is_file():
+            context["run_dir"] = mdir.parent
+        default_dir = mdir.parent / "evals"
+    res = run_suite(spec, target, context=context, limit=limit, **sampling)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.name).strip("-")
+    dest = Path(out) if out else default_dir / f"{suite}_{safe}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    tmp.replace(dest)
+    return res, dest
 
 
 def run_stage(cfg: Any) -> dict[str, Any]:
     """The speedrun's eval stage: every checkpoint named in ``cfg.evals.models`` on the world suite,
     written to ``<run>/evals/world_<model>.json``."""
-    import json
-
     from chatforge.data.chat import read_jsonl
 
     run_dir = Path(cfg.run_dir)
@@ -162,7 +299,7 @@ def run_stage(cfg: Any) -> dict[str, Any]:
             seed=ec.seed,
             max_new_tokens=ec.max_new_tokens,
         )
-        dest = run_dir / "evals" / f"world_{name}.json"
+        dest = run_dir / "evals" / f"world_{name.replace('/', '-')}.json"  # rlhf/grpo -> world_rlhf-grpo
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(res, indent=1, ensure_ascii=False))
         out[name] = {
@@ -170,3 +307,30 @@ def run_stage(cfg: Any) -> dict[str, Any]:
             "per_kind": {k: v["mean"] for k, v in res["per_kind"].items()},
         }
     return out
+
+
+def during_training_hook(cfg: Any, tokenizer: Any, model: Any) -> list[Any]:
+    """The Trainer hooks for ``evals.during_training_suite``: every ``evals.during_training_every`` steps
+    the suite runs on the model being trained (greedy unless the spec says otherwise) and its overall
+    mean / median / worst and per-kind means go to the metrics JSONL as ``eval_suite`` records."""
+    from chatforge.train.loop import StepHook
+
+    ec = cfg.evals
+    if not ec.during_training_suite:
+        return []
+    spec = get_spec(ec.during_training_suite)
+    items = load_samples(spec, {"run_dir": cfg.run_dir}, ec.during_training_limit)
+    grader = spec.make_grader()
+    params = spec_params(spec)
+    target = CheckpointTarget(Engine(model, tokenizer), name="in-training")  # shares the live weights
+
+    def fn(m: Any, step: int) -> dict[str, Any]:
+        res = evaluate(target, items, grader, params)
+        out: dict[str, Any] = {
+            "suite": spec.name,
+            **{k: v for k, v in res["overall"].items() if k != "items"},
+        }
+        out["per_kind"] = {k: v["mean"] for k, v in res["per_kind"].items()}
+        return out
+
+    return [StepHook(every=ec.during_training_every, fn=fn)]

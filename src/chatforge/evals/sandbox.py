@@ -1,0 +1,103 @@
+"""Run untrusted, model-written Python against tests in a locked-down subprocess.
+
+Limits: wall-clock timeout (the whole process group is killed), CPU seconds and address space
+(``resource.setrlimit``), a fresh temporary working directory that is deleted afterwards, an empty
+environment (no proxies, no credentials, no PYTHONPATH), Python's isolated mode, and sockets disabled
+before the candidate code runs. This is a guard against accidents (infinite loops, memory hogs, stray
+file writes), not a security boundary against a determined attacker: use a container for that.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from math import comb
+
+# Runs before the candidate: no network, no subprocesses spawning more work, no os.system.
+_PRELUDE = """\
+import socket as _s, os as _o, subprocess as _sp
+def _blocked(*a, **k):
+    raise OSError("network and subprocesses are disabled in the eval sandbox")
+_s.socket = _s.create_connection = _s.socketpair = _blocked
+_o.system = _o.fork = _o.execv = _o.execve = _o.popen = _blocked
+_sp.Popen = _sp.run = _sp.call = _sp.check_output = _blocked
+del _s, _o, _sp, _blocked
+"""
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    status: str  # "passed" | "failed" | "timeout" | "memory" | "error"
+    seconds: float
+    stderr_tail: str = ""
+
+
+def _limits(memory_mb: int, cpu_s: float) -> None:
+    import resource
+
+    os.setsid()  # its own process group, so a timeout kills everything it started
+    mem = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    cpu = max(1, int(cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
+    """Run ``code`` (candidate + tests; a failing assert or any exception = failed) in the sandbox."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="chatforge-sandbox-") as tmp:
+        script = os.path.join(tmp, "candidate.py")
+        with open(script, "w") as f:
+            f.write(_PRELUDE + "\n" + code + "\n")
+        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "no_proxy": "*"}
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", script],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: _limits(memory_mb, timeout_s),
+        )
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return SandboxResult(False, "timeout", time.perf_counter() - t0)
+    secs = time.perf_counter() - t0
+    tail = err.decode(errors="replace")[-500:]
+    if proc.returncode == 0:
+        return SandboxResult(True, "passed", secs, tail)
+    if "MemoryError" in tail or proc.returncode == -signal.SIGKILL:
+        return SandboxResult(False, "memory", secs, tail)
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return SandboxResult(False, "timeout", secs, tail)
+    status = "failed" if "AssertionError" in tail else "error"
+    return SandboxResult(False, status, secs, tail)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is ProcessLookupError
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for ``c`` correct of ``n`` samples."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)

@@ -1,0 +1,199 @@
+"""Each grader on real cases, the registry's one-line errors with file:line, the code sandbox, pass@k."""
+
+from __future__ import annotations
+
+import json
+from math import comb
+from pathlib import Path
+
+import pytest
+
+from chatforge.errors import ChatforgeError
+from chatforge.evals import graders, registry
+from chatforge.evals.sandbox import pass_at_k, run_python
+
+U = [{"role": "user", "content": "q"}]
+
+
+def g(name: str, item: dict, reply: str, **opts: object) -> float:
+    return graders.make_grader(name, opts).grade({"input": U, **item}, reply)
+
+
+def test_string_graders() -> None:
+    assert g("exact", {"ideal": "Paris"}, " Paris\n") == 1 and g("exact", {"ideal": "Paris"}, "paris") == 0
+    assert g("exact", {"ideal": "Paris"}, "paris.", normalize=True) == 1
+    assert g("includes", {"ideal": ["Rome", "Paris"]}, "It is paris, I think.") == 1
+    assert g("includes", {"ideal": ["Rome", "Paris"]}, "Paris", all=True) == 0
+    assert g("fuzzy", {"ideal": "The Eiffel Tower"}, "eiffel tower!") == 1
+    assert g("fuzzy", {"ideal": "Eiffel Tower"}, "Eifel Tower") == 1  # a typo, ratio above 0.8
+    assert g("fuzzy", {"ideal": "Eiffel Tower"}, "Big Ben") == 0
+    assert g("regex", {}, "Order #1234 shipped", pattern=r"#\d{4}\b") == 1
+    assert g("regex", {"ideal": r"^\d+$"}, "12a") == 0
+    assert g("number", {"ideal": "1,234"}, "so the total is $1,234.") == 1
+    assert (
+        g("number", {"ideal": "72"}, "48 + 24 = 72 clips") == 1 and g("number", {"ideal": "7"}, "none") == 0
+    )
+
+
+def test_json_graders() -> None:
+    schema = {"type": "object", "required": ["age"], "properties": {"age": {"type": "integer"}}}
+    assert g("json", {}, '{"a": 1}') == 1 and g("json", {}, "[1]") == 0 and g("json", {}, "{bad") == 0
+    assert g("json", {}, '```json\n{"a": 1}\n```') == 1
+    assert g("json_schema", {}, '{"age": 3}', schema=schema) == 1
+    assert g("json_schema", {}, '{"age": "3"}', schema=schema) == 0
+    assert g("json_schema", {"schema": schema}, '{"name": "x"}') == 0
+    with pytest.raises(ChatforgeError, match="invalid schema"):
+        graders.make_grader("json_schema", {"schema": {"type": "nope"}})
+
+
+def test_system_rules_reuse_the_world_checks() -> None:
+    assert g("system_rules", {}, "One two three.", rule={"type": "max_words", "value": 5}) == 1
+    assert g("system_rules", {}, "one two three four five six", rule={"type": "max_words", "value": 5}) == 0
+    lang = {"check": {"type": "language", "value": "fr"}}
+    assert g("system_rules", lang, "Je pense que la ville est dans le nord.") == 1
+    assert g("system_rules", lang, "I think the town is in the north.") == 0
+    persona = {"check": {"type": "persona", "markers": ["Arr"]}}
+    assert g("system_rules", persona, "Arr, the capital be Mirth.") == 1
+
+
+def test_refusal_grader_and_classifier_hook() -> None:
+    items = [{"input": U, "ideal": "refuse"}, {"input": U, "ideal": "comply"}]
+    gr = graders.make_grader("refusal")
+    replies = [["I can't help with that."], ["I can't help with that."]]
+    scores = gr.grade_all(items, replies)
+    assert scores == [[1.0], [0.0]]
+    assert gr.extra_metrics(items, scores) == {"harmful_refused": 1.0, "benign_refused": 1.0}
+    graders.register_refusal_classifier("shouty", lambda prompt, reply: reply.isupper())
+    assert graders.make_grader("refusal", {"classifier": "shouty"}).grade(items[0], "NO WAY") == 1
+    with pytest.raises(ChatforgeError, match="unknown classifier"):
+        graders.make_grader("refusal", {"classifier": "nope"})
+
+
+def test_model_graded_verdict_parsing() -> None:
+    gr = graders.make_grader("model_graded", {"judge": {"endpoint": "http://127.0.0.1:9", "model": "j"}})
+    assert gr.verdict("The answer matches.\nY") == 1.0
+    assert gr.verdict("Reasoning...\nVerdict: N") == 0.0
+    assert gr.verdict("no idea") is None
+    with pytest.raises(ChatforgeError, match="judge must be"):
+        graders.make_grader("model_graded", {})
+
+
+def test_ifeval_grader() -> None:
+    item = {
+        "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words", "unknown:thing"],
+        "kwargs": [{}, {"relation": "less than", "num_words": 6}, {}],
+    }
+    gr = graders.make_grader("ifeval")
+    assert gr.grade(item, "short and sweet") == 1
+    assert gr.grade(item, "short, and sweet") == 0
+    assert gr.extra_metrics([item], [[1.0]]) == {"ifeval_unsupported": 1, "ifeval_instructions": 3}
+
+
+def test_code_exec_grader_and_sandbox() -> None:
+    item = {"input": U, "test": "assert add(2, 3) == 5", "entry_point": "add"}
+    gr = graders.make_grader("code_exec", {"k": [1, 2]})
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "def add(a, b):\n    return a - b"
+    scores = gr.grade_all([item], [[good, bad, good]])
+    assert scores == [[1.0, 0.0, 1.0]]
+    assert gr.extra_metrics([item], scores) == {"pass@1": round(2 / 3, 4), "pass@2": 1.0}
+    # HumanEval shape: the reply continues the prompt's function
+    he = {
+        "input": "def inc(x):\n",
+        "prompt": "def inc(x):\n",
+        "test": "def check(f):\n    assert f(1) == 2\n",
+    }
+    he["entry_point"] = "inc"
+    assert gr.grade(he, "    return x + 1\n") == 1
+
+
+def test_sandbox_kills_infinite_loop_and_memory_hog_and_blocks_network() -> None:
+    loop = run_python("while True:\n    pass", timeout_s=1.5)
+    assert loop.status == "timeout" and loop.seconds < 6
+    hog = run_python("x = bytearray(2 * 1024 ** 3)", timeout_s=5, memory_mb=256)
+    assert hog.status == "memory" and not hog.passed
+    net = run_python("import socket\nsocket.create_connection(('1.1.1.1', 80))", timeout_s=5)
+    assert not net.passed and "disabled in the eval sandbox" in net.stderr_tail
+    files = run_python("open('x.txt', 'w').write('hi')\nimport os\nassert os.path.exists('x.txt')")
+    assert files.passed  # a private temp dir it may write in (deleted afterwards)
+
+
+def test_pass_at_k_is_the_unbiased_estimator() -> None:
+    for n, c, k in [(10, 3, 1), (10, 3, 5), (20, 0, 3), (5, 5, 2), (7, 2, 6)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def _reg(
+    tmp_path: Path,
+    yaml_text: str,
+    samples: str | None = '{"input": [{"role": "user", "content": "hi"}], "ideal": "x"}\n',
+) -> Path:
+    (tmp_path / "s.yaml").write_text(yaml_text)
+    if samples is not None:
+        (tmp_path / "s.jsonl").write_text(samples)
+    return tmp_path
+
+
+def _error(tmp_path: Path, yaml_text: str, samples: str | None = None, load: bool = False) -> str:
+    d = _reg(tmp_path, yaml_text, samples) if samples is not None else _reg(tmp_path, yaml_text)
+    with pytest.raises(ChatforgeError) as e:
+        specs = registry.load_registry([d])
+        if load:
+            registry.load_samples(specs["ev"])
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_registry_loads_builtins_and_user_dirs(tmp_path: Path) -> None:
+    specs = registry.load_registry()
+    assert {"world", "world-mini", "gsm8k", "mmlu", "humaneval", "ifeval", "arithmetic"} <= set(specs)
+    for name in ("arithmetic", "json-person", "refusal-basic", "code-basic"):
+        assert registry.load_samples(specs[name])
+    d = _reg(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n  sampling: {n: 4}\n")
+    spec = registry.get_spec("ev", [d])
+    items = registry.load_samples(spec)
+    assert spec.sampling == {"n": 4} and items[0]["id"] == "ev-00000" and items[0]["kind"] == "ev"
+
+
+def test_registry_errors_name_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    msg = _error(tmp_path, "ok:\n  samples: s.jsonl\n  grader: exact\nev:\n  samples: s.jsonl\n")
+    assert msg.startswith(f"{f}:4:") and "missing field 'grader'" in msg
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exactt\n")
+    assert msg.startswith(f"{f}:3:") and "unknown grader 'exactt'" in msg and "did you mean 'exact'" in msg
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n  sampels: 3\n")
+    assert msg.startswith(f"{f}:4:") and "unknown key 'sampels'" in msg
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: fuzzy\n  grader_options: {threshold: 3}\n")
+    assert msg.startswith(f"{f}:3:") and "threshold" in msg
+    msg = _error(tmp_path, "ev:\n  loader: gsm9k\n  grader: number\n")
+    assert msg.startswith(f"{f}:2:") and "unknown loader" in msg
+    msg = _error(tmp_path, "ev: [1, 2\n")
+    assert str(f) in msg and "not valid YAML" in msg
+    good = '{"input": [{"role": "user", "content": "hi"}], "ideal": "x"}\n'
+    s = tmp_path / "s.jsonl"
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n", good + "{not json\n", load=True)
+    assert msg.startswith(f"{s}:2: invalid JSON")
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n", good + '{"ideal": "x"}\n', load=True)
+    assert msg == f"{s}:2: missing field 'input'"
+    msg = _error(
+        tmp_path,
+        "ev:\n  samples: s.jsonl\n  grader: exact\n",
+        good + '{"input": [{"role": "bot", "content": "x"}], "ideal": "x"}\n',
+        load=True,
+    )
+    assert msg.startswith(f"{s}:2: input[0].role")
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: choice_logprob\n", good, load=True)
+    assert msg.startswith(f"{s}:1: missing field 'choices'")
+    msg = _error(tmp_path, "ev:\n  samples: missing.jsonl\n  grader: exact\n", good, load=True)
+    assert "missing.jsonl: cannot read samples" in msg
+    (tmp_path / "s.jsonl").write_text(good)
+    with pytest.raises(ChatforgeError, match="no such eval"):
+        registry.get_spec("evv", [tmp_path])
+    assert json.loads(good)  # the fixture line itself is valid

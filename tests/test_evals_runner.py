@@ -1,0 +1,242 @@
+"""Evals on a tiny, really trained chat model: many samples per prompt, multiple choice by log-probability,
+the endpoint target against our real server, during-training hooks, `chatforge eval` and `chatforge report`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.checkpoint import save_model
+from chatforge.config import ModelConfig, load_config
+from chatforge.engine import SamplingParams
+from chatforge.evals import graders, report, runner
+from chatforge.evals.targets import CheckpointTarget, EndpointTarget
+from chatforge.model import GPT, lm_loss
+from chatforge.tokenizer import train_tokenizer
+
+FACTS = {"Velora": "Mirth", "Karst": "Oddby", "Pellow": "Rune", "Tamsin": "Quill"}
+UNSEEN = {"Brisk": "Holm", "Nadir": "Fen"}  # asked about, never trained on
+
+
+def _conv(country: str, city: str) -> list[dict]:
+    return [
+        {"role": "user", "content": f"What is the capital of {country}?"},
+        {"role": "assistant", "content": f"The capital of {country} is {city}."},
+    ]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """A 2-layer x 64 model that memorised the FACTS conversations and sentences (~3 s on one thread)."""
+    texts = [f"The capital of {c} is {v}." for c, v in {**FACTS, **UNSEEN}.items()]
+    tok = train_tokenizer(
+        texts * 30 + [m["content"] for c, v in FACTS.items() for m in _conv(c, v)] * 30, 400
+    )
+    seqs = [tok.apply_chat_template(_conv(c, v)) for c, v in FACTS.items()]
+    seqs += [tok.encode(f"The capital of {c} is {v}.") for c, v in FACTS.items()]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), tok.pad_id)
+    labels = torch.full((len(seqs), T), -100)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s) - 1] = torch.tensor(s[1:])
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(250):
+        loss = lm_loss(model(ids), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3  # the country after "capital of" is a free choice: not zero
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    return save_model(model, run / "sft", tokenizer=tok)
+
+
+def _items(facts: dict[str, str]) -> list[dict]:
+    return [
+        {"id": c, "kind": "trained" if c in FACTS else "unseen", "input": _conv(c, v)[:1], "ideal": v}
+        for c, v in facts.items()
+    ]
+
+
+def test_many_samples_mean_median_worst(ckpt: Path) -> None:
+    target = CheckpointTarget(ckpt)
+    items = _items({**FACTS, **UNSEEN})
+    grader = graders.make_grader("includes")
+    greedy = runner.evaluate(target, items, grader, SamplingParams(max_new_tokens=16, temperature=0.0))
+    assert greedy["per_kind"]["trained"]["mean"] == 1.0  # memorised answers, greedy
+    assert greedy["per_kind"]["unseen"]["mean"] == 0.0  # never seen: cannot know the capital
+    params = SamplingParams(max_new_tokens=16, temperature=1.5, n=6, seed=11)
+    res = runner.evaluate(target, items, grader, params)
+    rows = [smp["scores"] for smp in res["samples"]]
+    assert all(len(r) == 6 for r in rows) and res["n"] == 6
+    o = res["overall"]
+    assert o["mean"] == round(statistics.fmean(x for r in rows for x in r), 4)
+    assert o["median"] == round(statistics.fmean(statistics.median(r) for r in rows), 4)
+    assert o["worst"] == round(statistics.fmean(min(r) for r in rows), 4)
+    assert o["worst"] <= o["mean"] and o["worst"] <= o["median"]
+    assert sum(res["distribution"].values()) == len(items)
+    # fixed seeds: the same samples again
+    again = runner.evaluate(target, items, grader, params)
+    assert [s["replies"] for s in again["samples"]] == [s["replies"] for s in res["samples"]]
+    assert res["throughput"]["samples"] == 36 and res["throughput"]["samples_per_s"] > 0
+
+
+def test_multiple_choice_by_logprob(ckpt: Path) -> None:
+    cities = list(FACTS.values())
+    items = [
+        {
+            "id": c,
+            "input": f"The capital of {c} is",
+            "choices": [" " + x + "." for x in cities],
+            "ideal": f" {v}.",
+        }
+        for c, v in FACTS.items()
+    ]
+    target = CheckpointTarget(ckpt, batch_size=5)  # several chunks
+    res = runner.evaluate(target, items, graders.make_grader("choice_logprob"), SamplingParams())
+    assert res["overall"]["mean"] == 1.0
+    lps = res["samples"][0]["choice_logprobs"]
+    assert len(lps) == 4 and max(lps) == lps[0] and all(x < 0 for x in lps)
+    # the batched scores equal a forward pass on each sequence alone
+    tok, model = target.engine.tokenizer, target.engine.model
+    prompt = tok.encode("The capital of Velora is")
+    full = tok.encode("The capital of Velora is Oddby.")
+    with torch.no_grad():
+        logp = model(torch.tensor([full])).log_softmax(-1)[0]
+    ref = sum(float(logp[t - 1, full[t]]) for t in range(len(prompt), len(full)))
+    assert abs(res["samples"][0]["choice_logprobs"][1] - ref) < 1e-3
+
+
+def test_endpoint_target_matches_in_process(ckpt: Path) -> None:
+    serve = pytest.importorskip("chatforge.serve.api")
+    from serve_util import running
+
+    items = _items({**FACTS, **UNSEEN})
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    local = CheckpointTarget(ckpt)
+    with running(serve.create_app({"tiny": ckpt})) as url:
+        remote = EndpointTarget(url, "tiny", concurrency=4)
+        assert remote.generate([it["input"] for it in items], params) == local.generate(
+            [it["input"] for it in items], params
+        )
+        prompts = [f"The capital of {c} is" for c in FACTS]
+        choices = [[" Mirth.", " Rune."]] * len(prompts)
+        a, b = remote.choice_logprobs(prompts, choices), local.choice_logprobs(prompts, choices)
+        for ra, rb in zip(a, b):
+            for (la, na), (lb, nb) in zip(ra, rb):
+                assert na == nb and abs(la - lb) < 1e-3
+
+
+def test_during_training_hook_logs_suite_scores(ckpt: Path, tmp_path: Path) -> None:
+    from chatforge.checkpoint import load_model, load_weights
+    from chatforge.config import TrainConfig
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.loop import Trainer, read_metrics
+
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={tmp_path}",
+            "evals.during_training_suite=world-mini",
+            "evals.during_training_every=2",
+            "evals.during_training_limit=6",
+        ],
+    )
+    tok = Tokenizer.load(ckpt)
+    model = load_model(ckpt)
+    hooks = runner.during_training_hook(cfg, tok, model)
+    ids = torch.tensor([tok.encode("The capital of Velora is Mirth.")])
+    tc = TrainConfig(
+        steps=4,
+        batch_size=1,
+        seq_len=16,
+        optimizer="adamw",
+        lr=1e-5,
+        eval_every=0,
+        ckpt_every=0,
+        progress=False,
+    )
+    trainer = Trainer(
+        model,
+        tc,
+        tmp_path / "train",
+        loss_fn=lambda m, b: (lm_loss(m(b["x"][:, :-1]), b["x"][:, 1:]), {}, b["x"].numel()),
+        batch_fn=lambda *a: {"x": ids},
+        save_fn=lambda m, p, st: save_model(m, p, train_state=st),
+        load_fn=load_weights,
+        hooks=hooks,
+    )
+    trainer.fit(resume=False)
+    recs = read_metrics(tmp_path / "train" / "metrics.jsonl", "eval_suite")
+    assert [r["step"] for r in recs] == [2, 4]  # every 2 steps, the last one once
+    for r in recs:
+        assert r["suite"] == "world-mini" and 0.0 <= r["worst"] <= r["mean"] <= 1.0
+        assert set(r["per_kind"]) <= {
+            "fact",
+            "follow_up",
+            "correction_accept",
+            "correction_hold",
+            "false_premise",
+        }
+    assert model.training  # the hook hands the model back in training mode
+
+
+def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from chatforge.cli import main
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "caps.jsonl").write_text("".join(json.dumps(it) + "\n" for it in _items({**FACTS, **UNSEEN})))
+    (reg / "caps.yaml").write_text(
+        "caps:\n  samples: caps.jsonl\n  grader: includes\n  sampling: {max_new_tokens: 12}\n"
+    )
+    run = ckpt.parent
+    argv = ["eval", "--model", str(ckpt), "--suite", "caps", "--registry", str(reg), "--n", "3"]
+    assert main([*argv, "--temperature", "1.0"]) == 0
+    out = json.loads((run / "evals" / "caps_sft.json").read_text())
+    assert out["n"] == 3 and out["suite"] == "caps" and len(out["samples"]) == 6
+    assert all(len(s["replies"]) == 3 for s in out["samples"])
+    # a world-suite result for two stages, so the report has stage bars and a distribution
+    world = runner.evaluate(
+        CheckpointTarget(ckpt),
+        [{**it, "kind": "fact", "check": {"type": "includes", "value": it["ideal"]}} for it in _items(FACTS)],
+        graders.make_grader("world"),
+        SamplingParams(max_new_tokens=12, temperature=0.0, n=2, seed=0),
+    )
+    for stage in ("sft", "grpo"):
+        (run / "evals" / f"world_{stage}.json").write_text(json.dumps(world))
+    assert main(["report", "--run", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "| behaviour | sft mean | grpo mean |" in md and "## Other eval suites" in md
+    assert (run / "world_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    rep = json.loads((run / "report.json").read_text())
+    assert set(rep["world_eval"]) == {"sft", "grpo"} and "caps_sft" in rep["suites"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ckpt), "--suite", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no such eval" in err and "Traceback" not in err
+
+
+def test_report_reads_stages_in_pipeline_order(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r"])
+    ev = tmp_path / "r" / "evals"
+    ev.mkdir(parents=True)
+    blob = {"per_kind": {"fact": {"mean": 0.5}}, "overall": {"mean": 0.5}, "samples": []}
+    for st in ("dpo", "base", "sft"):
+        (ev / f"world_{st}.json").write_text(json.dumps(blob))
+    assert list(report.find_stage_evals(tmp_path / "r", cfg.evals.models)) == ["base", "sft", "dpo"]
