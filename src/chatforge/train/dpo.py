@@ -1,0 +1,170 @@
+"""Direct preference optimisation (``chatforge dpo``, Rafailov et al. 2023) on the shared loop core.
+
+Offline, on ``<run>/prefs/train.jsonl`` (the reward stage's pairs), against a frozen copy of the starting
+checkpoint: loss = −log σ(β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), with log-probs summed
+over the reply's tokens only. At initialisation the policy equals the reference, so the loss is log 2.
+Optional label smoothing gives conservative DPO (a share of labels assumed flipped). Writes ``<run>/rlhf/dpo``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.checkpoint import load_model, load_weights, save_model
+from chatforge.data import chat, prefs
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.reward import pad, tokenize_pairs
+from chatforge.train.rollout import freeze, resolve, token_logprobs
+
+
+def dpo_batch(examples: list[tuple], pad_id: int) -> Batch:
+    """Chosen rows then rejected rows; ``reply_mask`` [2B, T-1] marks the positions predicting reply tokens."""
+    seqs = [e[0] for e in examples] + [e[2] for e in examples]
+    masks = [e[1] for e in examples] + [e[3] for e in examples]
+    ids, _ = pad(seqs, pad_id)
+    m = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    for i, mk in enumerate(masks):
+        m[i, : len(mk) - 1] = torch.tensor(mk[1:], dtype=torch.float32)
+    return {"input_ids": ids, "reply_mask": m}
+
+
+def reply_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-prob of each row's reply tokens: [2B]."""
+    lp = token_logprobs(model(batch["input_ids"]), batch["input_ids"])
+    return (lp * batch["reply_mask"]).sum(-1)
+
+
+def dpo_loss_fn(ref: GPT, beta: float, label_smoothing: float = 0.0):
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float], int]:
+        with torch.no_grad():
+            ref_lp = reply_logps(ref, batch)
+        pol_lp = reply_logps(model, batch)
+        pc, pr = pol_lp.chunk(2)
+        rc, rr = ref_lp.chunk(2)
+        logits = beta * ((pc - rc) - (pr - rr))
+        loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+        loss = loss.mean()
+        with torch.no_grad():
+            extra = {
+                "reward_margin": float(logits.mean() / beta),  # implicit reward gap, in nats
+                "preference_accuracy": float((logits > 0).float().mean()),
+                "logp_chosen": float(pc.mean()),
+                "logp_rejected": float(pr.mean()),
+            }
+        return loss, extra, int(batch["reply_mask"].sum())
+
+    return loss_fn
+
+
+@torch.no_grad()
+def dpo_eval(
+    model: nn.Module, ref: GPT, examples: list[tuple], pad_id: int, beta: float, bs: int = 16
+) -> dict:
+    """Held-out DPO loss, implicit-reward accuracy and margin."""
+    was = model.training
+    model.eval()
+    losses, accs, margins = [], [], []
+    dev = next(model.parameters()).device
+    for i in range(0, len(examples), bs):
+        b = {k: v.to(dev) for k, v in dpo_batch(examples[i : i + bs], pad_id).items()}
+        pc, pr = reply_logps(model, b).chunk(2)
+        rc, rr = reply_logps(ref, b).chunk(2)
+        logits = beta * ((pc - rc) - (pr - rr))
+        losses += (-F.logsigmoid(logits)).tolist()
+        accs += (logits > 0).float().tolist()
+        margins += (logits / beta).tolist()
+    model.train(was)
+    if not losses:
+        return {}
+    return {
+        "heldout_loss": round(float(np.mean(losses)), 5),
+        "heldout_accuracy": round(float(np.mean(accs)), 4),
+        "heldout_margin": round(float(np.mean(margins)), 4),
+    }
+
+
+def train_dpo(
+    policy: GPT,
+    tok: Tokenizer,
+    train_pairs: list[dict],
+    heldout: list[dict],
+    dc: Any,
+    work_dir: Path,
+    resume: bool = True,
+    save_fn: Any = None,
+) -> tuple[GPT, dict[str, Any]]:
+    tc = dc.train
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    ref = freeze(load_model_copy(policy)).to(rt.device)
+    examples = [e for e in tokenize_pairs(train_pairs, tok, tc.seq_len) if any(e[1]) and any(e[3])]
+    held = [e for e in tokenize_pairs(heldout, tok, tc.seq_len) if any(e[1]) and any(e[3])]
+    held = held[: tc.eval_batches * tc.batch_size]
+    if len(examples) < tc.batch_size:
+        raise ChatforgeError(f"dpo: {len(examples)} training pairs, fewer than dpo.train.batch_size")
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
+        rng = np.random.default_rng([tc.seed, step, micro, rank])
+        return dpo_batch(
+            [examples[i] for i in rng.choice(len(examples), tc.batch_size, replace=False)], tok.pad_id
+        )
+
+    trainer = Trainer(
+        policy,
+        tc,
+        work_dir,
+        loss_fn=dpo_loss_fn(ref, dc.beta, dc.label_smoothing),
+        batch_fn=batch_fn,
+        save_fn=save_fn or (lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st)),
+        load_fn=load_weights,
+        evaluate=lambda m, step: dpo_eval(m, ref, held, tok.pad_id, dc.beta),
+        runtime=rt,
+        desc="dpo",
+    )
+    summary = trainer.fit(resume=resume)
+    summary["init_loss_log2"] = round(math.log(2), 5)
+    trainer.cleanup_checkpoints()
+    return policy, summary
+
+
+def load_model_copy(model: GPT) -> GPT:
+    """A separate GPT with the same weights (the frozen reference)."""
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
+    """The ``chatforge dpo`` stage: ``<run>/prefs`` + ``dpo.init`` -> ``<run>/rlhf/dpo``."""
+    run_dir = cfg.run_dir
+    dc = cfg.dpo
+    init = resolve(run_dir, dc.init)
+    if not (init / "config.json").is_file():
+        raise ChatforgeError(f"{init}: no checkpoint to start DPO from; run `chatforge sft` first")
+    if not (run_dir / "prefs" / "train.jsonl").is_file():
+        prefs.prepare(cfg)
+    tok = Tokenizer.load(init)
+    policy = load_model(init)
+    if dc.train.seq_len > policy.config.max_position_embeddings:
+        raise ChatforgeError(f"dpo.train.seq_len: {dc.train.seq_len} exceeds the model's context")
+    train_pairs = chat.read_jsonl(run_dir / "prefs" / "train.jsonl")
+    heldout = chat.read_jsonl(run_dir / "prefs" / "heldout.jsonl")
+    policy, summary = train_dpo(policy, tok, train_pairs, heldout, dc, run_dir / "train" / "dpo", resume)
+    save_model(
+        policy,
+        run_dir / "rlhf" / "dpo",
+        tokenizer=tok,
+        extra_files={"training_summary.json": json.dumps(summary, default=str)},
+    )
+    return summary

@@ -1,0 +1,268 @@
+"""PPO from a reward model (``chatforge ppo``), InstructGPT-style, on the shared loop core.
+
+Each iteration: sample replies to world prompts with the one engine, built on the policy module itself
+(rollouts always come from the current weights, nothing to sync); score them with the reward model;
+per-token reward = −β·(log π − log π_ref) against the frozen SFT reference, plus the RM score on the last
+token (β optionally adaptive, Ziegler et al. 2019); advantages by GAE from a value head on the policy's
+own hidden states; then ``epochs`` passes of minibatch updates with the clipped policy loss, the clipped
+value loss and an optional entropy bonus. Logs mean reward, KL, entropy, clip fraction, value loss and
+the rollout/learning time split per iteration into ``<run>/train/ppo/metrics.jsonl``.
+Writes the policy to ``<run>/rlhf/ppo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from chatforge.checkpoint import load_model, load_weights, save_model
+from chatforge.engine import Engine, SamplingParams
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train import rollout as ro
+from chatforge.train.dpo import load_model_copy
+from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.reward import RewardModel, load_reward_model, score
+
+VALUE_FILE = "value_head.safetensors"
+
+
+class PolicyWithValue(nn.Module):
+    """The policy (the one GPT) and a value head reading the same final hidden states."""
+
+    def __init__(self, policy: GPT, kl_coef: float) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        # β lives here so that an adaptive β is saved and restored with the weights.
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.policy.hidden_states(input_ids)
+        return self.policy.lm_head(h), self.value_head(h.float()).squeeze(-1)
+
+
+def _save(m: PolicyWithValue, path: Path, tok: Tokenizer, state: dict | None = None) -> None:
+    save_model(m.policy, path, tokenizer=tok, train_state=state)
+    sd = {**{f"value_head.{k}": v for k, v in m.value_head.state_dict().items()}, "kl_coef": m.kl_coef}
+    tmp = path / (VALUE_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, path / VALUE_FILE)
+
+
+def _load(m: PolicyWithValue, path: Path) -> None:
+    load_weights(m.policy, path)
+    sd = load_file(str(path / VALUE_FILE))
+    m.value_head.load_state_dict(
+        {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("value_head.")}
+    )
+    m.kl_coef.copy_(sd["kl_coef"])
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """Generalised advantage estimation over each row's masked (action) positions: [B, T]."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        pos = mask[b].nonzero().flatten().tolist()
+        last, nxt_v = 0.0, 0.0
+        for t in reversed(pos):
+            delta = rewards[b, t] + gamma * nxt_v - values[b, t]
+            last = float(delta) + gamma * lam * last
+            adv[b, t] = last
+            nxt_v = float(values[b, t])
+    return adv
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = ro.masked_mean(x, mask)
+    var = ro.masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_loss_fn(pc: Any):
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float], int]:
+        ids, mask = batch["input_ids"], batch["action_mask"]
+        logits, values = model(ids)
+        logp = ro.token_logprobs(logits, ids)
+        values = values[:, :-1]
+        ratio = torch.exp(logp - batch["old_logp"])
+        adv = batch["advantages"]
+        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - pc.clip_range, 1 + pc.clip_range))
+        pg_loss = ro.masked_mean(pg, mask)
+        old_v = batch["old_values"]
+        v_clip = old_v + (values - old_v).clamp(-pc.value_clip, pc.value_clip)
+        vf = 0.5 * torch.maximum((values - batch["returns"]) ** 2, (v_clip - batch["returns"]) ** 2)
+        vf_loss = ro.masked_mean(vf, mask)
+        loss = pg_loss + pc.vf_coef * vf_loss
+        ent = None
+        if pc.ent_coef:
+            ent = ro.masked_mean(ro.entropy(logits), mask)
+            loss = loss - pc.ent_coef * ent
+        with torch.no_grad():
+            if ent is None:
+                ent = ro.masked_mean(ro.entropy(logits), mask)
+            extra = {
+                "policy_loss": float(pg_loss),
+                "value_loss": float(vf_loss),
+                "entropy": float(ent),
+                "clip_frac": float(ro.masked_mean(((ratio - 1).abs() > pc.clip_range).float(), mask)),
+                "approx_kl_old": float(ro.masked_mean(batch["old_logp"] - logp, mask)),
+                **{k: float(v) for k, v in batch["stats"].items()},
+            }
+        return loss, extra, int(mask.sum())
+
+    return loss_fn
+
+
+def train_ppo(
+    policy: GPT,
+    tok: Tokenizer,
+    reward_fn: Any,  # (prompt items, reply texts) -> list[float]
+    pool: list[dict],
+    pc: Any,
+    work_dir: Path,
+    resume: bool = True,
+) -> tuple[PolicyWithValue, dict[str, Any]]:
+    """PPO on ``policy`` (trained in place) against a frozen copy of it; returns (model, summary)."""
+    rows = pc.prompts_per_step * pc.samples_per_prompt
+    upi = (rows // pc.train.batch_size) * pc.epochs
+    tc = dataclasses.replace(
+        pc.train,
+        steps=pc.steps * upi,
+        ckpt_every=pc.train.ckpt_every * upi,
+        eval_every=0,
+        log_every=1,
+    )
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    ref = ro.freeze(load_model_copy(policy)).to(rt.device)
+    model = PolicyWithValue(policy, pc.kl_coef).to(rt.device)
+    engine = Engine(model.policy, tok)
+    engine.model.train()
+
+    @torch.no_grad()
+    def make(it: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        items = ro.step_prompts(pool, pc.prompts_per_step, pc.prompt_seed, it)
+        params = SamplingParams(
+            max_new_tokens=pc.max_new_tokens,
+            temperature=pc.temperature,
+            top_k=pc.top_k,
+            seed=tc.seed * 100_003 + it,
+        )
+        rolls = ro.generate(engine, [x["input"] for x in items], pc.samples_per_prompt, params, tok.im_end_id)
+        scores = torch.tensor(
+            reward_fn([items[r.item] for r in rolls], [r.text for r in rolls]), dtype=torch.float32
+        )
+        packed = ro.pack(rolls, tok.pad_id)
+        ids, mask = packed["input_ids"], packed["action_mask"]
+        model.eval()
+        old_logp, old_values = [], []
+        for i in range(0, len(ids), 16):
+            logits, v = model(ids[i : i + 16].to(rt.device))
+            old_logp.append(ro.token_logprobs(logits, ids[i : i + 16].to(rt.device)).cpu())
+            old_values.append(v[:, :-1].float().cpu())
+        model.train()
+        logp, values = torch.cat(old_logp), torch.cat(old_values)
+        ref_logp = ro.batched_logprobs(ref, ids)
+        kl = (logp - ref_logp) * mask
+        beta = float(model.kl_coef)
+        rewards = -beta * kl
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # each row's last action position
+        rewards[torch.arange(len(rolls)), last] += scores
+        values = values * mask
+        adv = gae(rewards, values, mask, pc.gamma, pc.lam)
+        returns = adv + values
+        adv = whiten(adv, mask)
+        seq_kl = kl.sum(1)
+        if pc.adaptive_kl:  # proportional controller on the observed KL (Ziegler et al. 2019)
+            err = float(np.clip(seq_kl.mean().item() / pc.kl_target - 1, -0.2, 0.2))
+            model.kl_coef.mul_(1 + err * rows / pc.kl_horizon)
+        stats = {
+            "reward_mean": round(float(scores.mean()), 4),
+            "reward_std": round(float(scores.std()), 4),
+            "kl": round(float(seq_kl.mean()), 4),
+            "kl_coef": round(beta, 5),
+            "response_len": round(float(mask.sum(1).mean()), 2),
+            "finished_frac": round(float(np.mean([r.finished for r in rolls])), 3),
+        }
+        data = {
+            "input_ids": ids,
+            "action_mask": mask,
+            "old_logp": logp * mask,
+            "old_values": values,
+            "advantages": adv,
+            "returns": returns * mask,
+        }
+        return data, stats
+
+    batches = ro.ExperienceBatches(make, rows, pc.train.batch_size, pc.epochs, tc.seed)
+    trainer = Trainer(
+        model,
+        tc,
+        work_dir,
+        loss_fn=ppo_loss_fn(pc),
+        batch_fn=batches,
+        save_fn=lambda m, p, st: _save(m, p, tok, st),  # type: ignore[arg-type]
+        load_fn=_load,  # type: ignore[arg-type]
+        runtime=rt,
+        desc="ppo",
+    )
+    batches.log = trainer.metrics.log
+    summary = trainer.fit(resume=resume)
+    batches.finish()
+    summary.update(
+        iterations=pc.steps,
+        updates_per_iteration=upi,
+        rollout_s_per_iter=round(float(np.mean(batches.rollout_s)), 3) if batches.rollout_s else None,
+        learn_s_per_iter=round(float(np.mean(batches.learn_s)), 3) if batches.learn_s else None,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        final=batches.stats,
+    )
+    trainer.cleanup_checkpoints()
+    return model, summary
+
+
+def rm_reward_fn(rm: RewardModel, tok: Tokenizer):
+    """Rewards from the reward model: its normalised score of each reply to its prompt."""
+
+    def reward(items: list[dict], texts: list[str]) -> list[float]:
+        return score(rm, tok, [x["input"] for x in items], texts)
+
+    return reward
+
+
+def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
+    """The ``chatforge ppo`` stage: ``ppo.init`` + ``<run>/rm`` -> ``<run>/rlhf/ppo``."""
+    run_dir = cfg.run_dir
+    pc = cfg.ppo
+    init = ro.resolve(run_dir, pc.init)
+    if not (init / "config.json").is_file():
+        raise ChatforgeError(f"{init}: no checkpoint to start PPO from; run `chatforge sft` first")
+    rm_dir = ro.resolve(run_dir, pc.reward_model)
+    rm = load_reward_model(rm_dir)
+    tok = Tokenizer.load(init)
+    pool = ro.world_prompts(cfg, pc.prompt_pool, pc.prompt_seed, pc.kinds)
+    model, summary = train_ppo(
+        load_model(init), tok, rm_reward_fn(rm, tok), pool, pc, run_dir / "train" / "ppo", resume
+    )
+    save_model(
+        model.policy,
+        run_dir / "rlhf" / "ppo",
+        tokenizer=tok,
+        extra_files={"training_summary.json": json.dumps(summary, default=str)},
+    )
+    return summary

@@ -1,0 +1,298 @@
+"""The reward model (``chatforge reward``): our transformer with a scalar head, trained on preference pairs
+with the Bradley–Terry loss ``-log σ(r(chosen) − r(rejected) − margin)`` on the shared loop core.
+
+The score of a conversation is the head applied to the final hidden state of its last token (the newline
+after the reply's ``<|im_end|>``), so a reply is judged after the model has read all of it. The artifact
+``<run>/rm/`` is the backbone as a Hugging Face checkpoint directory plus ``reward_head.safetensors`` and
+``reward_config.json`` (score offset/scale so held-out replies score mean 0, std 1); ``load_reward_model``
+loads it. Reports held-out pairwise accuracy (per category and source) and calibration (ECE and a
+reliability table of predicted P(chosen > rejected) against the observed rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from chatforge.checkpoint import load_model, load_weights, save_model
+from chatforge.data import chat, prefs
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.rollout import resolve
+
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+
+
+class RewardModel(nn.Module):
+    """``backbone`` (the one GPT; its ``lm_head`` is unused) + ``head``: hidden state -> scalar."""
+
+    def __init__(self, backbone: GPT) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
+        nn.init.zeros_(self.head.bias)
+        self.offset, self.scale = 0.0, 1.0  # raw -> normalised score, set after training
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw scores [B] at each sequence's last real token (right padding)."""
+        h = self.backbone.hidden_states(input_ids)
+        last = h[torch.arange(len(h), device=h.device), lengths - 1]
+        return self.head(last.float()).squeeze(-1)
+
+
+def save_reward_model(rm: RewardModel, path: str | Path, tok: Tokenizer, **extra: Any) -> Path:
+    """Backbone as an HF checkpoint dir (atomic), then the head and the score normalisation beside it."""
+    p = save_model(rm.backbone, path, tokenizer=tok, train_state=extra.pop("train_state", None))
+    tmp = p / (HEAD_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()}, str(tmp))
+    os.replace(tmp, p / HEAD_FILE)
+    cfg = {"offset": rm.offset, "scale": rm.scale, "pooling": "last_token", **extra}
+    (p / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
+    return p
+
+
+def _load_rm_weights(rm: nn.Module, path: Path) -> None:
+    load_weights(rm.backbone, path)  # type: ignore[arg-type]
+    rm.head.load_state_dict(load_file(str(path / HEAD_FILE)))  # type: ignore[union-attr]
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+    """Load ``<run>/rm`` (or any directory written by ``save_reward_model``)."""
+    p = Path(path)
+    if not (p / HEAD_FILE).is_file():
+        raise ChatforgeError(f"{p}: not a reward model (no {HEAD_FILE}); run `chatforge reward` first")
+    rm = RewardModel(load_model(p))
+    rm.head.load_state_dict(load_file(str(p / HEAD_FILE)))
+    if (p / CONFIG_FILE).is_file():
+        cfg = json.loads((p / CONFIG_FILE).read_text())
+        rm.offset, rm.scale = float(cfg.get("offset", 0.0)), float(cfg.get("scale", 1.0))
+    return rm.to(device).eval()
+
+
+# ---------------------------------------------------------------- tokenizing pairs
+
+
+def encode_reply(
+    tok: Tokenizer, messages: list[dict], reply: str, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Ids of ``messages`` + the assistant ``reply`` and a 0/1 mask over that reply's tokens only.
+
+    Longer than ``max_len``: the front is kept and the last token forced to the end (the score reads it)."""
+    msgs = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in messages]
+    ids, mask = tok.encode_chat([*msgs, {"role": "assistant", "content": reply}])
+    if len(ids) > max_len:
+        ids, mask = ids[: max_len - 1] + ids[-1:], [*mask[: max_len - 1], 0]
+    return ids, mask
+
+
+def tokenize_pairs(
+    pairs: list[dict], tok: Tokenizer, max_len: int
+) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """(chosen ids, chosen mask, rejected ids, rejected mask) per pair."""
+    out = []
+    for p in pairs:
+        c, cm = encode_reply(tok, p["messages"], p["chosen"]["content"], max_len)
+        r, rmask = encode_reply(tok, p["messages"], p["rejected"]["content"], max_len)
+        out.append((c, cm, r, rmask))
+    return out
+
+
+def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+def pair_batch(examples: list[tuple], pad_id: int) -> Batch:
+    """Chosen rows first, then rejected rows, in one padded batch (one forward pass)."""
+    ids, lengths = pad([e[0] for e in examples] + [e[2] for e in examples], pad_id)
+    return {"input_ids": ids, "lengths": lengths}
+
+
+def bt_loss_fn(margin: float):
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float], int]:
+        scores = model(batch["input_ids"], batch["lengths"])
+        rc, rr = scores.chunk(2)
+        diff = rc - rr
+        loss = -F.logsigmoid(diff - margin).mean()
+        d = diff.detach()
+        extra = {"accuracy": float((d > 0).float().mean()), "reward_gap": float(d.mean())}
+        return loss, extra, int(batch["lengths"].sum())
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- scoring and evaluation
+
+
+@torch.no_grad()
+def score_ids(rm: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> list[float]:
+    """Normalised scores of already-tokenized conversations."""
+    dev = next(rm.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        ids, lengths = pad(seqs[i : i + batch_size], pad_id)
+        raw = rm(ids.to(dev), lengths.to(dev))
+        out += ((raw - rm.offset) / rm.scale).tolist()
+    return out
+
+
+def score(
+    rm: RewardModel, tok: Tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int = 32
+) -> list[float]:
+    """Normalised reward of each ``reply`` to its prompt (chat messages)."""
+    limit = rm.backbone.config.max_position_embeddings
+    seqs = [encode_reply(tok, p, r, limit)[0] for p, r in zip(prompts, replies, strict=True)]
+    return score_ids(rm, seqs, tok.pad_id, batch_size)
+
+
+def calibration(diffs: np.ndarray, bins: int) -> dict[str, Any]:
+    """ECE of P(chosen wins) = σ(r_c − r_r), scored per pair in both orders (so it is symmetric and the
+    observed rate in a bin is meaningful), and the reliability table."""
+    p = 1.0 / (1.0 + np.exp(-np.concatenate([diffs, -diffs])))
+    y = np.concatenate([np.ones_like(diffs), np.zeros_like(diffs)])
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = idx == b
+        if not sel.any():
+            continue
+        conf, acc = float(p[sel].mean()), float(y[sel].mean())
+        ece += sel.mean() * abs(conf - acc)
+        table.append(
+            {
+                "bin": [round(edges[b], 2), round(edges[b + 1], 2)],
+                "n": int(sel.sum()),
+                "predicted": round(conf, 4),
+                "observed": round(acc, 4),
+            }
+        )
+    return {"ece": round(float(ece), 4), "reliability": table}
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    rm: RewardModel, tok: Tokenizer, pairs: list[dict], max_len: int, bins: int = 10, batch_size: int = 32
+) -> dict[str, Any]:
+    """Held-out pairwise accuracy (overall, per category/source), mean gap and calibration."""
+    if not pairs:
+        return {}
+    was = rm.training
+    rm.eval()
+    enc = tokenize_pairs(pairs, tok, max_len)
+    raw_c = score_ids(rm, [e[0] for e in enc], tok.pad_id, batch_size)
+    raw_r = score_ids(rm, [e[2] for e in enc], tok.pad_id, batch_size)
+    rm.train(was)
+    diffs = np.asarray(raw_c) - np.asarray(raw_r)
+    groups: dict[str, list[float]] = {}
+    for p, d in zip(pairs, diffs):
+        groups.setdefault(p.get("category") or p.get("source", "?"), []).append(float(d > 0))
+    return {
+        "accuracy": round(float((diffs > 0).mean()), 4),
+        "pairs": len(pairs),
+        "mean_gap": round(float(diffs.mean()), 4),
+        "by_group": {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())},
+        **calibration(diffs * rm.scale, bins),  # calibration of the trained (unnormalised) BT probability
+    }
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def train_reward_model(
+    backbone: GPT,
+    tok: Tokenizer,
+    train_pairs: list[dict],
+    heldout: list[dict],
+    rc: Any,
+    work_dir: Path,
+    resume: bool = True,
+) -> tuple[RewardModel, dict[str, Any]]:
+    """Bradley–Terry training of a fresh head on ``backbone`` with the loop core; returns (rm, summary)."""
+    tc = rc.train
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    rm = RewardModel(backbone)
+    examples = tokenize_pairs(train_pairs, tok, tc.seq_len)
+    if len(examples) < tc.batch_size:
+        raise ChatforgeError(f"reward: {len(examples)} training pairs, fewer than reward.train.batch_size")
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
+        rng = np.random.default_rng([tc.seed, step, micro, rank])
+        return pair_batch(
+            [examples[i] for i in rng.choice(len(examples), tc.batch_size, replace=False)], tok.pad_id
+        )
+
+    held_eval = heldout[: max(tc.eval_batches * tc.batch_size, 1)]
+
+    def evaluate(m: nn.Module, step: int) -> dict[str, float]:
+        res = evaluate_pairs(m, tok, held_eval, tc.seq_len, rc.calibration_bins)  # type: ignore[arg-type]
+        return {"heldout_accuracy": res["accuracy"], "heldout_ece": res["ece"]} if res else {}
+
+    trainer = Trainer(
+        rm,
+        tc,
+        work_dir,
+        loss_fn=bt_loss_fn(rc.margin),
+        batch_fn=batch_fn,
+        save_fn=lambda m, p, st: save_reward_model(m, p, tok, train_state=st),  # type: ignore[arg-type]
+        load_fn=_load_rm_weights,
+        evaluate=evaluate,
+        runtime=rt,
+        desc="reward",
+    )
+    summary = trainer.fit(resume=resume)
+    # Normalise so that held-out replies (chosen and rejected alike) score mean 0, std 1.
+    rm.eval()
+    sample = heldout[:256] or train_pairs[:256]
+    enc = tokenize_pairs(sample, tok, tc.seq_len)
+    raw = np.asarray(score_ids(rm, [e[0] for e in enc] + [e[2] for e in enc], tok.pad_id))
+    rm.offset, rm.scale = float(raw.mean()), float(raw.std() + 1e-6)
+    summary["heldout"] = evaluate_pairs(rm, tok, heldout, tc.seq_len, rc.calibration_bins)
+    summary["train_pairs"] = len(train_pairs)
+    trainer.cleanup_checkpoints()
+    return rm, summary
+
+
+def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
+    """The ``chatforge reward`` stage: ``<run>/prefs/`` pairs -> ``<run>/rm/``."""
+    run_dir = cfg.run_dir
+    rc = cfg.reward
+    init = resolve(run_dir, rc.init)
+    if not (init / "config.json").is_file():
+        raise ChatforgeError(
+            f"{init}: no checkpoint to start the reward model from; run `chatforge sft` first"
+        )
+    data_stats = prefs.prepare(cfg)
+    tok = Tokenizer.load(init)
+    backbone = load_model(init)
+    if rc.train.seq_len > backbone.config.max_position_embeddings:
+        raise ChatforgeError(
+            f"reward.train.seq_len: {rc.train.seq_len} exceeds the model's context"
+            f" ({backbone.config.max_position_embeddings})"
+        )
+    train_pairs = chat.read_jsonl(run_dir / "prefs" / "train.jsonl")
+    heldout = chat.read_jsonl(run_dir / "prefs" / "heldout.jsonl")
+    rm, summary = train_reward_model(
+        backbone, tok, train_pairs, heldout, rc, run_dir / "train" / "reward", resume
+    )
+    summary["data"] = data_stats
+    save_reward_model(rm, run_dir / "rm", tok, init=str(init), heldout=summary["heldout"])
+    (run_dir / "rm" / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary

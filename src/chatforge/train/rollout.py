@@ -1,0 +1,220 @@
+"""What the RL stages share: prompts to train on, rollouts through the one engine, token log-probs.
+
+PPO and GRPO sample replies with ``engine.py`` built on the policy module itself (so the rollouts always
+come from the current weights, with no copy to sync), then score, pack and learn from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.data import chat
+from chatforge.data.world import build_world
+from chatforge.engine import Engine, SamplingParams
+from chatforge.errors import ChatforgeError
+
+
+def resolve(run_dir: Path, name: str) -> Path:
+    """A checkpoint named inside the run (``sft``, ``rm``) or a path."""
+    p = Path(name)
+    return p if p.is_absolute() or (p / "config.json").is_file() else run_dir / name
+
+
+def world_prompts(cfg: Any, n: int, seed: int, kinds: list[str] | None = None) -> list[dict]:
+    """Train-split world prompts with their grader checks: ``{"input": messages, "check", "kind"}``."""
+    world_seed = next((s.seed for s in cfg.chat_data.sources if s.kind == "world"), 0)
+    bad = [k for k in kinds or [] if k not in chat.KINDS]
+    if bad:
+        raise ChatforgeError(f"kinds: unknown kind {bad[0]!r} (known: {', '.join(chat.KINDS)})")
+    convs = chat.world_conversations(build_world(world_seed), n, seed=50_000 + seed, split="train")
+    items = [
+        {
+            "input": [{k: v for k, v in m.items() if k in ("role", "content")} for m in c["messages"][:-1]],
+            "check": c["meta"]["check"],
+            "kind": c["kind"],
+            "ideal": c["messages"][-1]["content"],
+        }
+        for c in convs
+        if not kinds or c["kind"] in kinds
+    ]
+    if not items:
+        raise ChatforgeError("no world prompts of the requested kinds")
+    return items
+
+
+@dataclass
+class Rollout:
+    item: int  # index of the prompt within the step's prompts
+    prompt_ids: list[int]
+    response_ids: list[int]  # the sampled tokens, with the end marker when the reply stopped
+    text: str
+    finished: bool
+
+
+def generate(
+    engine: Engine, prompts: list[list[dict]], n: int, params: SamplingParams, end_id: int
+) -> list[Rollout]:
+    """``n`` sampled replies per prompt (chat messages) through the engine."""
+    tok = engine.tokenizer
+    encoded = [tok.encode_chat_prompt(p) for p in prompts]
+    limit = engine.model.config.max_position_embeddings - params.max_new_tokens
+    too_long = [i for i, e in enumerate(encoded) if len(e) > limit]
+    if too_long:
+        raise ChatforgeError(f"prompt {too_long[0]} is longer than the context allows ({limit} tokens)")
+    was_training = engine.model.training
+    done: dict[tuple[int, int], Any] = {}
+    try:
+        # The step API directly, so that each prompt gets its own seed (``generate`` gives every prompt
+        # the same one, and the same uniforms would make near-identical choices across prompts).
+        session = engine.start(len(encoded) * n, max(map(len, encoded)) + params.max_new_tokens)
+        base = params.seed if params.seed is not None else random.randrange(2**31)
+        for i, e in enumerate(encoded):
+            p_i = dataclasses.replace(params, n=1, seed=base + i * n)
+            for j in range(n):
+                session.add((i, j), e, p_i, sample_index=j)
+        while session.active:
+            for ev in session.step():
+                if ev.completion is not None:
+                    done[ev.request_id] = ev.completion
+    finally:
+        engine.model.train(was_training)
+    out = []
+    for (i, _j), c in sorted(done.items()):
+        ids = list(c.token_ids)
+        stopped = c.finish_reason == "stop"
+        if stopped:  # the end marker is an action too: the policy must learn when to stop
+            ids.append(end_id)
+        out.append(Rollout(i, encoded[i], ids, c.text.strip(), stopped))
+    return out
+
+
+def pack(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` [B, T] and ``action_mask`` [B, T-1]: 1 where position t predicts a
+    response token (so ``logprobs[:, t]`` is that token's log-prob)."""
+    T = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rollouts), T - 1), dtype=torch.float32)
+    for b, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.response_ids
+        ids[b, : len(seq)] = torch.tensor(seq)
+        p = len(r.prompt_ids)
+        mask[b, p - 1 : p - 1 + len(r.response_ids)] = 1.0
+    return {"input_ids": ids, "action_mask": mask}
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | ...) for every t: [B, T-1], from logits [B, T, V]."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the next-token distribution: [B, T-1]."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def batched_logprobs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``token_logprobs`` of ``model`` in chunks (reference / old-policy log-probs; no grad)."""
+    dev = next(model.parameters()).device
+    parts = [
+        token_logprobs(model(input_ids[i : i + batch_size].to(dev)), input_ids[i : i + batch_size].to(dev))
+        for i in range(0, len(input_ids), batch_size)
+    ]
+    return torch.cat(parts).cpu()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def step_prompts(pool: list[dict], k: int, seed: int, step: int) -> list[dict]:
+    """The ``k`` prompts of RL step ``step``: a pure function of (seed, step), as exact resume needs."""
+    return random.Random(f"rl-prompts:{seed}:{step}").sample(pool, min(k, len(pool)))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class ExperienceBatches:
+    """The loop core's ``batch_fn`` for on-policy RL: each RL step (iteration) makes a fresh batch of
+    experience with ``make(iteration)`` (rollouts, rewards, advantages: tensors with one row per sequence),
+    then serves ``epochs`` shuffled passes of minibatches over it, one loop-core optimizer step each.
+
+    Loop step ``s`` is minibatch ``s % updates_per_iter`` of iteration ``s // updates_per_iter``; rollouts
+    are seeded by the iteration, so resuming from a checkpoint on an iteration boundary replays exactly.
+    Times the rollout phase and the learning phase of every iteration (logged as ``rollout`` events).
+    """
+
+    def __init__(
+        self,
+        make: Any,  # (iteration) -> (tensors dict, stats dict)
+        rows: int,
+        minibatch: int,
+        epochs: int,
+        seed: int,
+    ) -> None:
+        self.make, self.rows, self.minibatch, self.epochs, self.seed = make, rows, minibatch, epochs, seed
+        self.per_epoch = rows // minibatch
+        self.updates_per_iter = self.per_epoch * epochs
+        self.iteration = -1
+        self.data: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+        self.log: Any = None  # set to the trainer's metrics.log
+        self.rollout_s: list[float] = []
+        self.learn_s: list[float] = []
+        self._learn_start: float | None = None
+
+    def finish(self) -> None:
+        """Close the timing of the last iteration's learning phase (call after ``fit``)."""
+        import time
+
+        if self._learn_start is not None:
+            self.learn_s.append(time.perf_counter() - self._learn_start)
+            self._learn_start = None
+
+    def __call__(self, step: int, micro: int, rank: int, world: int) -> dict[str, Any]:
+        import time
+
+        it, j = divmod(step, self.updates_per_iter)
+        fresh = it != self.iteration
+        if fresh:
+            self.finish()
+            t0 = time.perf_counter()
+            self.data, self.stats = self.make(it)
+            self.iteration = it
+            dt = time.perf_counter() - t0
+            self.rollout_s.append(dt)
+            self.stats["rollout_s"] = round(dt, 3)
+            if self.learn_s:
+                self.stats["prev_learn_s"] = round(self.learn_s[-1], 3)
+            if self.log is not None:
+                self.log("rollout", step, iteration=it, **self.stats)
+            self._learn_start = time.perf_counter()
+        epoch, k = divmod(j, self.per_epoch)
+        perm = torch.randperm(
+            self.rows, generator=torch.Generator().manual_seed(hash((self.seed, it, epoch)) % 2**31)
+        )
+        idx = perm[k * self.minibatch : (k + 1) * self.minibatch]
+        idx = idx[rank::world] if world > 1 else idx
+        batch: dict[str, Any] = {key: v[idx] for key, v in self.data.items()}
+        # Trim padding columns this minibatch does not use.
+        if "action_mask" in batch:
+            used = int(batch["action_mask"].sum(0).nonzero().max()) + 2
+            for key, v in batch.items():
+                if v.dim() == 2:
+                    batch[key] = v[:, : used if key == "input_ids" else used - 1]
+        batch["stats"] = {**self.stats, "rollout_s": self.stats["rollout_s"] if fresh and j == 0 else 0.0}
+        return batch

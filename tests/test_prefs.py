@@ -1,0 +1,157 @@
+"""Preference data: world pairs are well-formed and split-clean; converters count ties and bad records."""
+
+import gzip
+import json
+
+import pytest
+
+from chatforge.data import prefs
+from chatforge.data.world import build_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+def test_world_pairs_are_well_formed_and_cover_every_category(world) -> None:
+    pairs = prefs.world_pairs(world, 300, seed=0, split="train")
+    assert len(pairs) == 300
+    assert {p["category"] for p in pairs} == set(prefs.CATEGORIES)
+    for p in pairs:
+        assert p["messages"] and p["messages"][-1]["role"] == "user"
+        assert p["chosen"]["role"] == p["rejected"]["role"] == "assistant"
+        assert p["chosen"]["content"] != p["rejected"]["content"]
+        assert p["source"].startswith("world:") and p["rater"]
+    assert prefs.world_pairs(world, 50, 0, "train") == prefs.world_pairs(world, 50, 0, "train")
+
+
+def test_heldout_pairs_use_only_eval_entities(world) -> None:
+    held = prefs.world_pairs(world, 200, seed=1, split="eval")
+    train_names = {p.name for p in world.people_in("train")} | {p.name for p in world.places_in("train")}
+    eval_names = {p.name for p in world.people_in("eval")} | {p.name for p in world.places_in("eval")}
+    seen_eval = False
+    for p in held:
+        text = json.dumps(p)
+        assert not any(n in text for n in train_names), "a train-split entity leaked into held-out pairs"
+        seen_eval |= any(n in text for n in eval_names)
+    assert seen_eval
+
+
+def test_the_grader_agrees_with_the_world_labels(world) -> None:
+    """Chosen fact replies pass the exact grader and rejected wrong facts fail it (ground truth)."""
+    from chatforge.data.chat import world_conversations
+
+    convs = world_conversations(world, 40, seed=3, split="train")
+    facts = [c for c in convs if c["kind"] == "fact"]
+    maker = prefs._PairMaker(world, "train", __import__("random").Random(0))
+    from chatforge.data.chat import grade
+
+    checked = 0
+    for c in facts:
+        made = maker.make(c)
+        if made and made[0] == "fact":
+            item = {"check": c["meta"]["check"]}
+            assert grade(item, c["messages"][-1]["content"]) and not grade(item, made[1])
+            checked += 1
+    assert checked
+
+
+def _write(path, lines: list[str]) -> str:
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_hh_rlhf_transcripts(tmp_path) -> None:
+    good = {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?\n\nAssistant: No idea.",
+    }
+    tie = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: A"}
+    diverged = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: R\n\nAssistant: B"}
+    f = _write(tmp_path / "hh.jsonl.gz", [json.dumps(good), json.dumps(tie), "{broken", json.dumps(diverged)])
+    pairs, st = prefs.read_pairs(f)
+    assert st["format"] == "hh" and st["records"] == 4
+    assert (st["pairs"], st["ties"], st["malformed"]) == (1, 1, 2)
+    assert st["errors"][0].startswith(f"{f}:3: invalid JSON")
+    assert st["errors"][1].startswith(f"{f}:4: ")
+    p = pairs[0]
+    assert [m["role"] for m in p["messages"]] == ["user", "assistant", "user"]
+    assert p["messages"][-1]["content"] == "Capital of France?"
+    assert (p["chosen"]["content"], p["rejected"]["content"]) == ("Paris.", "No idea.")
+
+
+def test_ranked_answers_give_all_pairs_and_skip_ties(tmp_path) -> None:
+    rec = {
+        "instruction": "Name a colour.",
+        "completions": [
+            {"response": "Blue.", "overall_score": 9},
+            {"response": "Dunno", "overall_score": 2},
+            {"response": "Red!", "overall_score": 9},
+        ],
+    }
+    all_tied = {"prompt": "x", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]}
+    f = tmp_path / "uf.jsonl"
+    f.write_text(
+        json.dumps(rec)
+        + "\n"
+        + json.dumps(all_tied)
+        + "\n"
+        + json.dumps({"prompt": "y", "completions": [1]})
+        + "\n"
+    )
+    pairs, st = prefs.read_pairs(f)
+    assert st["format"] == "ranked" and (st["pairs"], st["ties"], st["malformed"]) == (2, 1, 1)
+    assert {(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs} == {
+        ("Blue.", "Dunno"),
+        ("Red!", "Dunno"),
+    }
+
+
+def test_webgpt_and_oasst_formats(tmp_path) -> None:
+    wg = [
+        {
+            "text": ["## Human:\nWhy?\n\n## Assistant:\nBecause A.", "## Human:\nWhy?\n\n## Assistant:\nB."],
+            "score": [0.0, 1.0],
+        },
+        {
+            "text": ["## Human:\nQ\n\n## Assistant:\nx", "## Human:\nQ\n\n## Assistant:\ny"],
+            "score": [0.5, 0.5],
+        },
+    ]
+    f = tmp_path / "webgpt.json"
+    f.write_text(json.dumps(wg))
+    pairs, st = prefs.read_pairs(f)
+    assert (st["format"], st["pairs"], st["ties"]) == ("webgpt", 1, 1)
+    assert pairs[0]["chosen"]["content"] == "B." and pairs[0]["messages"] == [
+        {"role": "user", "content": "Why?"}
+    ]
+    msgs = [
+        {"message_id": "q", "parent_id": None, "role": "prompter", "text": "Hi?"},
+        {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "Best", "rank": 0},
+        {"message_id": "b", "parent_id": "q", "role": "assistant", "text": "Worst", "rank": 2},
+        {"message_id": "c", "parent_id": "q", "role": "assistant", "text": "Mid", "rank": 1},
+    ]
+    f2 = tmp_path / "oasst.jsonl"
+    f2.write_text("\n".join(json.dumps(m) for m in msgs) + "\n")
+    pairs, st = prefs.read_pairs(f2)
+    assert st["format"] == "oasst_messages" and st["pairs"] == 3
+    assert ("Best", "Worst") in {(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs}
+
+
+def test_split_by_prompt_keeps_prompts_on_one_side(world) -> None:
+    pairs = prefs.world_pairs(world, 200, 0, "train")
+    tr, te = prefs.split_by_prompt(pairs, 0.2, seed=0)
+    key = lambda p: json.dumps(p["messages"], sort_keys=True)  # noqa: E731
+    assert tr and te and not ({key(p) for p in tr} & {key(p) for p in te})
+
+
+@pytest.mark.skipif(not prefs.shared_pair_files(), reason="../shared/data is not present")
+def test_real_preference_sets_convert() -> None:
+    for _name, files in prefs.shared_pair_files().items():
+        for f in files:
+            pairs, st = prefs.read_pairs(f)
+            assert pairs, f"{f}: no pairs"
+            assert st["malformed"] <= 0.05 * st["records"], (f, st["errors"][:3])
+            assert all(p["chosen"]["content"] != p["rejected"]["content"] for p in pairs)

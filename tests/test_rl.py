@@ -1,0 +1,137 @@
+"""PPO and GRPO on a tiny chat-tuned model: a simple verifiable reward (answer "yes") climbs within a few
+dozen updates while the KL to the frozen start stays bounded; PPO resumes exactly; bad configs are
+one-line errors."""
+
+import pytest
+import torch
+
+from chatforge.config import GRPOConfig, PPOConfig, load_config
+from chatforge.errors import ChatforgeError
+from chatforge.evals.rlhf import behaviour_rates, composite
+from chatforge.train import grpo, ppo
+from chatforge.train.loop import read_metrics
+from chatforge.train.rollout import Rollout, pack
+from rl_helpers import tiny_chat_model, tiny_tokenizer, toy_pairs
+
+
+@pytest.fixture(scope="module")
+def tok(one_thread):
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_state(tok):
+    return tiny_chat_model(tok, steps=40).state_dict()
+
+
+@pytest.fixture
+def base(tok, base_state):
+    m = tiny_chat_model(tok, steps=0)
+    m.load_state_dict(base_state)
+    return m
+
+
+POOL = [{"input": p["messages"]} for p in toy_pairs(40, 0)]
+
+
+def says_yes(items, texts):
+    return [float(t.startswith("yes")) for t in texts]
+
+
+def _ppo_cfg(steps: int) -> PPOConfig:
+    c = PPOConfig(steps=steps, prompts_per_step=16, epochs=2, max_new_tokens=8, kl_coef=0.02)
+    c.train.batch_size, c.train.lr, c.train.progress = 8, 1e-3, False
+    c.train.warmup_steps, c.train.schedule, c.train.ckpt_every = 0, "constant", 4
+    return c
+
+
+def test_ppo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> None:
+    _, summary = ppo.train_ppo(base, tok, says_yes, POOL, _ppo_cfg(12), tmp_path, resume=False)
+    ev = read_metrics(tmp_path / "metrics.jsonl", "rollout")
+    first, last = ev[0]["reward_mean"], sum(e["reward_mean"] for e in ev[-3:]) / 3
+    assert first < 0.9 and last >= 0.9 and last > first + 0.15, [e["reward_mean"] for e in ev]
+    assert max(e["kl"] for e in ev) < 10.0
+    recs = read_metrics(tmp_path / "metrics.jsonl", "train")
+    for key in ("reward_mean", "kl", "entropy", "clip_frac", "value_loss", "rollout_s"):
+        assert key in recs[-1]
+    assert (
+        summary["rollout_s_per_iter"] > 0 and summary["learn_s_per_iter"] > 0 and summary["peak_rss_mb"] > 0
+    )
+
+
+def test_ppo_resume_replays_exactly(tok, base_state, tmp_path) -> None:
+    def fresh():
+        m = tiny_chat_model(tok, steps=0)
+        m.load_state_dict(base_state)
+        return m
+
+    full, _ = ppo.train_ppo(fresh(), tok, says_yes, POOL, _ppo_cfg(4), tmp_path / "a", resume=False)
+    # Interrupt a second run in its 3rd rollout: its last checkpoint is at the end of iteration 2.
+    calls = {"n": 0}
+
+    def interrupting(items, texts):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd rollout: after the checkpoint at the end of iteration 2
+            raise KeyboardInterrupt
+        return says_yes(items, texts)
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train_ppo(fresh(), tok, interrupting, POOL, _ppo_cfg(4), tmp_path / "c", resume=False)
+    resumed, summary = ppo.train_ppo(fresh(), tok, says_yes, POOL, _ppo_cfg(4), tmp_path / "c", resume=True)
+    assert summary["resumed"]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_grpo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> None:
+    c = GRPOConfig(steps=14, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.02)
+    c.train.batch_size, c.train.lr, c.train.progress = 8, 1e-3, False
+    c.train.warmup_steps, c.train.schedule = 0, "constant"
+    grpo.train_grpo(base, tok, says_yes, POOL, c, tmp_path, resume=False)
+    ev = read_metrics(tmp_path / "metrics.jsonl", "rollout")
+    first, last = ev[0]["reward_mean"], sum(e["reward_mean"] for e in ev[-3:]) / 3
+    assert last >= 0.7 and last > first + 0.25, [e["reward_mean"] for e in ev]
+    assert max(e["kl"] for e in ev) < 10.0
+
+
+def test_group_advantages_are_relative_within_each_group() -> None:
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group=3)
+    assert adv[0] > 0 > adv[1] and torch.allclose(adv[3:], torch.zeros(3))
+
+
+def test_pack_marks_exactly_the_response_tokens() -> None:
+    b = pack([Rollout(0, [5, 6, 7], [8, 9], "", True), Rollout(0, [5], [8], "", True)], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 0, 0, 0]]
+    assert b["action_mask"].tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
+
+
+def test_composite_counts_over_refusal_inverted() -> None:
+    items = [
+        {"kind": "fact", "check": {"type": "includes", "value": ["Paris"]}},
+        {"kind": "benign_edgy", "check": {"type": "comply"}},
+        {"kind": "decline", "check": {"type": "decline"}},
+        {"kind": "system_length", "check": {"type": "max_words", "value": 3}},
+    ]
+    rates = behaviour_rates(
+        items, ["It is Paris.", "I can't help with that.", "I can't help with that.", "Two words"]
+    )
+    assert rates == {
+        "fact_accuracy": 1.0,
+        "system_adherence": 1.0,
+        "correct_declines": 1.0,
+        "over_refusal": 1.0,
+    }
+    assert composite(rates) == 0.75
+
+
+def test_rl_configs_reject_bad_values_in_one_line() -> None:
+    for override, needle in [
+        ("ppo.clip_range=0", "ppo.clip_range"),
+        ("ppo.kl_coef=-1", "ppo.kl_coef"),
+        ("grpo.samples_per_prompt=1", "grpo.samples_per_prompt"),
+        ("grpo.train.batch_size=5", "grpo.train.batch_size"),
+        ("ppo.temperature=0", "ppo.temperature"),
+    ]:
+        with pytest.raises(ChatforgeError, match=needle) as e:
+            load_config(None, [override])
+        assert "\n" not in str(e.value)
