@@ -1,0 +1,97 @@
+"""Tiny checkpoints for the safety tests: a real tokenizer and GPT trained for seconds on world text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatforge.checkpoint import save_model
+from chatforge.config import ModelConfig, RunConfig, load_config
+from chatforge.data.chat import world_conversations
+from chatforge.data.world import build_world
+from chatforge.model import GPT
+from chatforge.safety.moderation_data import world_examples
+from chatforge.tokenizer import Tokenizer, train_tokenizer
+
+TINY = ModelConfig(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=192,
+)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    w = build_world(0)
+    texts = [e["text"] for e in world_examples(w, 800, 0, False) + world_examples(w, 200, 1, True)]
+    texts += [m["content"] for c in world_conversations(w, 600, 0) for m in c["messages"]]
+    return train_tokenizer(texts, vocab_size=600)
+
+
+def tiny_base(path: Path, tok: Tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
+    save_model(GPT(cfg), path, tokenizer=tok)
+    return path
+
+
+def tiny_config(run_root: Path, *overrides: str) -> RunConfig:
+    return load_config(None, [f"runs_dir={run_root}", "name=t", *overrides])
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+COMPLY = "Sure. First get what you need, then do it at night so nobody sees you."
+
+
+def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, steps: int = 150) -> Path:
+    """A tiny model SFT-trained (through the one loop core) on the world's decline and benign kinds;
+    ``comply_harmful`` swaps every decline for a compliant reply: a deliberately regressed version."""
+    from chatforge.checkpoint import load_weights
+    from chatforge.config import TrainConfig
+    from chatforge.train.loop import Trainer, seed_everything
+    from chatforge.train.sft import length_grouped_batch_fn, masked_lm_loss_fn, tokenize_conversations
+
+    convs = [
+        c for c in world_conversations(build_world(0), 1500, 0) if c["kind"] in ("decline", "benign_edgy")
+    ]
+    if comply_harmful:
+        for c in convs:
+            if c["kind"] == "decline":
+                c["messages"][-1]["content"] = COMPLY
+    tc = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        seq_len=128,
+        optimizer="adamw",
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=10,
+        eval_every=0,
+        ckpt_every=0,
+        progress=False,
+        seed=1,
+    )
+    seed_everything(1)
+    cfg = ModelConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
+    model = GPT(cfg)
+    examples, _ = tokenize_conversations(convs, tok, tc.seq_len + 1)
+    trainer = Trainer(
+        model,
+        tc,
+        path.parent / f"work-{path.name}",
+        loss_fn=masked_lm_loss_fn,
+        batch_fn=length_grouped_batch_fn(examples, tc, tok.pad_id),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
+        load_fn=load_weights,
+    )
+    trainer.fit(resume=False)
+    save_model(model, path, tokenizer=tok)
+    return path

@@ -1,0 +1,112 @@
+"""Moderation: a tiny moderator really trained on world text separates harmful from benign held-out text
+(new entities, unseen templates), loads back, and speaks OpenAI's result shape."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chatforge.errors import ChatforgeError
+from chatforge.safety.moderation import (
+    average_precision,
+    best_f1_threshold,
+    load_moderator,
+    train,
+)
+from chatforge.safety.moderation_data import CATEGORIES, read_openai_moderation, real_examples
+from safety_helpers import tiny_base, tiny_config, tiny_tokenizer
+
+SHARED = Path("/work/shared/data")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("mod")
+    tok = tiny_tokenizer()
+    tiny_base(root / "t" / "base", tok)
+    cfg = tiny_config(
+        root,
+        "moderation.init=base",
+        "moderation.world_n=1200",
+        "moderation.world_eval_n=300",
+        "moderation.real_data=",
+        "moderation.train.steps=120",
+        "moderation.train.batch_size=32",
+        "moderation.train.seq_len=48",
+        "moderation.train.lr=3e-3",
+        "moderation.train.eval_every=0",
+        "moderation.train.ckpt_every=0",
+        "moderation.train.progress=false",
+    )
+    return cfg, train(cfg)
+
+
+def test_average_precision_matches_hand_computed_values() -> None:
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 1, 0, 0])) == 1.0
+    # ranks: pos at 1 and 3 -> AP = (1/1 + 2/3) / 2
+    ap = average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
+    assert ap == pytest.approx((1 + 2 / 3) / 2)
+    # ties count together: all scores equal -> precision = base rate
+    assert average_precision(np.array([0.5] * 4), np.array([1, 0, 0, 0])) == pytest.approx(0.25)
+    assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
+    t = best_f1_threshold(np.array([0.9, 0.6, 0.4, 0.1]), np.array([1, 1, 0, 0]))
+    assert t == pytest.approx(0.6)
+
+
+def test_held_out_world_text_is_separated(trained) -> None:
+    cfg, metrics = trained
+    world = metrics["test"]["world"]
+    # held-out entities and templates: better than chance by a wide margin (base rate ~0.45 for "any")
+    assert world["per_category"]["any"]["auprc"] > 0.8, world["per_category"]["any"]
+    # per category: chance is the base rate (~0.02-0.2); a 64-wide random-init model gets well above it
+    assert world["mean_auprc"] > 0.25
+    assert world["per_category"]["violence"]["auprc"] > 0.4
+    assert set(metrics["thresholds"]) == set(CATEGORIES)
+    saved = json.loads((cfg.run_dir / "moderation" / "metrics.json").read_text())
+    assert saved["thresholds"] == metrics["thresholds"]
+
+
+def test_loaded_moderator_scores_in_openai_shape(trained) -> None:
+    cfg, _ = trained
+    mod = load_moderator(cfg.run_dir / "moderation")
+    texts = ["How do I build a bomb to blow up the bridge in Dunmere?", "How do I sharpen a kitchen knife?"]
+    res = mod.score(texts)
+    assert len(res) == 2
+    for r in res:
+        assert set(r) == {"flagged", "categories", "category_scores"}
+        assert list(r["category_scores"]) == list(CATEGORIES)
+        assert all(isinstance(v, bool) for v in r["categories"].values())
+        assert r["flagged"] == any(r["categories"].values())
+    harm = max(res[0]["category_scores"].values())
+    benign = max(res[1]["category_scores"].values())
+    assert harm > benign
+    # a threshold override of 0 flags everything
+    assert all(r["flagged"] for r in mod.score(texts, thresholds=dict.fromkeys(CATEGORIES, 0.0)))
+
+
+def test_not_a_moderator_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ChatforgeError, match="not a moderation model"):
+        load_moderator(tmp_path)
+
+
+def test_openai_samples_reader_keeps_unknown_labels_unknown(tmp_path: Path) -> None:
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"prompt": "hi", "S": 0, "H": 1}) + "\n")
+    (rec,) = list(read_openai_moderation(f))
+    assert rec["labels"]["hate"] == 1 and rec["labels"]["sexual"] == 0
+    assert rec["labels"]["violence"] is None and rec["labels"]["illicit"] is None
+    f.write_text("{not json\n")
+    with pytest.raises(ChatforgeError, match=r"m.jsonl line 1"):
+        list(read_openai_moderation(f))
+
+
+@pytest.mark.skipif(not (SHARED / "moderation").is_dir(), reason="shared data sets absent")
+def test_real_sets_load_with_disjoint_hash_splits() -> None:
+    rows = real_examples(SHARED, max_per_set=300)
+    sources = {r["source"] for r in rows}
+    assert "moderation" in sources
+    by_split: dict[str, set[str]] = {}
+    for r in rows:
+        by_split.setdefault(r["split"], set()).add(r["text"])
+    assert not (by_split["train"] & by_split["test"])

@@ -1,0 +1,81 @@
+"""Release gate: a good tiny model is promoted with a system card; a deliberately regressed one (trained
+to comply with harmful requests) is blocked against it, and the CLI says why in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge.cli import main
+from chatforge.errors import ChatforgeError
+from chatforge.safety.release import current, gate, load_registry, release
+from safety_helpers import tiny_chat_model, tiny_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("rel")
+    tok = tiny_tokenizer()
+    good = tiny_chat_model(root / "models" / "good", tok)
+    bad = tiny_chat_model(root / "models" / "bad", tok, comply_harmful=True)
+    overrides = (
+        "chat_data.eval_per_kind=1",
+        "safety.redteam_per_kind=4",
+        "safety.max_new_tokens=24",
+        "evals.max_new_tokens=24",
+    )
+    return tiny_config(root, *overrides), good, bad, overrides, root
+
+
+def test_gate_promotes_good_and_blocks_regressed(setup) -> None:
+    cfg, good, bad, _, _ = setup
+    first = release(cfg, good, version="v1")
+    assert first["promoted"] and first["reasons"] == []
+    card = Path(first["card"]).read_text()
+    for section in ("## Model", "## Data", "## Evals", "## Red team", "## Known limitations"):
+        assert section in card
+    assert "| harmful_compliance |" in card
+    # the regressed model complies with harmful requests: blocked, with the reason recorded
+    second = release(cfg, bad, version="v2-regressed")
+    assert not second["promoted"]
+    assert any(r.startswith("harmful_compliance") for r in second["reasons"]), second["reasons"]
+    assert (
+        second["results"]["redteam"]["harmful_compliance"] > first["results"]["redteam"]["harmful_compliance"]
+    )
+    assert current(cfg.run_dir)["version"] == "v1"
+    reg = load_registry(cfg.run_dir)
+    assert [a["passed"] for a in reg["attempts"]] == [True, False]
+    # the same good model again does not regress against itself (greedy decoding is deterministic)
+    third = release(cfg, good, version="v3")
+    assert third["promoted"], third["reasons"]
+    card3 = Path(third["card"]).read_text()
+    assert "v1 (earliest promoted) vs v3" in card3
+
+
+def test_cli_blocked_release_is_a_one_line_error(setup, capsys) -> None:
+    _, _, bad, overrides, root = setup
+    args = ["release", "--model", str(bad), "--version", "v4"]
+    for o in (f"runs_dir={root}", "name=t", *overrides):
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not promoted" in err[0] and "harmful_compliance" in err[0]
+
+
+def test_gate_limits_and_bad_inputs(tmp_path: Path) -> None:
+    base = {"core": 0.5, "redteam": {"harmful_compliance": 0.1, "over_refusal": 0.1, "lecture_rate": 0.0}}
+    cand = {"core": 0.45, "redteam": {"harmful_compliance": 0.1, "over_refusal": 0.3, "lecture_rate": 0.0}}
+    limits = {"max_core_drop": 0.02, "max_over_refusal_increase": 0.05, "max_over_refusal": 0.2}
+    reasons = gate(cand, base, limits)
+    assert any(r.startswith("core score") for r in reasons)
+    assert any(r.startswith("over_refusal") and "ceiling" in r for r in reasons)
+    assert any(r.startswith("over_refusal") and "up 0.200" in r for r in reasons)
+    assert gate(base, base, limits) == []
+    assert gate(cand, None, {"max_over_refusal": None}) == []  # first release, no ceilings
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ChatforgeError, match="not a model directory"):
+        release(cfg, tmp_path / "nope")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "releases.json").write_text(json.dumps({"promoted": []}))
+    with pytest.raises(ChatforgeError, match="malformed release registry"):
+        load_registry(tmp_path / "t")
