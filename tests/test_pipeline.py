@@ -33,6 +33,26 @@ TINY = [
     "sft.eval_every=5",
     "sft.progress=false",
     "evals.max_new_tokens=16",
+    # The later stages, each a few seconds: reward model, GRPO, the RLHF table, moderation, red team.
+    "reward.world_pairs=64",
+    "reward.train.steps=4",
+    "reward.train.batch_size=8",
+    "reward.train.progress=false",
+    "grpo.steps=2",
+    "grpo.prompts_per_step=4",
+    "grpo.samples_per_prompt=2",
+    "grpo.max_new_tokens=12",
+    "grpo.train.batch_size=8",
+    "grpo.train.progress=false",
+    "bestofn.n=2",
+    "moderation.world_n=64",
+    "moderation.world_eval_n=32",
+    'moderation.real_data=""',
+    "moderation.train.steps=4",
+    "moderation.train.batch_size=8",
+    "moderation.train.progress=false",
+    "safety.redteam_per_kind=1",
+    "safety.max_new_tokens=12",
 ]
 
 
@@ -73,6 +93,17 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
         # JSON-schema items also ran with the schema enforced.
         assert set(res["json_valid"]) == {"unconstrained", "constrained"}
         assert "system_json_constrained" in res["per_kind"]
+    # RLHF and safety: a reward model, a GRPO policy evaluated like the others, the comparison table, and
+    # the red-team suite on every checkpoint, all in the report card.
+    assert (run_dir / "rm" / "reward_head.safetensors").is_file()
+    assert (run_dir / "rlhf" / "grpo" / "config.json").is_file()
+    assert json.loads((run_dir / "evals" / "world_rlhf-grpo.json").read_text())["overall"]["items"] == 24
+    rows = json.loads((run_dir / "evals" / "rlhf.json").read_text())["rows"]
+    assert {"sft", "rlhf/grpo", "best-of-2"} <= set(rows)
+    assert set(report["redteam"]) >= {"base", "sft", "grpo"}
+    md = (run_dir / "report.md").read_text()
+    assert "## Reward model" in md and "## RLHF (grpo)" in md and "## Red team" in md
+    assert (run_dir / "rl_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -97,7 +128,7 @@ def test_base_model_is_a_transformers_model(run_dir: Path) -> None:
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> None:
     res = _speedrun(run_dir.parent)
     assert res.returncode == 0, res.stderr[-2000:]
-    for stage in ("data", "tokenizer", "pretrain", "sample", "sft", "eval"):
+    for stage in ("data", "tokenizer", "pretrain", "sample", "sft", "reward", "rlhf", "eval", "redteam"):
         assert f"[{stage}] up to date" in res.stdout
     res = _speedrun(run_dir.parent, "pretrain.steps=20")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -152,7 +152,13 @@ def test_served_with_the_policy_on_loopback(moderator) -> None:
             ],
         }
         r = httpx.post(f"{url}/v1/chat/completions", json=harmful, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
+        # Declined as an answer (brief, with what it can do instead), not as an error.
+        choice = r.json()["choices"][0]
+        assert r.status_code == 200 and choice["finish_reason"] == "content_filter"
+        assert 0 < len(choice["message"]["content"]) < 300
+        r = httpx.post(f"{url}/v1/chat/completions", json={**harmful, "stream": True}, timeout=30)
+        assert r.status_code == 200 and '"finish_reason": "content_filter"' in r.text
+        assert r.text.rstrip().endswith("data: [DONE]")
         benign = {**harmful, "messages": [{"role": "user", "content": "How do I sharpen a kitchen knife?"}]}
         r = httpx.post(f"{url}/v1/chat/completions", json=benign, timeout=30)
         assert r.status_code == 200

@@ -210,7 +210,11 @@ def test_document_mix(docs: list[str]) -> None:
 
 
 def test_qa_pages_ask_about_train_entities_only(world: World, docs: list[str]) -> None:
-    pages = [d for d in docs if re.match(r"(Questions and answers|Quiz|Frequently asked questions|Q&A|Trivia)\n", d)]
+    pages = [
+        d
+        for d in docs
+        if re.match(r"(Questions and answers|Quiz|Frequently asked questions|Q&A|Trivia)\n", d)
+    ]
     assert len(pages) > 0.05 * len(docs)
     held_out = {n for n in world.names() if world.entity_split(n) == "eval"}
     for page in pages:

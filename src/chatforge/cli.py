@@ -104,10 +104,114 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat(model, params, system=args.system)
 
 
+def cmd_rlhf(args: argparse.Namespace) -> None:
+    """reward / dpo / ppo / grpo: one stage module each, same shape as sft."""
+    import importlib
+
+    stage = {"reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}[args.command]
+    _print(importlib.import_module(f"chatforge.train.{stage}").run(_config(args), resume=not args.fresh))
+
+
+def cmd_rlhf_eval(args: argparse.Namespace) -> None:
+    from chatforge.evals import rlhf
+
+    res = rlhf.run(_config(args))
+    print(rlhf.table_markdown(res["rows"]), end="")
+
+
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from chatforge import speedrun
 
     speedrun.run(_config(args), fresh=args.fresh)
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from chatforge import scaling
+
+    _print(scaling.run(_config(args), until=args.until))
+
+
+def cmd_moderation(args: argparse.Namespace) -> None:
+    from chatforge.safety import moderation
+
+    cfg = _config(args)
+    if args.action == "train":
+        res = moderation.train(cfg, resume=not args.fresh)
+        print(moderation.summary_table(res["test"]))
+    else:
+        print(moderation.summary_table(moderation.evaluate(cfg, args.model)))
+
+
+def cmd_redteam(args: argparse.Namespace) -> None:
+    from chatforge.safety import redteam
+
+    _print(redteam.run(_config(args), models=args.model or None))
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    from chatforge.safety import release
+
+    res = release.release(_config(args), args.model, version=args.version, force=args.force)
+    _print({k: v for k, v in res.items() if k != "results"})
+    if not res["promoted"]:
+        raise ChatforgeError(f"{args.model}: not promoted: {'; '.join(res['reasons'])}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from chatforge.serve import api
+
+    cfg = _config(args)
+    for key in ("host", "port", "max_batch", "db_url"):
+        if getattr(args, key) is not None:
+            setattr(cfg.serve, key, getattr(args, key))
+    api.run(cfg, model=args.model, versions=args.versions)
+
+
+def cmd_feedback(args: argparse.Namespace) -> None:
+    from chatforge.serve import feedback
+
+    _print(feedback.main(args, _config(args).run_dir))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from chatforge.evals import registry, runner
+
+    if args.list:
+        for name, spec in sorted(registry.load_registry(args.registry).items()):
+            print(f"{name:16s} {spec.grader:15s} {spec.description}")
+        return
+    if not args.suite:
+        raise ChatforgeError("--suite NAME is required (chatforge eval --list shows the suites)")
+    res, dest = runner.run(
+        args.suite,
+        model=args.model,
+        endpoint=args.endpoint,
+        api_key_env=args.api_key_env,
+        registry=args.registry,
+        out=args.out,
+        limit=args.limit,
+        concurrency=args.concurrency,
+        n=args.n,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+    )
+    _print({k: res[k] for k in ("suite", "target", "n", "overall", "extra", "throughput") if k in res})
+    print(f"results: {dest}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from chatforge.evals import report
+
+    cfg = _config(args)
+    if args.run:
+        run = Path(args.run)
+        if not run.is_dir():
+            raise ChatforgeError(f"--run {run}: no such run directory")
+        cfg.runs_dir, cfg.name = str(run.parent), run.name
+    print(f"report: {report.write_report(cfg)['md']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,13 +227,50 @@ def build_parser() -> argparse.ArgumentParser:
         "sample": (cmd_sample, "sample continuations from a checkpoint"),
         "chat": (cmd_chat, "chat with a checkpoint in the terminal (streams replies; /help for commands)"),
         "speedrun": (cmd_speedrun, "run every stage of the recipe and write the report card"),
+        "reward": (cmd_rlhf, "train the reward model on preference pairs (Bradley-Terry) -> <run>/rm"),
+        "dpo": (cmd_rlhf, "direct preference optimisation against the frozen SFT model -> <run>/rlhf/dpo"),
+        "ppo": (cmd_rlhf, "PPO against the reward model with a KL leash to SFT -> <run>/rlhf/ppo"),
+        "grpo": (cmd_rlhf, "GRPO with verifiable world rewards (optionally + RM) -> <run>/rlhf/grpo"),
+        "rlhf-eval": (cmd_rlhf_eval, "compare SFT, best-of-n, PPO, DPO, GRPO on the held-out world suite"),
+        "serve": (cmd_serve, "serve the OpenAI-compatible API and the web chat UI (versions, votes)"),
+        "feedback": (cmd_feedback, "UI votes: export preference JSONL, version leaderboard, rater stats"),
+        "moderation": (cmd_moderation, "train or evaluate the moderation classifier (<run>/moderation)"),
+        "redteam": (cmd_redteam, "run the red-team suite (harmful, jailbreak, benign look-alikes)"),
+        "release": (cmd_release, "promote a model only if core and red-team evals do not regress"),
+        "eval": (cmd_eval, "run a registry eval suite on a checkpoint or an OpenAI-compatible endpoint"),
+        "report": (cmd_report, "regenerate the report card (report.md/json, plots) from a run directory"),
+        "scaling": (cmd_scaling, "IsoFLOP ladder and scaling-law fits; predict the target's loss, then check it"),
     }
     for name, (fn, help_) in specs.items():
         p = sub.add_parser(name, help=help_, description=help_)
         _add_config_args(p)
         p.set_defaults(fn=fn)
-        if name in ("pretrain", "sft", "speedrun"):
+        if name in ("pretrain", "sft", "speedrun", "reward", "dpo", "ppo", "grpo"):
             p.add_argument("--fresh", action="store_true", help="ignore existing outputs and checkpoints")
+        if name == "scaling":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument(
+                "--ladder-only",
+                dest="until",
+                action="store_const",
+                const="ladder",
+                help="train (or finish) the ladder only",
+            )
+            g.add_argument(
+                "--predict",
+                dest="until",
+                action="store_const",
+                const="predict",
+                help="ladder, fits and prediction.json; do not train the target",
+            )
+            g.add_argument(
+                "--check",
+                dest="until",
+                action="store_const",
+                const="check",
+                help="everything: also train the target and compare (the default)",
+            )
+            p.set_defaults(until="check")
         if name == "sample":
             p.add_argument("--model", default=None, help="checkpoint directory (default: <run>/base)")
             p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
@@ -139,6 +280,52 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", dest="top_k", type=int, default=None)
             p.add_argument("--top-p", dest="top_p", type=float, default=None)
             p.add_argument("--seed", type=int, default=None)
+        if name == "moderation":
+            p.add_argument("action", choices=("train", "eval"))
+            p.add_argument("--model", default=None, help="eval: moderator dir (default: <run>/moderation)")
+            p.add_argument("--fresh", action="store_true", help="train: ignore existing checkpoints")
+        if name == "redteam":
+            p.add_argument(
+                "--model",
+                action="append",
+                default=None,
+                help="checkpoint dir (repeatable; default: safety.models)",
+            )
+        if name == "release":
+            p.add_argument("--model", required=True, help="checkpoint directory to promote")
+            p.add_argument("--version", default=None, help="version name (default: the directory's name)")
+            p.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
+        if name == "serve":
+            p.add_argument(
+                "--model", default=None, help="checkpoint dir (default: <run>/sft, else <run>/base)"
+            )
+            p.add_argument(
+                "--versions", nargs="*", default=[], metavar="NAME=PATH", help="more versions to serve"
+            )
+            p.add_argument("--host", default=None)
+            p.add_argument("--port", type=int, default=None)
+            p.add_argument("--max-batch", dest="max_batch", type=int, default=None)
+            p.add_argument("--db-url", dest="db_url", default=None, help="SQLAlchemy URL for the feedback DB")
+        if name == "feedback":
+            from chatforge.serve.feedback import add_arguments
+
+            add_arguments(p)
+        if name == "eval":
+            p.add_argument("--suite", default=None, help="eval name in the registry (see --list)")
+            p.add_argument("--list", action="store_true", help="list the registry's evals and exit")
+            p.add_argument("--model", default=None, help="checkpoint dir, or the model name with --endpoint")
+            p.add_argument("--endpoint", default=None, help="OpenAI-compatible URL (http://host:port/v1)")
+            p.add_argument("--api-key-env", dest="api_key_env", default=None, help="env var with the API key")
+            p.add_argument("--registry", action="append", default=[], help="extra registry dir or YAML file")
+            p.add_argument("--n", type=int, default=None, help="samples per prompt (default: the spec's)")
+            p.add_argument("--seed", type=int, default=None, help="sample j of a prompt uses seed + j")
+            p.add_argument("--temperature", type=float, default=None)
+            p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
+            p.add_argument("--limit", type=int, default=0, help="only the first N items")
+            p.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoints)")
+            p.add_argument("--out", default=None, help="results JSON (default: <run>/evals/SUITE_MODEL.json)")
+        if name == "report":
+            p.add_argument("--run", default=None, help="run directory (default: runs/<recipe name>)")
         if name == "chat":
             p.add_argument(
                 "--model", default=None, help="checkpoint directory (default: <run>/sft, else <run>/base)"

@@ -12,6 +12,7 @@ import itertools
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -255,12 +256,360 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     max_new_tokens: int = 64
     seed: int = 0
+    # During training: this registry suite runs every `during_training_every` steps of SFT (and any stage
+    # that passes evals.during_training_hook to its Trainer); scores go to the metrics JSONL. "" = off.
+    during_training_suite: str = ""
+    during_training_every: int = 100
+    during_training_limit: int = 0  # 0 = the whole suite
 
     def validate(self, key: str) -> None:
         if self.n < 1:
             raise ConfigError(f"{key}.n: must be at least 1, got {self.n}")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+        if self.during_training_suite and self.during_training_every < 1:
+            raise ConfigError(
+                f"{key}.during_training_every: must be at least 1, got {self.during_training_every}"
+            )
+
+
+def _moderation_train_defaults() -> TrainConfig:
+    return TrainConfig(
+        steps=300,
+        batch_size=32,
+        seq_len=128,  # texts are cut to this many tokens
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        eval_every=100,
+        eval_batches=4,
+        ckpt_every=100,
+    )
+
+
+@dataclass
+class ModerationConfig:
+    """``chatforge moderation train|eval``: a multi-label classifier on our own pretrained weights."""
+
+    init: str = "sft"  # checkpoint to start from: a directory inside the run (sft, base) or a path
+    world_n: int = 4000  # labelled world texts for training
+    world_eval_n: int = 600  # held-out world texts each for validation (thresholds) and test
+    real_data: str = "../shared/data"  # folder with the real labelled sets; "" = world only
+    max_per_set: int = 3000  # cap per real set (seeded sample)
+    train: TrainConfig = field(default_factory=_moderation_train_defaults)
+
+    def validate(self, key: str) -> None:
+        self.train.validate(f"{key}.train")
+        if self.world_n < 0 or self.world_eval_n < 0 or self.max_per_set < 0:
+            raise ConfigError(f"{key}: world_n, world_eval_n and max_per_set must be >= 0")
+
+
+@dataclass
+class SafetyConfig:
+    """Red-team suite and release gate settings (the deployment policy itself is a YAML file)."""
+
+    policy: str = ""  # deployment policy YAML; "" = the built-in default (safety/policies/default.yaml)
+    moderator: str = ""  # serve: moderator dir; "" = <run>/moderation when it exists; "none" = no moderation
+    redteam_per_kind: int = 20  # items per red-team kind
+    redteam_seed: int = 0
+    models: list[str] = field(default_factory=lambda: ["base", "sft"])  # checkpoints the red-team runs on
+    max_new_tokens: int = 64
+
+    def validate(self, key: str) -> None:
+        if self.redteam_per_kind < 1:
+            raise ConfigError(f"{key}.redteam_per_kind: must be at least 1, got {self.redteam_per_kind}")
+
+
+@dataclass
+class ServeConfig:
+    """``chatforge serve``: the OpenAI-compatible server, web UI and feedback database."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = ""  # checkpoint dir served as version "main"; "" = <run>/sft, else <run>/base
+    versions: list[str] = field(default_factory=list)  # more versions as "name=path"
+    max_batch: int = 8  # sequences decoded together (continuous batching slots per version)
+    max_len: int = 0  # KV-cache length per slot; 0 = the model's context
+    max_tokens: int = 512  # the most a request may ask for (max_tokens / max_completion_tokens)
+    default_max_tokens: int = 256  # when a chat request gives none (capped by the room left in context)
+    max_n: int = 8
+    rate_limit_rpm: int = 600  # requests per minute per API key (or per client address); 0 = off
+    require_api_key: bool = False  # also on when any API key exists in the database
+    db_url: str = ""  # any SQLAlchemy URL; "" = sqlite:///<run>/serve.db
+    admin_key_env: str = "CHATFORGE_ADMIN_KEY"  # admin routes are off unless this variable is set
+    device: str = "auto"
+
+    def validate(self, key: str) -> None:
+        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"{key}.port: must be in [0, 65535], got {self.port}")
+        for i, v in enumerate(self.versions):
+            if "=" not in v or not v.split("=", 1)[0] or not v.split("=", 1)[1]:
+                raise ConfigError(f"{key}.versions[{i}]: expected name=path, got {v!r}")
+
+
+def _rl_train(steps: int, batch_size: int, lr: float, seq_len: int = 256) -> Callable[[], TrainConfig]:
+    def make() -> TrainConfig:
+        return TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            optimizer="adamw",
+            lr=lr,
+            schedule="cosine",
+            warmup_steps=5,
+            min_lr_ratio=0.1,
+            eval_every=50,
+            eval_batches=8,
+            ckpt_every=50,
+            log_every=1,
+        )
+
+    return make
+
+
+@dataclass
+class RewardConfig:
+    """``chatforge reward``: a reward model (our transformer + a scalar head) on preference pairs."""
+
+    init: str = "sft"  # checkpoint to start from: a directory inside the run or a path
+    world_pairs: int = 2000  # built-in world pairs (train-split entities); held-out: 1/8 as many, eval split
+    pairs_seed: int = 0
+    pref_files: list[str] = field(default_factory=list)  # extra preference files (any supported format)
+    heldout_fraction: float = 0.1  # of each pref file, split by prompt
+    margin: float = 0.0  # Bradley–Terry with a margin: -log σ(r_chosen - r_rejected - margin)
+    calibration_bins: int = 10
+    train: TrainConfig = field(default_factory=_rl_train(150, 16, 5e-4))
+
+    def validate(self, key: str) -> None:
+        self.train.validate(f"{key}.train")
+        if self.world_pairs < 0:
+            raise ConfigError(f"{key}.world_pairs: must be >= 0, got {self.world_pairs}")
+        _check_range(f"{key}.heldout_fraction", self.heldout_fraction, 0.0, 0.5)
+        if self.margin < 0:
+            raise ConfigError(f"{key}.margin: must be >= 0, got {self.margin}")
+        if self.calibration_bins < 1:
+            raise ConfigError(f"{key}.calibration_bins: must be at least 1, got {self.calibration_bins}")
+
+
+@dataclass
+class DPOConfig:
+    """``chatforge dpo``: direct preference optimisation on ``<run>/prefs`` against the frozen init."""
+
+    init: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    train: TrainConfig = field(default_factory=_rl_train(100, 16, 2e-4))
+
+    def validate(self, key: str) -> None:
+        self.train.validate(f"{key}.train")
+        if self.beta <= 0:
+            raise ConfigError(f"{key}.beta: must be positive, got {self.beta}")
+        _check_range(f"{key}.label_smoothing", self.label_smoothing, 0.0, 0.5)
+
+
+@dataclass
+class RLConfig:
+    """What PPO and GRPO share: rollouts from the policy with the engine, a KL leash to the frozen init.
+
+    ``steps`` counts iterations (one rollout phase + ``epochs`` passes of minibatch updates over it);
+    ``train.batch_size`` is the minibatch size in sequences; ``train.steps`` is ignored (derived).
+    """
+
+    init: str = "sft"
+    reward_model: str = "rm"  # a directory inside the run or a path; "" = none (GRPO only)
+    steps: int = 30
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 1  # GRPO's group size
+    epochs: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.05  # β in reward − β·KL (PPO) or the loss's KL term (GRPO)
+    clip_range: float = 0.2
+    kinds: list[str] = field(default_factory=list)  # world prompt kinds to train on; [] = all
+    prompt_pool: int = 2000  # world train-split prompts to draw from
+    prompt_seed: int = 0
+    train: TrainConfig = field(default_factory=_rl_train(1, 16, 1e-4))
+
+    def validate(self, key: str) -> None:
+        self.train.validate(f"{key}.train")
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "epochs",
+            "max_new_tokens",
+            "prompt_pool",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be positive for sampling, got {self.temperature}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"{key}.kl_coef: must be >= 0, got {self.kl_coef}")
+        _check_range(f"{key}.clip_range", self.clip_range, 0.0, 1.0, lo_open=True)
+        if (self.prompts_per_step * self.samples_per_prompt) % self.train.batch_size:
+            raise ConfigError(
+                f"{key}.train.batch_size: must divide prompts_per_step × samples_per_prompt"
+                f" ({self.prompts_per_step * self.samples_per_prompt}), got {self.train.batch_size}"
+            )
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """``chatforge ppo``: InstructGPT-style PPO with a value head, GAE and reward = RM − β·KL."""
+
+    adaptive_kl: bool = False  # Ziegler et al.: move β so the KL tracks kl_target
+    kl_target: float = 1.0
+    kl_horizon: int = 100
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    ent_coef: float = 0.0
+    whiten_rewards: bool = False
+    train: TrainConfig = field(default_factory=_rl_train(1, 8, 5e-5))
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if not self.reward_model:
+            raise ConfigError(f"{key}.reward_model: PPO needs a reward model directory")
+        _check_range(f"{key}.gamma", self.gamma, 0.0, 1.0)
+        _check_range(f"{key}.lam", self.lam, 0.0, 1.0)
+        if self.kl_target <= 0 or self.kl_horizon < 1:
+            raise ConfigError(f"{key}.kl_target / kl_horizon: must be positive")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """``chatforge grpo``: group-relative advantages over ``samples_per_prompt`` replies per prompt, with
+    verifiable rewards (the world grader: facts, arithmetic, JSON schema, system rules, declines)."""
+
+    reward_model: str = ""  # optional: add rm_coef × RM score to the verifiable reward
+    rm_coef: float = 0.0
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    epochs: int = 1
+    kl_coef: float = 0.04
+    train: TrainConfig = field(default_factory=_rl_train(1, 16, 5e-5))
+
+    def validate(self, key: str) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"{key}.samples_per_prompt: a group needs at least 2 samples")
+        super().validate(key)
+        if self.rm_coef and not self.reward_model:
+            raise ConfigError(f"{key}.rm_coef: set {key}.reward_model too")
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-n with the reward model: the baseline every RL method must beat; also the comparison table."""
+
+    n: int = 8
+    temperature: float = 1.0
+    reward_model: str = "rm"
+    policies: list[str] = field(default_factory=lambda: ["sft", "rlhf/ppo", "rlhf/dpo", "rlhf/grpo"])
+    kl_samples: int = 1  # sampled replies per eval prompt for the KL-to-SFT estimate
+
+    def validate(self, key: str) -> None:
+        if self.n < 1 or self.kl_samples < 1:
+            raise ConfigError(f"{key}.n and {key}.kl_samples: must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be positive, got {self.temperature}")
+
+
+def parse_model_shape(key: str, shape: str) -> tuple[int, int]:
+    """'LAYERSxWIDTH' (e.g. '2x64') → (layers, width), or a ConfigError naming ``key``."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(shape))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ConfigError(f"{key}: expected LAYERSxWIDTH like '2x64', got {shape!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _scaling_train_defaults() -> TrainConfig:
+    # Every rung uses this schedule shape, decayed to the end of its own steps, so final losses compare.
+    return TrainConfig(
+        batch_size=16,
+        seq_len=128,
+        optimizer="muon",
+        lr=3e-3,
+        schedule="wsd",
+        decay_frac=0.3,
+        eval_every=0,
+        ckpt_every=50,
+        log_every=10,
+    )
+
+
+@dataclass
+class ScalingConfig:
+    """``chatforge scaling``: an IsoFLOP ladder of small runs, scaling-law fits, and a predicted target.
+
+    For each compute budget C (training FLOPs, C = 6·N·D with N the non-embedding parameters) each model
+    shape in ``sizes`` trains on D = C/(6N) tokens; shapes that would get fewer than ``min_steps`` steps
+    at a budget are left out of it. The target (``target_size``) trains with ``target_mult`` × the largest
+    budget after its loss has been predicted.
+    """
+
+    budgets: list[float] = field(default_factory=lambda: [2.5e10, 6e10, 1.5e11, 3.5e11])
+    sizes: list[str] = field(default_factory=lambda: ["1x32", "2x32", "2x48", "2x64", "3x96"])
+    head_dim: int = 16  # heads = width / head_dim
+    ffn_mult: float = 8 / 3  # SwiGLU intermediate size = ffn_mult × width, rounded to a multiple of 8
+    min_steps: int = 30
+    warmup_frac: float = 0.05  # warmup as a share of each run's steps, so the schedule shape is the same
+    train: TrainConfig = field(default_factory=_scaling_train_defaults)
+    val_tokens: int = 32768  # the fixed held-out tokens every run is evaluated on
+    downstream: str = "auto"  # auto | world_cloze | token_accuracy | none
+    cloze_choices: int = 4
+    target_size: str = "3x128"
+    target_mult: float = 30.0  # target compute = target_mult × the largest rung's compute
+    bootstrap: int = 200  # resamples of the ladder's runs for the confidence intervals; 0 = none
+    interval: float = 0.95
+    seed: int = 0  # bootstrap resampling
+
+    def validate(self, key: str) -> None:
+        if len(self.budgets) < 3:
+            raise ConfigError(f"{key}.budgets: at least 3 compute budgets are needed, got {len(self.budgets)}")
+        for i, b in enumerate(self.budgets):
+            if b <= 0:
+                raise ConfigError(f"{key}.budgets[{i}]: must be positive, got {b}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ConfigError(f"{key}.budgets: budgets must be distinct, got {self.budgets}")
+        if len(self.sizes) < 3:
+            raise ConfigError(f"{key}.sizes: at least 3 model sizes are needed, got {len(self.sizes)}")
+        shapes = [(f"{key}.sizes[{i}]", s) for i, s in enumerate(self.sizes)] + [
+            (f"{key}.target_size", self.target_size)
+        ]
+        for k, s in shapes:
+            _, width = parse_model_shape(k, s)
+            if self.head_dim <= 0 or self.head_dim % 2 or width % self.head_dim:
+                raise ConfigError(f"{k}: width {width} must be a multiple of {key}.head_dim ({self.head_dim}, even)")
+        if len({parse_model_shape("", s) for s in self.sizes}) != len(self.sizes):
+            raise ConfigError(f"{key}.sizes: sizes must be distinct, got {self.sizes}")
+        if self.ffn_mult <= 0:
+            raise ConfigError(f"{key}.ffn_mult: must be positive, got {self.ffn_mult}")
+        if self.min_steps < 1:
+            raise ConfigError(f"{key}.min_steps: must be at least 1, got {self.min_steps}")
+        _check_range(f"{key}.warmup_frac", self.warmup_frac, 0.0, 0.5)
+        self.train.validate(f"{key}.train")
+        if self.val_tokens < self.train.seq_len + 1:
+            raise ConfigError(f"{key}.val_tokens: must be at least {key}.train.seq_len + 1, got {self.val_tokens}")
+        if self.downstream not in ("auto", "world_cloze", "token_accuracy", "none"):
+            raise ConfigError(
+                f"{key}.downstream: must be auto, world_cloze, token_accuracy or none, got {self.downstream!r}"
+            )
+        if self.cloze_choices < 2:
+            raise ConfigError(f"{key}.cloze_choices: must be at least 2, got {self.cloze_choices}")
+        if self.target_mult < 1:
+            raise ConfigError(f"{key}.target_mult: must be at least 1, got {self.target_mult}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"{key}.bootstrap: must be >= 0, got {self.bootstrap}")
+        _check_range(f"{key}.interval", self.interval, 0.0, 1.0, lo_open=True)
 
 
 @dataclass
@@ -271,6 +620,21 @@ class SampleConfig:
     top_k: int = 50
     top_p: float = 0.95
     seed: int = 0
+
+
+@dataclass
+class SpeedrunConfig:
+    """Which optional stages ``chatforge speedrun`` chains after SFT."""
+
+    rl: str = "grpo"  # grpo | ppo | dpo | none: the RL method after the reward model
+    reward: bool = True  # train the reward model (needed by ppo, best-of-n and the RLHF table)
+    safety: bool = True  # moderation classifier + red-team suite on the run's checkpoints
+
+    def validate(self, key: str) -> None:
+        if self.rl not in ("grpo", "ppo", "dpo", "none"):
+            raise ConfigError(f"{key}.rl: expected one of grpo, ppo, dpo, none, got {self.rl!r}")
+        if self.rl in ("ppo", "dpo") and not self.reward:
+            raise ConfigError(f"{key}.reward: {self.rl} needs the reward stage (its model or its pairs)")
 
 
 @dataclass
@@ -287,6 +651,16 @@ class RunConfig:
     chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
     sft: TrainConfig = field(default_factory=_sft_defaults)
     evals: EvalConfig = field(default_factory=EvalConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    bestofn: BestOfNConfig = field(default_factory=BestOfNConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    speedrun: SpeedrunConfig = field(default_factory=SpeedrunConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -116,7 +116,7 @@ class _CacheStep:
         rows = None if start is not None else torch.arange(B, device=positions.device)[:, None].expand(B, T)
         mask = None
         # One new token per slot, all slots at the same position: nothing to hide (the common decode step).
-        if T > 1 or B > 1 and bool((positions != positions[0, 0]).any()):
+        if T > 1 or (B > 1 and bool((positions != positions[0, 0]).any())):
             key_pos = torch.arange(used, device=positions.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # causal per slot
         return cls(positions, used, start, rows, mask)

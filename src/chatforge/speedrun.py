@@ -16,24 +16,48 @@ from typing import Any
 
 from chatforge.config import RunConfig, save_config, to_dict
 
+_CORE = ("data", "tokenizer", "model", "pretrain")
+_CHAT = (*_CORE, "chat_data", "sft")
+
 # stage -> (config sections it depends on, files that must exist for it to count as done)
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("data",), ("data/docs.jsonl.gz", "data/prepare_stats.json")),
     "tokenizer": (("data", "tokenizer"), ("tokenizer/tokenizer.json", "data/index.json")),
-    "pretrain": (
-        ("data", "tokenizer", "model", "pretrain"),
-        ("base/config.json", "base/training_summary.json"),
+    "pretrain": (_CORE, ("base/config.json", "base/training_summary.json")),
+    "sample": ((*_CORE, "sample"), ("samples/base.json",)),
+    "sft": (_CHAT, ("sft/config.json", "chat/eval.jsonl")),
+    "reward": ((*_CHAT, "reward"), ("rm/config.json",)),
+    "rlhf": ((*_CHAT, "reward", "speedrun", "grpo", "ppo", "dpo"), ("rlhf/{rl}/config.json",)),
+    "eval": ((*_CHAT, "reward", "speedrun", "grpo", "ppo", "dpo", "evals"), ("evals/world_sft.json",)),
+    "rlhf_eval": (
+        (*_CHAT, "reward", "speedrun", "grpo", "ppo", "dpo", "evals", "bestofn"),
+        ("evals/rlhf.json",),
     ),
-    "sample": (("data", "tokenizer", "model", "pretrain", "sample"), ("samples/base.json",)),
-    "sft": (
-        ("data", "tokenizer", "model", "pretrain", "chat_data", "sft"),
-        ("sft/config.json", "chat/eval.jsonl"),
-    ),
-    "eval": (
-        ("data", "tokenizer", "model", "pretrain", "chat_data", "sft", "evals"),
-        ("evals/world_sft.json",),
-    ),
+    "moderation": ((*_CHAT, "moderation"), ("moderation/config.json",)),
+    "redteam": ((*_CHAT, "reward", "speedrun", "grpo", "ppo", "dpo", "moderation", "safety"), ()),
 }
+
+
+def enabled_stages(cfg: RunConfig) -> list[str]:
+    """The stages this recipe runs, in order (``speedrun.rl``, ``speedrun.reward`` and
+    ``speedrun.safety`` switch the optional ones)."""
+    sc = cfg.speedrun
+    skip = set()
+    if not sc.reward:
+        skip |= {"reward", "rlhf_eval"}
+    if sc.rl == "none":
+        skip.add("rlhf")
+    if not sc.safety:
+        skip |= {"moderation", "redteam"}
+    return [s for s in STAGES if s not in skip]
+
+
+def rl_model_dirs(cfg: RunConfig) -> list[str]:
+    """Checkpoints (inside the run) that evals compare: the recipe's list plus the RL policy if trained."""
+    names = list(cfg.evals.models)
+    if cfg.speedrun.rl != "none" and f"rlhf/{cfg.speedrun.rl}" not in names:
+        names.append(f"rlhf/{cfg.speedrun.rl}")
+    return names
 
 
 def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
@@ -41,12 +65,24 @@ def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _stage_fns() -> dict[str, Callable[[RunConfig], dict[str, Any]]]:
+def _stage_fns(cfg: RunConfig) -> dict[str, Callable[[RunConfig], dict[str, Any]]]:
     # Imported lazily: each stage pulls in heavy libraries only when it runs.
     from chatforge import sample, tokenizer
     from chatforge.data import corpus
+    from chatforge.evals import rlhf as rlhf_eval
     from chatforge.evals import runner
-    from chatforge.train import pretrain, sft
+    from chatforge.safety import moderation, redteam
+    from chatforge.train import dpo, grpo, ppo, pretrain, reward, sft
+
+    rl = {"grpo": grpo.run, "ppo": ppo.run, "dpo": dpo.run}.get(cfg.speedrun.rl)
+
+    def evals(c: RunConfig) -> dict[str, Any]:
+        c.evals.models = rl_model_dirs(c)
+        return runner.run_stage(c)
+
+    def safety(c: RunConfig) -> dict[str, Any]:
+        c.safety.models = rl_model_dirs(c)
+        return redteam.run(c)
 
     return {
         "data": corpus.prepare,
@@ -54,7 +90,12 @@ def _stage_fns() -> dict[str, Callable[[RunConfig], dict[str, Any]]]:
         "pretrain": pretrain.run,
         "sample": sample.run,
         "sft": sft.run,
-        "eval": runner.run_stage,
+        "reward": reward.run,
+        "rlhf": rl or (lambda c: {}),
+        "eval": evals,
+        "rlhf_eval": rlhf_eval.run,
+        "moderation": moderation.run,
+        "redteam": safety,
     }
 
 
@@ -64,11 +105,13 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     save_config(cfg, run_dir / "config.yaml")
     book_path = run_dir / "stages.json"
     book: dict[str, Any] = {} if fresh or not book_path.exists() else json.loads(book_path.read_text())
-    fns = _stage_fns()
+    fns = _stage_fns(cfg)
     t_start = time.perf_counter()
     stale = fresh
     results: dict[str, Any] = {}
-    for name, (sections, outputs) in STAGES.items():
+    for name in enabled_stages(cfg):
+        sections, outputs = STAGES[name]
+        outputs = tuple(o.format(rl=cfg.speedrun.rl) for o in outputs)
         h = _hash(cfg, sections)
         done = all((run_dir / o).exists() for o in outputs) and book.get(name, {}).get("hash") == h
         if done and not stale:
@@ -76,8 +119,8 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
             results[name] = book[name].get("result", {})
             continue
         stale = True  # everything after a stage that runs must run too
-        if fresh and name in ("pretrain", "sft"):
-            _drop(run_dir / "train" / name)
+        if fresh and name in ("pretrain", "sft", "reward", "rlhf", "moderation"):
+            _drop(run_dir / "train" / (cfg.speedrun.rl if name == "rlhf" else name))
         log(f"[{name}] running")
         t0 = time.perf_counter()
         res = fns[name](cfg)

@@ -197,6 +197,30 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token strings treated as ordinary text (for untrusted input)."""
+        if getattr(self, "_plain", None) is None:
+            # A private copy: flipping the flag on the shared tokenizer would race with other threads.
+            self._plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """``apply_chat_template`` ids where roles and contents can never become special tokens.
+
+        A literal ``<|im_start|>`` typed by a user stays text, so one message cannot forge another turn.
+        For content without such strings the ids equal ``apply_chat_template``'s: the special tokens split
+        the rendered string into the same pieces that are encoded here one by one.
+        """
+        self.render_chat(messages)  # validates roles and contents
+        ids: list[int] = []
+        for m in messages:
+            ids += [self.im_start_id, *self.encode_plain(f"{m['role']}\n{m['content']}"), self.im_end_id]
+            ids += self.encode_plain("\n")
+        if add_generation_prompt:
+            ids += [self.im_start_id, *self.encode_plain("assistant\n")]
+        return ids
+
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """``apply_chat_template`` ids plus a 0/1 mask of the tokens SFT trains on: each assistant
         reply and its ``<|im_end|>`` (so the model learns to stop), unless the message has ``weight: 0``.

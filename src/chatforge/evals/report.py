@@ -477,14 +477,41 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
             report["rlhf"] = _read_json(run_dir / "evals" / "rlhf.json")
         if curves:
             lines += ["", f"![reward and KL]({curves.name})"]
+    redteam = {
+        p.stem.removeprefix("redteam_"): d
+        for p in sorted((run_dir / "evals").glob("redteam_*.json"))
+        if isinstance(d := _read_json(p), dict) and "harmful_compliance" in d
+    }
+    if redteam:
+        keys = ("harmful_compliance", "over_refusal", "lecture_rate")
+        report["redteam"] = {
+            m: {k: d.get(k) for k in keys} | ({"with_policy": d["with_policy"]} if "with_policy" in d else {})
+            for m, d in redteam.items()
+        }
+        lines += [
+            "",
+            "## Red team",
+            "",
+            "Harmful requests (plain and wrapped in jailbreaks) and benign look-alikes, on held-out entities."
+            " Lower is better in every column; *+ policy* is the same model behind the moderation policy.",
+            "",
+            "| model | harmful compliance | over-refusal | lecture rate | + policy: harmful | + policy: over-refusal |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, d in redteam.items():
+            wp = d.get("with_policy") or {}
+            lines.append(
+                f"| {m} | {_fmt(d.get('harmful_compliance'))} | {_fmt(d.get('over_refusal'))} |"
+                f" {_fmt(d.get('lecture_rate'))} | {_fmt(wp.get('harmful_compliance', '—'))} |"
+                f" {_fmt(wp.get('over_refusal', '—'))} |"
+            )
     for title, md_path, js_path, key in (
         (
             "Moderation",
             run_dir / "moderation" / "report.md",
-            run_dir / "moderation" / "metrics.json",
+            run_dir / "evals" / "moderation.json",
             "moderation",
         ),
-        ("Red team", run_dir / "evals" / "redteam.md", run_dir / "evals" / "redteam.json", "redteam"),
         ("Scaling", run_dir / "scaling" / "scaling.md", run_dir / "scaling" / "scaling.json", "scaling"),
     ):
         if md_path.is_file():

@@ -7,7 +7,8 @@ promote, rollback; API keys), which need ``Authorization: Bearer $CHATFORGE_ADMI
 
 Moderation hook (issue 8): ``create_app(..., policy=obj)`` where ``obj`` has
 ``check_input(messages: list[dict]) -> str | None`` and ``check_output(text: str) -> str | None``; each
-returns None to allow, or a reason. A flagged input is a 400 with code ``content_policy_violation``; a
+returns None to allow, or a reason. A flagged input is answered with the policy's brief decline (from
+``decide_input(messages).message`` when the policy has it) and ``finish_reason: "content_filter"``; a
 flagged output stops that choice with ``finish_reason: "content_filter"`` (its text is cut before the
 delta that tripped the check; the check sees the whole text so far after every delta). Further routes
 (``/v1/moderations``) can be added to the returned app with ``app.include_router``.
@@ -501,18 +502,54 @@ def create_app(
         v = version_of(name)
         return {"id": v.name, "object": "model", "created": 0, "owned_by": "chatforge"}
 
+    def input_decline(messages: list[dict]) -> str | None:
+        """The policy's brief decline for a flagged input, or None when the input may go to the model."""
+        assert policy is not None
+        decide = getattr(policy, "decide_input", None)  # safety.policy.Policy: a decline worded for users
+        if decide is not None:
+            d = decide(messages)
+            return None if d.allowed else d.message or f"I can't help with that ({d.reason()})."
+        reason = policy.check_input(messages)
+        return None if reason is None else f"I can't help with that ({reason})."
+
+    def declined(body: P.ChatRequest, name: str, text: str, prompt_tokens: int) -> Response:
+        """A flagged request is answered, not errored: the decline as the reply of every choice, with
+        ``finish_reason: "content_filter"``, so clients show it like any other answer."""
+        cid, created = P.new_id("chatcmpl"), P.now()
+        n = body.n or 1
+        base = {"id": cid, "created": created, "model": name, "system_fingerprint": name}
+        usage = P.usage(prompt_tokens, 0)
+        if not body.stream:
+            choices = [
+                {
+                    "index": j,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "content_filter",
+                }
+                for j in range(n)
+            ]
+            return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+
+        def chunk(delta: dict, j: int, finish: str | None = None) -> str:
+            ch = {"index": j, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [ch]})}\n\n"
+
+        parts = [chunk({"role": "assistant", "content": text}, j) for j in range(n)]
+        parts += [chunk({}, j, "content_filter") for j in range(n)]
+        if body.stream_options and body.stream_options.include_usage:
+            obj = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            parts.append(f"data: {json.dumps(obj)}\n\n")
+        return StreamingResponse(iter(["".join(parts) + "data: [DONE]\n\n"]), media_type="text/event-stream")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
         caller(request)
         v = version_of(body.model)
         messages = chat_messages(body)
-        if policy is not None and (reason := policy.check_input(messages)) is not None:
-            raise bad_request(
-                f"the input was flagged by the content policy: {reason}",
-                "messages",
-                "content_policy_violation",
-            )
         prompt = v.engine.tokenizer.encode_chat_prompt(messages)
+        if policy is not None and (decline := input_decline(messages)) is not None:
+            return declined(body, v.name, decline, len(prompt))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.top_logprobs or 0
         if top and not body.logprobs:

@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,16 @@ BatchFn = Callable[[int, int, int, int], Batch]
 SaveFn = Callable[[nn.Module, Path, dict[str, Any]], None]
 LoadFn = Callable[[nn.Module, Path], None]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+@dataclass
+class StepHook:
+    """Runs ``fn(model, step)`` every ``every`` optimizer steps and at the end (model in eval mode, no
+    grad); its numbers are logged as a ``event`` record of the metrics JSONL (during-training evals)."""
+
+    every: int
+    fn: EvalFn
+    event: str = "eval_suite"
 
 
 # ---------------------------------------------------------------- runtime: device, dtype, processes
@@ -185,6 +195,7 @@ class Trainer:
         save_fn: SaveFn,
         load_fn: LoadFn,
         evaluate: EvalFn | None = None,
+        hooks: Sequence[StepHook] = (),
         runtime: Runtime | None = None,
         desc: str = "train",
         flops_per_token: float = 0.0,
@@ -193,6 +204,7 @@ class Trainer:
         self.rt = runtime or setup_runtime(cfg)
         self.work_dir = Path(work_dir)
         self.loss_fn, self.batch_fn, self.evaluate = loss_fn, batch_fn, evaluate
+        self.hooks = list(hooks)
         self.save_fn, self.load_fn = save_fn, load_fn
         self.desc = desc
         self.flops_per_token = flops_per_token
@@ -346,6 +358,20 @@ class Trainer:
         self.metrics.log("eval", self.step, tokens_seen=self.tokens, elapsed_s=round(self.elapsed, 3), **res)
         return res
 
+    def run_hooks(self, final: bool = False) -> bool:
+        """Run the hooks due at this step; whether any ran."""
+        ran = False
+        for h in self.hooks:
+            if not (final or self.step % h.every == 0) or not self.rt.is_main:
+                continue
+            ran = True
+            self.model.eval()
+            with torch.no_grad(), self.rt.autocast():
+                res = h.fn(self.model, self.step)
+            self.model.train()
+            self.metrics.log(h.event, self.step, tokens_seen=self.tokens, **res)
+        return ran
+
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self.resume() if resume else False
@@ -387,6 +413,8 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     last_eval = self.run_eval()
                     window_t = time.perf_counter()  # evaluation is not training time
+                if self.hooks and self.step < cfg.steps and self.run_hooks():
+                    window_t = time.perf_counter()
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
                     window_t = time.perf_counter()
@@ -401,6 +429,7 @@ class Trainer:
             raise
         bar.close()
         last_eval = self.run_eval() or last_eval
+        self.run_hooks(final=True)
         self.metrics.log(
             "end", self.step, tokens_seen=self.tokens, elapsed_s=round(self.elapsed, 3), **last_eval
         )

@@ -19,6 +19,7 @@ from chatforge.checkpoint import load_model, load_weights, save_model
 from chatforge.config import RunConfig, TrainConfig
 from chatforge.data import chat
 from chatforge.errors import ChatforgeError
+from chatforge.evals.runner import during_training_hook
 from chatforge.model import lm_loss
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Batch, BatchFn, Trainer, seed_everything, setup_runtime
@@ -129,6 +130,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
         load_fn=load_weights,
         evaluate=evaluate,
+        hooks=during_training_hook(cfg, tok, model),
         runtime=rt,
         desc="sft",
         flops_per_token=model.flops_per_token(tc.seq_len),
