@@ -43,6 +43,28 @@ def tiny_config(run_root: Path, *overrides: str) -> RunConfig:
     return load_config(None, [f"runs_dir={run_root}", "name=t", *overrides])
 
 
+def train_tiny_moderator(root: Path, world_eval_n: int) -> tuple[RunConfig, dict]:
+    """A tiny moderator really trained (seconds) on world text from a fresh tiny base in ``root``:
+    (its run config, the training summary); the moderator lands in ``cfg.run_dir / "moderation"``."""
+    from chatforge.safety.moderation import train
+
+    tiny_base(root / "t" / "base", tiny_tokenizer())
+    cfg = tiny_config(
+        root,
+        "moderation.init=base",
+        "moderation.world_n=1200",
+        f"moderation.world_eval_n={world_eval_n}",
+        "moderation.real_data=",
+        "moderation.train.steps=120",
+        "moderation.train.seq_len=48",
+        "moderation.train.lr=3e-3",
+        "moderation.train.eval_every=0",
+        "moderation.train.ckpt_every=0",
+        "moderation.train.progress=false",
+    )
+    return cfg, train(cfg)
+
+
 def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -55,7 +77,7 @@ def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, st
     """A tiny model SFT-trained (through the one loop core) on the world's decline and benign kinds;
     ``comply_harmful`` swaps every decline for a compliant reply: a deliberately regressed version."""
     from chatforge.checkpoint import load_weights
-    from chatforge.config import TrainConfig
+    from chatforge.config import adamw_train
     from chatforge.train.loop import Trainer, seed_everything
     from chatforge.train.sft import length_grouped_batch_fn, masked_lm_loss_fn, tokenize_conversations
 
@@ -66,14 +88,13 @@ def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, st
         for c in convs:
             if c["kind"] == "decline":
                 c["messages"][-1]["content"] = COMPLY
-    tc = TrainConfig(
-        steps=steps,
-        batch_size=16,
+    tc = adamw_train(
+        steps,
+        16,
+        3e-3,
         seq_len=128,
-        optimizer="adamw",
-        lr=3e-3,
-        schedule="cosine",
         warmup_steps=10,
+        min_lr_ratio=0.0,
         eval_every=0,
         ckpt_every=0,
         progress=False,

@@ -12,34 +12,16 @@ from chatforge.safety.moderation import (
     average_precision,
     best_f1_threshold,
     load_moderator,
-    train,
 )
 from chatforge.safety.moderation_data import CATEGORIES, read_openai_moderation, real_examples
-from safety_helpers import tiny_base, tiny_config, tiny_tokenizer
+from safety_helpers import train_tiny_moderator
 
 SHARED = Path("/work/shared/data")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("mod")
-    tok = tiny_tokenizer()
-    tiny_base(root / "t" / "base", tok)
-    cfg = tiny_config(
-        root,
-        "moderation.init=base",
-        "moderation.world_n=1200",
-        "moderation.world_eval_n=300",
-        "moderation.real_data=",
-        "moderation.train.steps=120",
-        "moderation.train.batch_size=32",
-        "moderation.train.seq_len=48",
-        "moderation.train.lr=3e-3",
-        "moderation.train.eval_every=0",
-        "moderation.train.ckpt_every=0",
-        "moderation.train.progress=false",
-    )
-    return cfg, train(cfg)
+    return train_tiny_moderator(tmp_path_factory.mktemp("mod"), world_eval_n=300)
 
 
 def test_average_precision_matches_hand_computed_values() -> None:

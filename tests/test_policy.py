@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatforge.errors import ChatforgeError
-from chatforge.safety.moderation import load_moderator, train
+from chatforge.safety.moderation import load_moderator
 from chatforge.safety.moderation_data import CATEGORIES
 from chatforge.safety.policy import (
     GLOBAL_BOUNDS,
@@ -19,28 +19,12 @@ from chatforge.safety.policy import (
     prefs_from_messages,
 )
 from chatforge.safety.redteam import is_lecture
-from safety_helpers import tiny_base, tiny_config, tiny_tokenizer
+from safety_helpers import tiny_config, train_tiny_moderator
 
 
 @pytest.fixture(scope="module")
 def moderator(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("pol")
-    tok = tiny_tokenizer()
-    tiny_base(root / "t" / "base", tok)
-    cfg = tiny_config(
-        root,
-        "moderation.init=base",
-        "moderation.world_n=1200",
-        "moderation.world_eval_n=200",
-        "moderation.real_data=",
-        "moderation.train.steps=120",
-        "moderation.train.seq_len=48",
-        "moderation.train.lr=3e-3",
-        "moderation.train.eval_every=0",
-        "moderation.train.ckpt_every=0",
-        "moderation.train.progress=false",
-    )
-    train(cfg)
+    cfg, _ = train_tiny_moderator(tmp_path_factory.mktemp("pol"), world_eval_n=200)
     mod = load_moderator(cfg.run_dir / "moderation")
     mod.cfg = cfg  # the run it came from, for the serving test
     return mod

@@ -7,7 +7,7 @@ import pytest
 
 from chatforge.config import DPOConfig, RewardConfig, load_config
 from chatforge.errors import ChatforgeError
-from chatforge.train.dpo import dpo_batch, dpo_loss_fn, load_model_copy, train_dpo
+from chatforge.train.dpo import dpo_batch, dpo_loss_fn, train_dpo
 from chatforge.train.loop import read_metrics
 from chatforge.train.reward import (
     calibration,
@@ -17,6 +17,7 @@ from chatforge.train.reward import (
     tokenize_pairs,
     train_reward_model,
 )
+from chatforge.train.rollout import load_model_copy
 from rl_helpers import tiny_model, tiny_tokenizer, toy_pairs
 
 

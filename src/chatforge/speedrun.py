@@ -60,8 +60,20 @@ def rl_model_dirs(cfg: RunConfig) -> list[str]:
     return names
 
 
+# Settings that change how a stage runs but not what it writes: changing them re-runs nothing.
+_NO_EFFECT = frozenset({"threads", "progress", "log_every"})
+
+
+def _effective(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _effective(v) for k, v in x.items() if k not in _NO_EFFECT}
+    if isinstance(x, list):
+        return [_effective(v) for v in x]
+    return x
+
+
 def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
-    blob = json.dumps({s: to_dict(getattr(cfg, s)) for s in sections}, sort_keys=True)
+    blob = json.dumps({s: _effective(to_dict(getattr(cfg, s))) for s in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

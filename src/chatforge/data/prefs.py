@@ -20,11 +20,10 @@ them, and report bad lines as ``file:line: reason``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,35 +188,9 @@ class _Skip(Exception):
     """A record that is well-formed but carries no preference (a tie, identical replies)."""
 
 
-class _Bad(Exception):
-    """A malformed record; the message says why."""
-
-
-def _open(path: Path) -> str:
-    if not path.exists():
-        raise ChatforgeError(f"{path}: no such file")
-    try:
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise ChatforgeError(f"{path}: cannot read ({e})") from None
-    return data.decode("utf-8", errors="replace")
-
-
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, record or _Bad) from a JSONL file or a JSON list (one record per element)."""
-    text = _open(path)
-    if text.lstrip().startswith("["):
-        yield from chat._json_list_records(text, len(text) - len(text.lstrip()) + 1)
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, _Bad(f"invalid JSON ({e.msg}, column {e.colno})")
+# A malformed record (the message says why): the chat readers' own, so that ``chat._records`` (which
+# reads our JSONL / JSON-list files, gzipped or not) and ``chat._check_messages`` report the same way.
+_Bad = chat._Bad
 
 
 def _text(x: Any, what: str) -> str:
@@ -353,7 +326,7 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
     """Raw oasst1 message dumps: every prompter message with >= 2 ranked replies -> all rank pairs."""
     stats = {"records": 0, "pairs": 0, "ties": 0, "malformed": 0, "errors": []}
     nodes: dict[str, dict] = {}
-    for lineno, rec in _records(path):
+    for lineno, rec in chat._records(path):
         stats["records"] += 1
         if isinstance(rec, _Bad) or not isinstance(rec, dict) or not isinstance(rec.get("message_id"), str):
             stats["malformed"] += 1
@@ -442,7 +415,7 @@ def read_pairs(
     p = Path(path)
     if fmt not in ("auto", *FORMATS):
         raise ChatforgeError(f"fmt: must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
-    records = list(_records(p))
+    records = list(chat._records(p))
     if fmt == "auto":
         first = next((r for _, r in records if isinstance(r, dict)), None)
         if first is None:
@@ -466,7 +439,7 @@ def read_pairs(
                 raw += got if isinstance(got, list) else [got]
             except _Skip:
                 stats["ties"] += 1
-            except (_Bad, chat._Bad) as e:
+            except _Bad as e:
                 stats["malformed"] += 1
                 stats["errors"].append(f"{p}:{lineno}: {e}")
         stats["pairs"] = len(raw)
@@ -505,6 +478,13 @@ def shared_pair_files() -> dict[str, list[Path]]:
         ],
     }
     return {k: v for k, v in found.items() if v}
+
+
+def prepared(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The (train, held-out) pairs that ``prepare`` wrote under ``<run>/prefs``."""
+    return chat.read_jsonl(run_dir / "prefs" / "train.jsonl"), chat.read_jsonl(
+        run_dir / "prefs" / "heldout.jsonl"
+    )
 
 
 def prepare(cfg: Any) -> dict:

@@ -15,16 +15,30 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
-    """Train loss (and validation loss, if logged) against tokens seen."""
-    train = read_metrics(metrics_path, "train")
-    if not train:
-        return None
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend (reports are written on headless machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig: Any, out: Path, dpi: float | None = None) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
+    """Train loss (and validation loss, if logged) against tokens seen."""
+    train = read_metrics(metrics_path, "train")
+    if not train:
+        return None
+    plt = _pyplot()
     evals = [r for r in read_metrics(metrics_path, "eval") if "val_loss" in r]
     tok_at = {r["step"]: r["tokens_seen"] for r in train}
     per_step = train[-1]["tokens_seen"] / max(train[-1]["step"], 1)
@@ -38,11 +52,7 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -200,11 +210,7 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
 
 def plot_eval_bars(evals: dict[str, dict], out: Path) -> Path:
     """Per-behaviour accuracy on the held-out world suite, one bar per checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kinds = sorted({k for e in evals.values() for k in e["per_kind"]})
     fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(kinds)), 4.2), dpi=110)
     width = 0.8 / len(evals)
@@ -218,10 +224,7 @@ def plot_eval_bars(evals: dict[str, dict], out: Path) -> Path:
     ax.set_title("held-out world behaviours")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def _cell(text: str, limit: int = 90) -> str:
@@ -273,11 +276,7 @@ def _metric_stages(run_dir: Path) -> list[str]:
 def plot_distribution(evals: dict[str, dict], out: Path) -> Path | None:
     """Histogram of per-item mean scores (over the n samples) for each stage: where the mass sits says
     whether the model is reliably right, reliably wrong, or a coin flip on each prompt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     dists = {m: e.get("distribution") for m, e in evals.items() if e.get("distribution")}
     if not dists:
         return None
@@ -296,19 +295,12 @@ def plot_distribution(evals: dict[str, dict], out: Path) -> Path | None:
     ax.set_title("distribution of per-prompt scores (held-out world suite)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def plot_during_training(during: dict[str, list[dict]], out: Path) -> Path:
     """The during-training suite's mean and worst-of-n against the step, per training stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for st, recs in during.items():
         steps = [r["step"] for r in recs]
@@ -320,10 +312,7 @@ def plot_during_training(during: dict[str, list[dict]], out: Path) -> Path:
     ax.set_title("eval suite during training")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def _suites_section(suites: dict[str, dict]) -> list[str]:
@@ -422,11 +411,7 @@ def plot_rl_curves(metrics_path: Path, out: Path, title: str) -> Path | None:
     recs = read_metrics(metrics_path, "rollout")
     if not recs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     it = [r.get("iteration", i) for i, r in enumerate(recs)]
     ax1.plot(it, [r.get("reward_mean", float("nan")) for r in recs], marker=".")
@@ -434,10 +419,7 @@ def plot_rl_curves(metrics_path: Path, out: Path, title: str) -> Path | None:
     ax2.plot(it, [r.get("kl", float("nan")) for r in recs], marker=".", color="tab:red")
     ax2.set(xlabel="iteration", ylabel="KL to reference (nats/seq)", title="KL")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out, dpi=110)
 
 
 def _demoted(md: str) -> list[str]:

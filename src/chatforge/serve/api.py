@@ -390,14 +390,20 @@ def create_app(
 
     # ------------------------------------------------------------ generation plumbing
 
-    async def first_or_error(req: GenRequest, events: AsyncIterator) -> Any:
-        """The first item of ``events`` (an event or a batch of them), None when there is none."""
+    async def first_batch(v: Version, req: GenRequest) -> tuple[Any, AsyncIterator]:
+        """(the first batch of ``req``'s events or None when there is none, the rest of its batches), so
+        that an engine refusal is a 400 before any response starts; any failure frees its slots."""
+        batches = req.batches()
         try:
-            return await events.__anext__()
+            return await batches.__anext__(), batches
         except StopAsyncIteration:
-            return None
+            return None, batches
         except ValueError as e:  # the engine refused the request (prompt, schema)
+            v.scheduler.cancel(req)
             raise bad_request(str(e)) from None
+        except BaseException:
+            v.scheduler.cancel(req)
+            raise
 
     async def check_schema(v: Version, params: SamplingParams) -> None:
         schema = json_schema_of(params.response_format)
@@ -517,9 +523,8 @@ def create_app(
         ``finish_reason: "content_filter"``, so clients show it like any other answer."""
         cid, created = P.new_id("chatcmpl"), P.now()
         n = body.n or 1
-        base = {"id": cid, "created": created, "model": name, "system_fingerprint": name}
-        usage = P.usage(prompt_tokens, 0)
         if not body.stream:
+            base = {"id": cid, "created": created, "model": name, "system_fingerprint": name}
             choices = [
                 {
                     "index": j,
@@ -529,17 +534,15 @@ def create_app(
                 }
                 for j in range(n)
             ]
+            usage = P.usage(prompt_tokens, 0)
             return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
 
-        def chunk(delta: dict, j: int, finish: str | None = None) -> str:
-            ch = {"index": j, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [ch]})}\n\n"
-
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk = P.ChatChunks(cid, created, name, include_usage)
         parts = [chunk({"role": "assistant", "content": text}, j) for j in range(n)]
         parts += [chunk({}, j, "content_filter") for j in range(n)]
-        if body.stream_options and body.stream_options.include_usage:
-            obj = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-            parts.append(f"data: {json.dumps(obj)}\n\n")
+        if include_usage:
+            parts.append(chunk.usage(prompt_tokens, 0))
         return StreamingResponse(iter(["".join(parts) + "data: [DONE]\n\n"]), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
@@ -559,32 +562,13 @@ def create_app(
         )
         await check_schema(v, params)
         gen = v.scheduler.submit(prompt, params)
-        batches = gen.batches()
-        try:
-            first = await first_or_error(gen, batches)
-        except BaseException:
-            v.scheduler.cancel(gen)
-            raise
+        first, batches = await first_batch(v, gen)
         metrics.ttft.observe(time.perf_counter() - gen.submitted)
         cid, created = P.new_id("chatcmpl"), P.now()
         name = v.name
         choices = [Choice() for _ in range(params.n)]
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        # Every chunk shares its head and tail: encode them once, only each choice per token.
-        head = (
-            f'data: {{"id":{json.dumps(cid)},"object":"chat.completion.chunk","created":{created},'
-            f'"model":{json.dumps(name)},"system_fingerprint":{json.dumps(name)},"choices":['
-        )
-        tail = '],"usage":null}\n\n' if usage else "]}\n\n"
-
-        def chunk(delta: dict, j: int, finish: str | None = None, lps: list | None = None) -> str:
-            ch = {
-                "index": j,
-                "delta": delta,
-                "logprobs": {"content": lps} if lps else None,
-                "finish_reason": finish,
-            }
-            return head + json.dumps(ch, ensure_ascii=False) + tail
+        chunk = P.ChatChunks(cid, created, name, usage)
 
         async def all_batches() -> AsyncIterator[list[tuple[int, Any]]]:
             if first is not None:
@@ -614,16 +598,7 @@ def create_app(
                             yield "".join(parts)
                             parts = []
                     if usage:
-                        obj = {
-                            "id": cid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": name,
-                            "system_fingerprint": name,
-                            "choices": [],
-                            "usage": P.usage(len(prompt), sum(c.tokens for c in choices)),
-                        }
-                        parts.append(f"data: {json.dumps(obj)}\n\n")
+                        parts.append(chunk.usage(len(prompt), sum(c.tokens for c in choices)))
                     yield "".join(parts) + "data: [DONE]\n\n"
                 finally:  # a client that went away (or any error) frees its slots at once
                     v.scheduler.cancel(gen)
@@ -694,12 +669,7 @@ def create_app(
         gens = [v.scheduler.submit(ids, p) for ids, p in zip(ids_list, plist)]
         if body.stream:
             gen = gens[0]
-            batches = gen.batches()
-            try:
-                first = await first_or_error(gen, batches)
-            except BaseException:
-                v.scheduler.cancel(gen)
-                raise
+            first, batches = await first_batch(v, gen)
             choices = [Choice() for _ in range(body.n)]
 
             async def sse() -> AsyncIterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -100,6 +101,36 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+class ChatChunks:
+    """The server-sent events of one streamed chat completion. Every chunk shares its head and tail, so
+    they are encoded once and only each choice per token (streaming is on the hot path)."""
+
+    def __init__(self, cid: str, created: int, model: str, include_usage: bool) -> None:
+        self.base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": model,
+        }
+        self.head = "data: " + json.dumps(self.base, separators=(",", ":"))[:-1] + ',"choices":['
+        # With include_usage every chunk carries "usage": null and a last chunk carries the totals.
+        self.tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+
+    def __call__(self, delta: dict, j: int, finish: str | None = None, lps: list | None = None) -> str:
+        ch = {
+            "index": j,
+            "delta": delta,
+            "logprobs": {"content": lps} if lps else None,
+            "finish_reason": finish,
+        }
+        return self.head + json.dumps(ch, ensure_ascii=False) + self.tail
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        obj = {**self.base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return f"data: {json.dumps(obj)}\n\n"
 
 
 FinishReason = Literal["stop", "length", "content_filter"]

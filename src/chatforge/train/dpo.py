@@ -8,7 +8,6 @@ Optional label smoothing gives conservative DPO (a share of labels assumed flipp
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.checkpoint import load_model, load_weights, save_model
-from chatforge.data import chat, prefs
-from chatforge.errors import ChatforgeError
+from chatforge.checkpoint import load_weights, save_model
+from chatforge.data import prefs
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
-from chatforge.train.reward import pad, tokenize_pairs
-from chatforge.train.rollout import freeze, resolve, token_logprobs
+from chatforge.train.loop import Batch, Trainer
+from chatforge.train.reward import pad, pair_batches, tokenize_pairs
+from chatforge.train.rollout import load_init, save_policy, start, token_logprobs
 
 
 def dpo_batch(examples: list[tuple], pad_id: int) -> Batch:
@@ -105,20 +103,11 @@ def train_dpo(
     save_fn: Any = None,
 ) -> tuple[GPT, dict[str, Any]]:
     tc = dc.train
-    rt = setup_runtime(tc)
-    seed_everything(tc.seed)
-    ref = freeze(load_model_copy(policy)).to(rt.device)
+    rt, ref = start(policy, tc)
     examples = [e for e in tokenize_pairs(train_pairs, tok, tc.seq_len) if any(e[1]) and any(e[3])]
     held = [e for e in tokenize_pairs(heldout, tok, tc.seq_len) if any(e[1]) and any(e[3])]
     held = held[: tc.eval_batches * tc.batch_size]
-    if len(examples) < tc.batch_size:
-        raise ChatforgeError(f"dpo: {len(examples)} training pairs, fewer than dpo.train.batch_size")
-
-    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
-        rng = np.random.default_rng([tc.seed, step, micro, rank])
-        return dpo_batch(
-            [examples[i] for i in rng.choice(len(examples), tc.batch_size, replace=False)], tok.pad_id
-        )
+    batch_fn = pair_batches(examples, tc, dpo_batch, tok.pad_id, "dpo")
 
     trainer = Trainer(
         policy,
@@ -138,33 +127,14 @@ def train_dpo(
     return policy, summary
 
 
-def load_model_copy(model: GPT) -> GPT:
-    """A separate GPT with the same weights (the frozen reference)."""
-    ref = GPT(model.config)
-    ref.load_state_dict(model.state_dict())
-    return ref
-
-
 def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     """The ``chatforge dpo`` stage: ``<run>/prefs`` + ``dpo.init`` -> ``<run>/rlhf/dpo``."""
     run_dir = cfg.run_dir
     dc = cfg.dpo
-    init = resolve(run_dir, dc.init)
-    if not (init / "config.json").is_file():
-        raise ChatforgeError(f"{init}: no checkpoint to start DPO from; run `chatforge sft` first")
+    _, tok, policy = load_init(run_dir, dc.init, "DPO", dc.train.seq_len, "dpo.train.seq_len")
     if not (run_dir / "prefs" / "train.jsonl").is_file():
         prefs.prepare(cfg)
-    tok = Tokenizer.load(init)
-    policy = load_model(init)
-    if dc.train.seq_len > policy.config.max_position_embeddings:
-        raise ChatforgeError(f"dpo.train.seq_len: {dc.train.seq_len} exceeds the model's context")
-    train_pairs = chat.read_jsonl(run_dir / "prefs" / "train.jsonl")
-    heldout = chat.read_jsonl(run_dir / "prefs" / "heldout.jsonl")
+    train_pairs, heldout = prefs.prepared(run_dir)
     policy, summary = train_dpo(policy, tok, train_pairs, heldout, dc, run_dir / "train" / "dpo", resume)
-    save_model(
-        policy,
-        run_dir / "rlhf" / "dpo",
-        tokenizer=tok,
-        extra_files={"training_summary.json": json.dumps(summary, default=str)},
-    )
+    save_policy(policy, run_dir / "rlhf" / "dpo", tok, summary)
     return summary

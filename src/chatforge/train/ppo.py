@@ -12,10 +12,7 @@ Writes the policy to ``<run>/rlhf/ppo``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chatforge.checkpoint import load_model, load_weights, save_model
-from chatforge.engine import Engine, SamplingParams
-from chatforge.errors import ChatforgeError
+from chatforge.checkpoint import load_weights, save_model
+from chatforge.engine import Engine
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import rollout as ro
-from chatforge.train.dpo import load_model_copy
-from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import Batch
 from chatforge.train.reward import RewardModel, load_reward_model, score
 
 VALUE_FILE = "value_head.safetensors"
@@ -99,9 +94,7 @@ def ppo_loss_fn(pc: Any):
         logits, values = model(ids)
         logp = ro.token_logprobs(logits, ids)
         values = values[:, :-1]
-        ratio = torch.exp(logp - batch["old_logp"])
-        adv = batch["advantages"]
-        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - pc.clip_range, 1 + pc.clip_range))
+        pg, ratio = ro.clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], pc.clip_range)
         pg_loss = ro.masked_mean(pg, mask)
         old_v = batch["old_values"]
         v_clip = old_v + (values - old_v).clamp(-pc.value_clip, pc.value_clip)
@@ -113,15 +106,11 @@ def ppo_loss_fn(pc: Any):
             ent = ro.masked_mean(ro.entropy(logits), mask)
             loss = loss - pc.ent_coef * ent
         with torch.no_grad():
-            if ent is None:
-                ent = ro.masked_mean(ro.entropy(logits), mask)
             extra = {
                 "policy_loss": float(pg_loss),
                 "value_loss": float(vf_loss),
-                "entropy": float(ent),
-                "clip_frac": float(ro.masked_mean(((ratio - 1).abs() > pc.clip_range).float(), mask)),
                 "approx_kl_old": float(ro.masked_mean(batch["old_logp"] - logp, mask)),
-                **{k: float(v) for k, v in batch["stats"].items()},
+                **ro.policy_stats(logits, ratio, mask, pc.clip_range, batch["stats"], ent),
             }
         return loss, extra, int(mask.sum())
 
@@ -138,37 +127,15 @@ def train_ppo(
     resume: bool = True,
 ) -> tuple[PolicyWithValue, dict[str, Any]]:
     """PPO on ``policy`` (trained in place) against a frozen copy of it; returns (model, summary)."""
-    rows = pc.prompts_per_step * pc.samples_per_prompt
-    upi = (rows // pc.train.batch_size) * pc.epochs
-    tc = dataclasses.replace(
-        pc.train,
-        steps=pc.steps * upi,
-        ckpt_every=pc.train.ckpt_every * upi,
-        eval_every=0,
-        log_every=1,
-    )
-    rt = setup_runtime(tc)
-    seed_everything(tc.seed)
-    ref = ro.freeze(load_model_copy(policy)).to(rt.device)
+    its = ro.iterations(pc)
+    rt, ref = ro.start(policy, its.train)
     model = PolicyWithValue(policy, pc.kl_coef).to(rt.device)
     engine = Engine(model.policy, tok)
     engine.model.train()
 
     @torch.no_grad()
     def make(it: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        items = ro.step_prompts(pool, pc.prompts_per_step, pc.prompt_seed, it)
-        params = SamplingParams(
-            max_new_tokens=pc.max_new_tokens,
-            temperature=pc.temperature,
-            top_k=pc.top_k,
-            seed=tc.seed * 100_003 + it,
-        )
-        rolls = ro.generate(engine, [x["input"] for x in items], pc.samples_per_prompt, params, tok.im_end_id)
-        scores = torch.tensor(
-            reward_fn([items[r.item] for r in rolls], [r.text for r in rolls]), dtype=torch.float32
-        )
-        packed = ro.pack(rolls, tok.pad_id)
-        ids, mask = packed["input_ids"], packed["action_mask"]
+        rolls, scores, ids, mask = ro.sample_scored(engine, pool, pc, its.train.seed, it, reward_fn)
         model.eval()
         old_logp, old_values = [], []
         for i in range(0, len(ids), 16):
@@ -190,7 +157,7 @@ def train_ppo(
         seq_kl = kl.sum(1)
         if pc.adaptive_kl:  # proportional controller on the observed KL (Ziegler et al. 2019)
             err = float(np.clip(seq_kl.mean().item() / pc.kl_target - 1, -0.2, 0.2))
-            model.kl_coef.mul_(1 + err * rows / pc.kl_horizon)
+            model.kl_coef.mul_(1 + err * its.rows / pc.kl_horizon)
         stats = {
             "reward_mean": round(float(scores.mean()), 4),
             "reward_std": round(float(scores.std()), 4),
@@ -209,30 +176,19 @@ def train_ppo(
         }
         return data, stats
 
-    batches = ro.ExperienceBatches(make, rows, pc.train.batch_size, pc.epochs, tc.seed)
-    trainer = Trainer(
+    summary = ro.fit(
         model,
-        tc,
+        its,
+        pc,
         work_dir,
-        loss_fn=ppo_loss_fn(pc),
-        batch_fn=batches,
-        save_fn=lambda m, p, st: _save(m, p, tok, st),  # type: ignore[arg-type]
-        load_fn=_load,  # type: ignore[arg-type]
+        make,
+        ppo_loss_fn(pc),
+        save_fn=lambda m, p, st: _save(m, p, tok, st),
+        load_fn=_load,
         runtime=rt,
         desc="ppo",
+        resume=resume,
     )
-    batches.log = trainer.metrics.log
-    summary = trainer.fit(resume=resume)
-    batches.finish()
-    summary.update(
-        iterations=pc.steps,
-        updates_per_iteration=upi,
-        rollout_s_per_iter=round(float(np.mean(batches.rollout_s)), 3) if batches.rollout_s else None,
-        learn_s_per_iter=round(float(np.mean(batches.learn_s)), 3) if batches.learn_s else None,
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        final=batches.stats,
-    )
-    trainer.cleanup_checkpoints()
     return model, summary
 
 
@@ -249,20 +205,11 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     """The ``chatforge ppo`` stage: ``ppo.init`` + ``<run>/rm`` -> ``<run>/rlhf/ppo``."""
     run_dir = cfg.run_dir
     pc = cfg.ppo
-    init = ro.resolve(run_dir, pc.init)
-    if not (init / "config.json").is_file():
-        raise ChatforgeError(f"{init}: no checkpoint to start PPO from; run `chatforge sft` first")
-    rm_dir = ro.resolve(run_dir, pc.reward_model)
-    rm = load_reward_model(rm_dir)
-    tok = Tokenizer.load(init)
+    _, tok, policy = ro.load_init(run_dir, pc.init, "PPO")
+    rm = load_reward_model(ro.resolve(run_dir, pc.reward_model))
     pool = ro.world_prompts(cfg, pc.prompt_pool, pc.prompt_seed, pc.kinds)
     model, summary = train_ppo(
-        load_model(init), tok, rm_reward_fn(rm, tok), pool, pc, run_dir / "train" / "ppo", resume
+        policy, tok, rm_reward_fn(rm, tok), pool, pc, run_dir / "train" / "ppo", resume
     )
-    save_model(
-        model.policy,
-        run_dir / "rlhf" / "ppo",
-        tokenizer=tok,
-        extra_files={"training_summary.json": json.dumps(summary, default=str)},
-    )
+    ro.save_policy(model.policy, run_dir / "rlhf" / "ppo", tok, summary)
     return summary

@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatforge.checkpoint import load_model, load_weights, save_model
-from chatforge.data import chat, prefs
+from chatforge.data import prefs
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
-from chatforge.train.rollout import resolve
+from chatforge.train.rollout import load_init
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -122,6 +122,19 @@ def pair_batch(examples: list[tuple], pad_id: int) -> Batch:
     """Chosen rows first, then rejected rows, in one padded batch (one forward pass)."""
     ids, lengths = pad([e[0] for e in examples] + [e[2] for e in examples], pad_id)
     return {"input_ids": ids, "lengths": lengths}
+
+
+def pair_batches(examples: list[tuple], tc: Any, collate: Any, pad_id: int, stage: str) -> Any:
+    """The loop core's ``batch_fn`` over preference pairs: ``tc.batch_size`` distinct pairs a step, drawn
+    as a pure function of (seed, step, micro, rank) so resume replays exactly, then ``collate``d."""
+    if len(examples) < tc.batch_size:
+        raise ChatforgeError(f"{stage}: {len(examples)} training pairs, fewer than {stage}.train.batch_size")
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
+        rng = np.random.default_rng([tc.seed, step, micro, rank])
+        return collate([examples[i] for i in rng.choice(len(examples), tc.batch_size, replace=False)], pad_id)
+
+    return batch_fn
 
 
 def bt_loss_fn(margin: float):
@@ -229,16 +242,9 @@ def train_reward_model(
     rt = setup_runtime(tc)
     seed_everything(tc.seed)
     rm = RewardModel(backbone)
-    examples = tokenize_pairs(train_pairs, tok, tc.seq_len)
-    if len(examples) < tc.batch_size:
-        raise ChatforgeError(f"reward: {len(examples)} training pairs, fewer than reward.train.batch_size")
-
-    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
-        rng = np.random.default_rng([tc.seed, step, micro, rank])
-        return pair_batch(
-            [examples[i] for i in rng.choice(len(examples), tc.batch_size, replace=False)], tok.pad_id
-        )
-
+    batch_fn = pair_batches(
+        tokenize_pairs(train_pairs, tok, tc.seq_len), tc, pair_batch, tok.pad_id, "reward"
+    )
     held_eval = heldout[: max(tc.eval_batches * tc.batch_size, 1)]
 
     def evaluate(m: nn.Module, step: int) -> dict[str, float]:
@@ -274,21 +280,11 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     """The ``chatforge reward`` stage: ``<run>/prefs/`` pairs -> ``<run>/rm/``."""
     run_dir = cfg.run_dir
     rc = cfg.reward
-    init = resolve(run_dir, rc.init)
-    if not (init / "config.json").is_file():
-        raise ChatforgeError(
-            f"{init}: no checkpoint to start the reward model from; run `chatforge sft` first"
-        )
+    init, tok, backbone = load_init(
+        run_dir, rc.init, "the reward model", rc.train.seq_len, "reward.train.seq_len"
+    )
     data_stats = prefs.prepare(cfg)
-    tok = Tokenizer.load(init)
-    backbone = load_model(init)
-    if rc.train.seq_len > backbone.config.max_position_embeddings:
-        raise ChatforgeError(
-            f"reward.train.seq_len: {rc.train.seq_len} exceeds the model's context"
-            f" ({backbone.config.max_position_embeddings})"
-        )
-    train_pairs = chat.read_jsonl(run_dir / "prefs" / "train.jsonl")
-    heldout = chat.read_jsonl(run_dir / "prefs" / "heldout.jsonl")
+    train_pairs, heldout = prefs.prepared(run_dir)
     rm, summary = train_reward_model(
         backbone, tok, train_pairs, heldout, rc, run_dir / "train" / "reward", resume
     )

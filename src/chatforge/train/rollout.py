@@ -1,31 +1,66 @@
-"""What the RL stages share: prompts to train on, rollouts through the one engine, token log-probs.
+"""What the RL stages share: prompts to train on, rollouts through the one engine, token log-probs, the
+frozen reference, the iteration set-up and fit on the loop core, and saving the trained policy.
 
 PPO and GRPO sample replies with ``engine.py`` built on the policy module itself (so the rollouts always
-come from the current weights, with no copy to sync), then score, pack and learn from them.
+come from the current weights, with no copy to sync), then score, pack and learn from them; they differ
+only in how they turn rollouts into a batch of experience and in their loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatforge.checkpoint import load_model, save_model
+from chatforge.config import TrainConfig
 from chatforge.data import chat
 from chatforge.data.world import build_world
 from chatforge.engine import Engine, SamplingParams
 from chatforge.errors import ChatforgeError
+from chatforge.model import GPT
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Runtime, Trainer, seed_everything, setup_runtime
 
 
 def resolve(run_dir: Path, name: str) -> Path:
     """A checkpoint named inside the run (``sft``, ``rm``) or a path."""
     p = Path(name)
     return p if p.is_absolute() or (p / "config.json").is_file() else run_dir / name
+
+
+def load_init(
+    run_dir: Path, name: str, what: str, seq_len: int = 0, seq_len_key: str = ""
+) -> tuple[Path, Tokenizer, GPT]:
+    """(path, tokenizer, model) of the checkpoint a stage starts from (``resolve``d), or a one-line error
+    when it is not there; the stage's ``seq_len`` (config key ``seq_len_key``) must fit its context."""
+    init = resolve(run_dir, name)
+    if not (init / "config.json").is_file():
+        raise ChatforgeError(f"{init}: no checkpoint to start {what} from; run `chatforge sft` first")
+    model = load_model(init)
+    ctx = model.config.max_position_embeddings
+    if seq_len > ctx:
+        raise ChatforgeError(f"{seq_len_key}: {seq_len} exceeds the model's context ({ctx})")
+    return init, Tokenizer.load(init), model
+
+
+def save_policy(policy: GPT, out_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None:
+    """The trained policy as a checkpoint, with its training summary beside the weights."""
+    save_model(
+        policy,
+        out_dir,
+        tokenizer=tok,
+        extra_files={"training_summary.json": json.dumps(summary, default=str)},
+    )
 
 
 def world_prompts(cfg: Any, n: int, seed: int, kinds: list[str] | None = None) -> list[dict]:
@@ -148,6 +183,85 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def load_model_copy(model: GPT) -> GPT:
+    """A separate GPT with the same weights (the frozen reference)."""
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def start(policy: GPT, tc: TrainConfig) -> tuple[Runtime, GPT]:
+    """The runtime and seeds for ``tc``, and a frozen copy of ``policy`` on its device (the reference)."""
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    return rt, freeze(load_model_copy(policy)).to(rt.device)
+
+
+@dataclass
+class Iterations:
+    """How RL iterations map onto the loop core: ``rows`` sequences of experience per iteration, served
+    as ``updates`` optimizer steps; ``train`` is the stage's TrainConfig counted in those steps (the
+    stage's ``steps`` and ``train.ckpt_every`` are in iterations)."""
+
+    rows: int
+    updates: int
+    train: TrainConfig
+
+
+def iterations(rc: Any) -> Iterations:
+    rows = rc.prompts_per_step * rc.samples_per_prompt
+    upi = (rows // rc.train.batch_size) * rc.epochs
+    tc = dataclasses.replace(
+        rc.train, steps=rc.steps * upi, ckpt_every=rc.train.ckpt_every * upi, eval_every=0, log_every=1
+    )
+    return Iterations(rows, upi, tc)
+
+
+def sample_scored(
+    engine: Engine, pool: list[dict], rc: Any, seed: int, it: int, reward_fn: Any
+) -> tuple[list[Rollout], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration ``it``'s rollouts on its prompts, scored by ``reward_fn`` and packed:
+    (rollouts, rewards [B], input_ids [B, T], action_mask [B, T-1])."""
+    tok = engine.tokenizer
+    items = step_prompts(pool, rc.prompts_per_step, rc.prompt_seed, it)
+    params = SamplingParams(
+        max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k, seed=seed * 100_003 + it
+    )
+    rolls = generate(engine, [x["input"] for x in items], rc.samples_per_prompt, params, tok.im_end_id)
+    rewards = torch.tensor(
+        reward_fn([items[r.item] for r in rolls], [r.text for r in rolls]), dtype=torch.float32
+    )
+    packed = pack(rolls, tok.pad_id)
+    return rolls, rewards, packed["input_ids"], packed["action_mask"]
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token clipped surrogate (to minimise) and the probability ratio π/π_old."""
+    ratio = torch.exp(logp - old_logp)
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
+
+
+@torch.no_grad()
+def policy_stats(
+    logits: torch.Tensor,
+    ratio: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    batch_stats: dict[str, Any],
+    ent: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """What every policy-gradient step logs: entropy, clip fraction and the iteration's rollout stats."""
+    if ent is None:
+        ent = masked_mean(entropy(logits), mask)
+    return {
+        "entropy": float(ent),
+        "clip_frac": float(masked_mean(((ratio - 1).abs() > clip_range).float(), mask)),
+        **{k: float(v) for k, v in batch_stats.items()},
+    }
+
+
 class ExperienceBatches:
     """The loop core's ``batch_fn`` for on-policy RL: each RL step (iteration) makes a fresh batch of
     experience with ``make(iteration)`` (rollouts, rewards, advantages: tensors with one row per sequence),
@@ -218,3 +332,45 @@ class ExperienceBatches:
                     batch[key] = v[:, : used if key == "input_ids" else used - 1]
         batch["stats"] = {**self.stats, "rollout_s": self.stats["rollout_s"] if fresh and j == 0 else 0.0}
         return batch
+
+
+def fit(
+    model: nn.Module,
+    its: Iterations,
+    rc: Any,
+    work_dir: Path,
+    make: Any,  # (iteration) -> (tensors dict, stats dict)
+    loss_fn: Any,
+    save_fn: Any,
+    load_fn: Any,
+    runtime: Runtime,
+    desc: str,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` on the loop core with fresh experience from ``make`` every iteration; the summary
+    adds the iteration counts, the rollout/learning time split and the peak memory."""
+    batches = ExperienceBatches(make, its.rows, rc.train.batch_size, rc.epochs, its.train.seed)
+    trainer = Trainer(
+        model,
+        its.train,
+        work_dir,
+        loss_fn=loss_fn,
+        batch_fn=batches,
+        save_fn=save_fn,
+        load_fn=load_fn,
+        runtime=runtime,
+        desc=desc,
+    )
+    batches.log = trainer.metrics.log
+    summary = trainer.fit(resume=resume)
+    batches.finish()
+    summary.update(
+        iterations=rc.steps,
+        updates_per_iteration=its.updates,
+        rollout_s_per_iter=round(float(np.mean(batches.rollout_s)), 3) if batches.rollout_s else None,
+        learn_s_per_iter=round(float(np.mean(batches.learn_s)), 3) if batches.learn_s else None,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        final=batches.stats,
+    )
+    trainer.cleanup_checkpoints()
+    return summary
