@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release": (cmd_release, "promote a model only if core and red-team evals do not regress"),
         "eval": (cmd_eval, "run a registry eval suite on a checkpoint or an OpenAI-compatible endpoint"),
         "report": (cmd_report, "regenerate the report card (report.md/json, plots) from a run directory"),
-        "scaling": (cmd_scaling, "IsoFLOP ladder and scaling-law fits; predict the target's loss, then check it"),
+        "scaling": (cmd_scaling, "IsoFLOP ladder + scaling-law fits; predict a big run's loss, check it"),
     }
     for name, (fn, help_) in specs.items():
         p = sub.add_parser(name, help=help_, description=help_)

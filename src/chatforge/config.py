@@ -192,6 +192,21 @@ class TrainConfig:
             raise ConfigError(f"{key}.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
+def adamw_train(steps: int, batch_size: int, lr: float, seq_len: int = 256, **overrides: Any) -> TrainConfig:
+    """An AdamW + cosine TrainConfig, the shape of every fine-tuning stage's defaults (SFT, moderation,
+    reward model, RL); ``overrides`` set any other TrainConfig field."""
+    base: dict[str, Any] = dict(
+        optimizer="adamw",
+        schedule="cosine",
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        eval_every=100,
+        eval_batches=4,
+        ckpt_every=100,
+    )
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, **{**base, **overrides})
+
+
 @dataclass
 class ChatSourceConfig:
     """One source of chat conversations for SFT.
@@ -231,22 +246,6 @@ class ChatDataConfig:
         _check_range(f"{key}.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
 
 
-def _sft_defaults() -> TrainConfig:
-    return TrainConfig(
-        steps=300,
-        batch_size=16,
-        seq_len=256,
-        optimizer="adamw",
-        lr=3e-3,
-        schedule="cosine",
-        warmup_steps=20,
-        min_lr_ratio=0.1,
-        eval_every=100,
-        eval_batches=4,
-        ckpt_every=100,
-    )
-
-
 @dataclass
 class EvalConfig:
     """The speedrun's eval stage: the held-out world behaviour suite on each stage's checkpoint."""
@@ -273,22 +272,6 @@ class EvalConfig:
             )
 
 
-def _moderation_train_defaults() -> TrainConfig:
-    return TrainConfig(
-        steps=300,
-        batch_size=32,
-        seq_len=128,  # texts are cut to this many tokens
-        optimizer="adamw",
-        lr=1e-3,
-        schedule="cosine",
-        warmup_steps=20,
-        min_lr_ratio=0.1,
-        eval_every=100,
-        eval_batches=4,
-        ckpt_every=100,
-    )
-
-
 @dataclass
 class ModerationConfig:
     """``chatforge moderation train|eval``: a multi-label classifier on our own pretrained weights."""
@@ -298,7 +281,8 @@ class ModerationConfig:
     world_eval_n: int = 600  # held-out world texts each for validation (thresholds) and test
     real_data: str = "../shared/data"  # folder with the real labelled sets; "" = world only
     max_per_set: int = 3000  # cap per real set (seeded sample)
-    train: TrainConfig = field(default_factory=_moderation_train_defaults)
+    # seq_len: texts are cut to this many tokens
+    train: TrainConfig = field(default_factory=lambda: adamw_train(300, 32, 1e-3, seq_len=128))
 
     def validate(self, key: str) -> None:
         self.train.validate(f"{key}.train")
@@ -352,24 +336,11 @@ class ServeConfig:
                 raise ConfigError(f"{key}.versions[{i}]: expected name=path, got {v!r}")
 
 
-def _rl_train(steps: int, batch_size: int, lr: float, seq_len: int = 256) -> Callable[[], TrainConfig]:
-    def make() -> TrainConfig:
-        return TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            optimizer="adamw",
-            lr=lr,
-            schedule="cosine",
-            warmup_steps=5,
-            min_lr_ratio=0.1,
-            eval_every=50,
-            eval_batches=8,
-            ckpt_every=50,
-            log_every=1,
-        )
-
-    return make
+def _rl_train(steps: int, batch_size: int, lr: float) -> Callable[[], TrainConfig]:
+    """The default-factory of a preference/RL stage's TrainConfig: short warm-up, frequent logs."""
+    return lambda: adamw_train(
+        steps, batch_size, lr, warmup_steps=5, eval_every=50, eval_batches=8, ckpt_every=50, log_every=1
+    )
 
 
 @dataclass
@@ -534,7 +505,7 @@ def parse_model_shape(key: str, shape: str) -> tuple[int, int]:
 def _scaling_train_defaults() -> TrainConfig:
     # Every rung uses this schedule shape, decayed to the end of its own steps, so final losses compare.
     return TrainConfig(
-        batch_size=16,
+        batch_size=8,
         seq_len=128,
         optimizer="muon",
         lr=3e-3,
@@ -556,7 +527,7 @@ class ScalingConfig:
     budget after its loss has been predicted.
     """
 
-    budgets: list[float] = field(default_factory=lambda: [2.5e10, 6e10, 1.5e11, 3.5e11])
+    budgets: list[float] = field(default_factory=lambda: [5e10, 1.2e11, 3e11])
     sizes: list[str] = field(default_factory=lambda: ["1x32", "2x32", "2x48", "2x64", "3x96"])
     head_dim: int = 16  # heads = width / head_dim
     ffn_mult: float = 8 / 3  # SwiGLU intermediate size = ffn_mult × width, rounded to a multiple of 8
@@ -566,7 +537,7 @@ class ScalingConfig:
     val_tokens: int = 32768  # the fixed held-out tokens every run is evaluated on
     downstream: str = "auto"  # auto | world_cloze | token_accuracy | none
     cloze_choices: int = 4
-    target_size: str = "3x128"
+    target_size: str = "2x64"
     target_mult: float = 30.0  # target compute = target_mult × the largest rung's compute
     bootstrap: int = 200  # resamples of the ladder's runs for the confidence intervals; 0 = none
     interval: float = 0.95
@@ -574,7 +545,9 @@ class ScalingConfig:
 
     def validate(self, key: str) -> None:
         if len(self.budgets) < 3:
-            raise ConfigError(f"{key}.budgets: at least 3 compute budgets are needed, got {len(self.budgets)}")
+            raise ConfigError(
+                f"{key}.budgets: at least 3 compute budgets are needed, got {len(self.budgets)}"
+            )
         for i, b in enumerate(self.budgets):
             if b <= 0:
                 raise ConfigError(f"{key}.budgets[{i}]: must be positive, got {b}")
@@ -588,7 +561,9 @@ class ScalingConfig:
         for k, s in shapes:
             _, width = parse_model_shape(k, s)
             if self.head_dim <= 0 or self.head_dim % 2 or width % self.head_dim:
-                raise ConfigError(f"{k}: width {width} must be a multiple of {key}.head_dim ({self.head_dim}, even)")
+                raise ConfigError(
+                    f"{k}: width {width} must be a multiple of {key}.head_dim ({self.head_dim}, even)"
+                )
         if len({parse_model_shape("", s) for s in self.sizes}) != len(self.sizes):
             raise ConfigError(f"{key}.sizes: sizes must be distinct, got {self.sizes}")
         if self.ffn_mult <= 0:
@@ -598,7 +573,9 @@ class ScalingConfig:
         _check_range(f"{key}.warmup_frac", self.warmup_frac, 0.0, 0.5)
         self.train.validate(f"{key}.train")
         if self.val_tokens < self.train.seq_len + 1:
-            raise ConfigError(f"{key}.val_tokens: must be at least {key}.train.seq_len + 1, got {self.val_tokens}")
+            raise ConfigError(
+                f"{key}.val_tokens: must be at least {key}.train.seq_len + 1, got {self.val_tokens}"
+            )
         if self.downstream not in ("auto", "world_cloze", "token_accuracy", "none"):
             raise ConfigError(
                 f"{key}.downstream: must be auto, world_cloze, token_accuracy or none, got {self.downstream!r}"
@@ -649,7 +626,7 @@ class RunConfig:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     chat_data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    sft: TrainConfig = field(default_factory=_sft_defaults)
+    sft: TrainConfig = field(default_factory=lambda: adamw_train(300, 16, 3e-3))
     evals: EvalConfig = field(default_factory=EvalConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
