@@ -1,0 +1,560 @@
+"""``chatforge scaling``: predict a big run's loss from a ladder of small ones, then check it.
+
+1. **Ladder** (IsoFLOP profiles): for each compute budget C and model shape with N non-embedding
+   parameters (the output head counts: it is a real matmul per token), train on D = C/(6N) tokens with the
+   same schedule shape, decayed to the end of each run, and evaluate on the same fixed held-out tokens.
+   Each rung trains on the shared loop core (``train.loop.Trainer`` with pretraining's batches and loss)
+   in ``<run>/scaling/<rung>/`` (``metrics.jsonl``, checkpoints) and ends with ``result.json``: finished
+   rungs are skipped on a rerun, an interrupted one resumes from its checkpoint.
+2. **Predict**: fit L(N, D) and L(C) (``scaling_fit``), bootstrap the rungs for intervals, and write the
+   target's predicted loss (and downstream metric) to ``<run>/scaling/prediction.json`` with a timestamp —
+   before the target trains. An existing prediction for the same ladder and target is never rewritten.
+3. **Check**: train the target (``<run>/scaling/target/``, its model in ``target/model``) and compare.
+   Plots and ``scaling.json`` / ``scaling.md`` go to ``<run>/scaling/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chatforge import scaling_fit as sf
+from chatforge.checkpoint import load_weights, save_model
+from chatforge.config import ModelConfig, RunConfig, ScalingConfig, parse_model_shape, to_dict
+from chatforge.data.corpus import TokenShards
+from chatforge.errors import ChatforgeError
+from chatforge.model import GPT, lm_loss
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Trainer, read_metrics, seed_everything, setup_runtime
+from chatforge.train.pretrain import lm_batch_fn, lm_loss_fn, model_config_for
+
+UNTIL = ("ladder", "predict", "check")
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One training run of the ladder (or the target)."""
+
+    name: str
+    budget: float  # the FLOPs asked for; ``compute`` is what the whole steps actually give
+    shape: str  # "LAYERSxWIDTH"
+    n_params: int  # non-embedding parameters (output head included)
+    steps: int
+    tokens: int
+
+    @property
+    def compute(self) -> float:
+        return 6.0 * self.n_params * self.tokens
+
+
+def shape_config(sc: ScalingConfig, shape: str, vocab_size: int) -> ModelConfig:
+    """The one model family of the ladder: depth × width, heads of ``head_dim``, SwiGLU ``ffn_mult``."""
+    layers, width = parse_model_shape("scaling.sizes", shape)
+    heads = width // sc.head_dim
+    return model_config_for(
+        ModelConfig(
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            intermediate_size=max(8, round(sc.ffn_mult * width / 8) * 8),
+            max_position_embeddings=sc.train.seq_len,
+        ),
+        vocab_size,
+    )
+
+
+def count_params(mc: ModelConfig) -> int:
+    with torch.device("meta"):  # shapes only, no memory or init time
+        return GPT(mc).num_params(non_embedding=True)
+
+
+def _budget_tag(c: float) -> str:
+    mant, exp = f"{c:.2e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def plan_ladder(sc: ScalingConfig, vocab_size: int) -> list[Rung]:
+    """Every (budget, size) rung with at least ``min_steps`` steps, smallest budget first."""
+    per_step = sc.train.batch_size * sc.train.grad_accum * sc.train.seq_len
+    sizes = {s: count_params(shape_config(sc, s, vocab_size)) for s in sc.sizes}
+    rungs = []
+    for c in sorted(sc.budgets):
+        row = []
+        for shape, n in sorted(sizes.items(), key=lambda kv: kv[1]):
+            steps = round(c / (6 * n) / per_step)
+            if steps >= sc.min_steps:
+                row.append(Rung(f"{_budget_tag(c)}-{shape}", c, shape, n, steps, steps * per_step))
+        if len(row) < 2:
+            raise ChatforgeError(
+                f"scaling.budgets[{sc.budgets.index(c)}]: {c:.3g} FLOPs gives only {len(row)} of scaling.sizes"
+                f" at least scaling.min_steps ({sc.min_steps}) steps of {per_step} tokens; raise the budget"
+                " or add smaller sizes"
+            )
+        rungs += row
+    return rungs
+
+
+def plan_target(sc: ScalingConfig, vocab_size: int) -> Rung:
+    per_step = sc.train.batch_size * sc.train.grad_accum * sc.train.seq_len
+    n = count_params(shape_config(sc, sc.target_size, vocab_size))
+    # Relative to the largest rung's actual compute (whole steps can round it above its budget).
+    c = sc.target_mult * max(r.compute for r in plan_ladder(sc, vocab_size))
+    steps = max(1, math.ceil(c / (6 * n) / per_step))  # at least the asked-for compute
+    return Rung("target", c, sc.target_size, n, steps, steps * per_step)
+
+
+# ---------------------------------------------------------------- data and evaluation
+
+
+class _Data:
+    """What every rung shares: tokenizer, train shards, the fixed validation tokens, downstream items."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        run_dir = cfg.run_dir
+        if (
+            not (run_dir / "data" / "index.json").is_file()
+            or not (run_dir / "tokenizer" / "tokenizer.json").is_file()
+        ):
+            _prepare_data(cfg)
+        sc = cfg.scaling
+        self.tok = Tokenizer.load(run_dir / "tokenizer")
+        self.train = TokenShards(run_dir / "data", "train")
+        val = TokenShards(run_dir / "data", "val")
+        n_win = max(1, sc.val_tokens // sc.train.seq_len)
+        wins = list(val.iter_windows(sc.train.seq_len + 1, max_windows=n_win))
+        if len(wins) < n_win:
+            raise ChatforgeError(
+                f"{run_dir}/data: the validation split has {val.n_tokens} tokens, scaling.val_tokens asks for"
+                f" {sc.val_tokens}; lower scaling.val_tokens or raise data.val_fraction"
+            )
+        self.val = torch.from_numpy(np.stack(wins).astype(np.int64))
+        self.kind = _downstream_kind(cfg)
+        self.cloze: list[dict[str, Any]] = []
+        if self.kind == "world_cloze":
+            from chatforge.data.world import build_world
+            from chatforge.evals.world_cloze import cloze_items
+
+            seed = next(s.seed for s in cfg.data.sources if s.kind == "world")
+            self.cloze = cloze_items(build_world(seed), "eval", sc.cloze_choices)
+        # Chance level of the downstream metric: the floor of its sigmoid in the loss.
+        self.chance = 1.0 / sc.cloze_choices if self.kind == "world_cloze" else 0.0
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float]:
+        """Validation loss (and next-token accuracy) on the fixed windows, plus the downstream metric."""
+        device = next(model.parameters()).device
+        total, correct, count = 0.0, 0, 0
+        for i in range(0, len(self.val), batch_size):
+            w = self.val[i : i + batch_size].to(device)
+            logits = model(w[:, :-1])
+            total += float(lm_loss(logits, w[:, 1:])) * w.shape[0]
+            correct += int((logits.argmax(-1) == w[:, 1:]).sum())
+            count += w.shape[0]
+        out = {
+            "val_loss": round(total / count, 5),
+            "token_accuracy": round(correct / (count * (self.val.shape[1] - 1)), 5),
+        }
+        if self.kind == "world_cloze":
+            from chatforge.evals.world_cloze import cloze_accuracy
+
+            out["world_cloze"] = round(cloze_accuracy(model, self.tok, self.cloze), 5)
+        return out
+
+
+def _downstream_kind(cfg: RunConfig) -> str:
+    kind = cfg.scaling.downstream
+    has_world = any(s.kind == "world" for s in cfg.data.sources)
+    if kind == "auto":
+        return "world_cloze" if has_world else "token_accuracy"
+    if kind == "world_cloze" and not has_world:
+        raise ChatforgeError("scaling.downstream: world_cloze needs a world source in data.sources")
+    return kind
+
+
+def _prepare_data(cfg: RunConfig) -> None:
+    """The data and tokenizer stages, when the run has no shards yet (``chatforge scaling`` on its own)."""
+    from chatforge import tokenizer
+    from chatforge.data import corpus
+
+    print(f"scaling: preparing data and tokenizer in {cfg.run_dir}", file=sys.stderr)
+    corpus.prepare(cfg)
+    tokenizer.run(cfg)
+
+
+# ---------------------------------------------------------------- training one rung
+
+
+def _rung_hash(cfg: RunConfig, rung: Rung) -> str:
+    sc = cfg.scaling
+    blob = {
+        "rung": dataclasses.asdict(rung),
+        "train": to_dict(sc.train),
+        "model": [sc.head_dim, sc.ffn_mult],
+        "warmup_frac": sc.warmup_frac,
+        "val_tokens": sc.val_tokens,
+        "downstream": [sc.downstream, sc.cloze_choices],
+        "data": to_dict(cfg.data),
+        "tokenizer": to_dict(cfg.tokenizer),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def train_rung(cfg: RunConfig, rung: Rung, data: _Data, work_dir: Path, save_dir: Path | None = None) -> dict:
+    """Train one rung on the loop core (resuming its checkpoint if any) and write ``result.json``."""
+    sc = cfg.scaling
+    tc = dataclasses.replace(
+        sc.train,
+        steps=rung.steps,
+        warmup_steps=round(sc.warmup_frac * rung.steps),
+        eval_every=0,
+        ckpt_every=min(sc.train.ckpt_every, rung.steps) if sc.train.ckpt_every else 0,
+    )
+    mc = shape_config(sc, rung.shape, data.tok.vocab_size)
+    rt = setup_runtime(tc)
+    seed_everything(tc.seed)
+    model = GPT(mc)
+    trainer = Trainer(
+        model,
+        tc,
+        work_dir,
+        loss_fn=lm_loss_fn,
+        batch_fn=lm_batch_fn(data.train, tc),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=data.tok, train_state=st),
+        load_fn=load_weights,
+        evaluate=lambda m, step: data.evaluate(m, tc.batch_size),
+        runtime=rt,
+        desc=f"scaling {rung.name}",
+        flops_per_token=model.flops_per_token(tc.seq_len),
+    )
+    t0 = time.perf_counter()
+    summary = trainer.fit(resume=True)
+    wall = time.perf_counter() - t0
+    epochs = rung.tokens / data.train.n_tokens
+    if epochs > 1.0:
+        print(
+            f"scaling: {rung.name} sees the training data {epochs:.1f} times (repeats data)", file=sys.stderr
+        )
+    if save_dir is not None:
+        save_model(
+            model, save_dir, tokenizer=data.tok, extra_files={"training_summary.json": json.dumps(summary)}
+        )
+    trainer.cleanup_checkpoints()
+    result = {
+        **dataclasses.asdict(rung),
+        "compute": rung.compute,
+        "hash": _rung_hash(cfg, rung),
+        "val_loss": summary["val_loss"],
+        "token_accuracy": summary.get("token_accuracy"),
+        "world_cloze": summary.get("world_cloze"),
+        "epochs": round(epochs, 4),
+        "train_seconds": round(summary["elapsed_s"], 2),
+        "wall_seconds": round(wall, 2),
+        "resumed": summary["resumed"],
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_json(work_dir / "result.json", result)
+    return result
+
+
+def _done(cfg: RunConfig, rung: Rung, work_dir: Path) -> dict | None:
+    p = work_dir / "result.json"
+    if p.is_file():
+        res = json.loads(p.read_text())
+        if res.get("hash") == _rung_hash(cfg, rung):
+            return res
+    return None
+
+
+def _prepare_rung_dir(cfg: RunConfig, rung: Rung, work_dir: Path) -> None:
+    """A rung dir left by a different config (another budget, schedule or data) starts afresh."""
+    marker = work_dir / "rung.json"
+    h = _rung_hash(cfg, rung)
+    if marker.is_file() and json.loads(marker.read_text()).get("hash") != h:
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(marker, {**dataclasses.asdict(rung), "hash": h})
+
+
+def run_ladder(
+    cfg: RunConfig, data: _Data | None = None, after_rung: Callable[[dict], None] | None = None
+) -> list[dict]:
+    """Train every rung not finished yet; returns all rungs' results (each with ``"ran"``: whether it
+    trained now)."""
+    data = data or _Data(cfg)
+    out_dir = cfg.run_dir / "scaling"
+    results = []
+    rungs = plan_ladder(cfg.scaling, data.tok.vocab_size)
+    for i, rung in enumerate(rungs):
+        work = out_dir / rung.name
+        res = _done(cfg, rung, work)
+        if res is not None:
+            results.append({**res, "ran": False})
+            continue
+        print(
+            f"scaling: rung {i + 1}/{len(rungs)} {rung.name}: N={rung.n_params:,} D={rung.tokens:,}"
+            f" ({rung.steps} steps, C={rung.compute:.3g})",
+            file=sys.stderr,
+        )
+        _prepare_rung_dir(cfg, rung, work)
+        res = {**train_rung(cfg, rung, data, work), "ran": True}
+        results.append(res)
+        if after_rung is not None:
+            after_rung(res)
+    return results
+
+
+# ---------------------------------------------------------------- fits and the prediction
+
+
+def _frontier(rows: list[dict]) -> list[sf.IsoflopMinimum]:
+    by_budget: dict[float, list[dict]] = {}
+    for r in rows:
+        by_budget.setdefault(r["budget"], []).append(r)
+    return [
+        sf.isoflop_minimum(c, [r["n_params"] for r in rs], [r["val_loss"] for r in rs])
+        for c, rs in sorted(by_budget.items())
+    ]
+
+
+def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float, metric: str | None) -> dict:
+    """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values."""
+    n = np.array([r["n_params"] for r in rows], dtype=float)
+    d = np.array([r["tokens"] for r in rows], dtype=float)
+    loss = np.array([r["val_loss"] for r in rows], dtype=float)
+    m = np.array([r.get(metric) if metric else np.nan for r in rows], dtype=float)
+    has_metric = metric is not None and bool(np.all(np.isfinite(m)))
+    law = sf.fit_loss_law(n, d, loss)
+    minima = _frontier(rows)
+    claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
+    mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
+    n_opt_t, d_opt_t = law.compute_optimal(target.compute)
+    k_n, a_n = sf.fit_power([x.budget for x in minima], [x.n_opt for x in minima])
+    c_grid = np.geomspace(min(sc.budgets) / 2, target.compute * 2, 40)
+
+    def quantities(
+        law_: sf.LossLaw, claw_: sf.ComputeLaw | None, mlaw_: sf.MetricLaw | None
+    ) -> dict[str, float]:
+        pred = float(law_(target.n_params, target.tokens))
+        no, do = law_.compute_optimal(target.compute)
+        q = {
+            "loss": pred,
+            "alpha": law_.alpha,
+            "beta": law_.beta,
+            "E": law_.E,
+            "tokens_per_param": do / no,
+            "n_opt": no,
+        }
+        if claw_ is not None:
+            q["loss_compute_law"] = float(claw_(target.compute))
+            q.update({f"lc_{i}": float(v) for i, v in enumerate(claw_(c_grid))})
+        if mlaw_ is not None:
+            q["metric"] = float(mlaw_(pred))
+        return q
+
+    point = quantities(law, claw, mlaw)
+    init = sf.law_init(law)
+
+    def refit(idx: np.ndarray) -> dict[str, float]:
+        law_b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init], search=False)
+        sub = [rows[i] for i in idx]
+        mins = _frontier(sub)
+        claw_b = None
+        if len(mins) >= 3:
+            claw_b = sf.fit_compute_law([x.budget for x in mins], [x.loss for x in mins])
+        mlaw_b = sf.fit_metric_vs_loss(loss[idx], m[idx], chance) if mlaw is not None else None
+        return quantities(law_b, claw_b, mlaw_b)
+
+    boot = sf.bootstrap(len(rows), refit, sc.bootstrap, sc.seed) if sc.bootstrap else {}
+
+    def ci(key: str) -> list[float] | None:
+        if key not in boot or len(boot[key]) < 10:
+            return None
+        return [round(v, 5) for v in sf.interval(boot[key], sc.interval)]
+
+    return {
+        "n_definition": "non-embedding parameters (output head included); C = 6·N·D",
+        "loss_law": {**law.to_dict(), "intervals": {k: ci(k) for k in ("alpha", "beta", "E")}},
+        "compute_law": claw.to_dict(),
+        "metric_law": mlaw.to_dict() if mlaw else None,
+        "isoflop_minima": [dataclasses.asdict(x) for x in minima],
+        "n_opt_vs_compute": {"k": k_n, "exponent": a_n},
+        "compute_optimal_at_target": {
+            "compute": target.compute,
+            "n_params": n_opt_t,
+            "tokens": d_opt_t,
+            "tokens_per_param": d_opt_t / n_opt_t,
+            "tokens_per_param_interval": ci("tokens_per_param"),
+        },
+        "bootstrap_samples": len(boot.get("loss", [])),
+        "interval_level": sc.interval,
+        "predicted": {
+            "val_loss": round(point["loss"], 5),
+            "val_loss_interval": ci("loss"),
+            "compute_law_val_loss": round(point["loss_compute_law"], 5),
+            "compute_law_interval": ci("loss_compute_law"),
+            "metric": metric if has_metric else None,
+            "metric_value": round(point["metric"], 5) if mlaw else None,
+            "metric_interval": ci("metric") if mlaw else None,
+        },
+        "compute_law_band": {
+            "compute": c_grid.tolist(),
+            "mid": [point[f"lc_{i}"] for i in range(len(c_grid))],
+            "lo": [v[0] for v in (ci(f"lc_{i}") for i in range(len(c_grid)))] if ci("lc_0") else None,
+            "hi": [v[1] for v in (ci(f"lc_{i}") for i in range(len(c_grid)))] if ci("lc_0") else None,
+        },
+    }
+
+
+def _prediction_hash(cfg: RunConfig, rungs: list[dict], target: Rung) -> str:
+    sc = cfg.scaling
+    blob = {
+        "rungs": sorted(r["hash"] for r in rungs),
+        "target": _rung_hash(cfg, target),
+        "fit": [sc.bootstrap, sc.interval, sc.seed],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> dict | None:
+    """Fit the ladder and write ``prediction.json`` — unless one exists for this very ladder and target,
+    which is kept as it is (it must predate the target's training). ``fit=False``: only the existing one."""
+    out = cfg.run_dir / "scaling" / "prediction.json"
+    target = plan_target(cfg.scaling, data.tok.vocab_size)
+    h = _prediction_hash(cfg, rows, target)
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("hash") == h:
+            return old
+        if not fit:
+            return None
+    elif not fit:
+        return None
+        if (cfg.run_dir / "scaling" / "target" / "result.json").is_file():
+            # A new prediction would postdate the trained target: retrain it after predicting again.
+            shutil.rmtree(cfg.run_dir / "scaling" / "target")
+    metric = None if data.kind == "none" else data.kind
+    t0 = time.perf_counter()
+    fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric)
+    now = time.time()
+    pred = {
+        "created": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+        "created_unix": now,
+        "hash": h,
+        "target": {**dataclasses.asdict(target), "compute": target.compute},
+        "target_compute_over_largest_rung": target.compute / max(r["compute"] for r in rows),
+        "ladder_rungs": len(rows),
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+        **fits,
+    }
+    _write_json(out, pred)
+    return pred
+
+
+def check(cfg: RunConfig, pred: dict, data: _Data, train: bool = True) -> dict:
+    """Train the target (resuming if interrupted) and compare it with the prediction; ``train=False``:
+    compare only if the target has already been trained."""
+    target = plan_target(cfg.scaling, data.tok.vocab_size)
+    work = cfg.run_dir / "scaling" / "target"
+    res = _done(cfg, target, work)
+    if res is None and not train:
+        return {}
+    if res is None:
+        print(
+            f"scaling: target {target.shape}: N={target.n_params:,} D={target.tokens:,} ({target.steps} steps,"
+            f" C={target.compute:.3g}); predicted val loss {pred['predicted']['val_loss']:.4f}",
+            file=sys.stderr,
+        )
+        _prepare_rung_dir(cfg, target, work)
+        res = train_rung(cfg, target, data, work, save_dir=work / "model")
+    start = [r["time"] for r in read_metrics(work / "metrics.jsonl", "start")]
+    p = pred["predicted"]
+    actual = res["val_loss"]
+    ci = p["val_loss_interval"]
+    out = {
+        "predicted_val_loss": p["val_loss"],
+        "actual_val_loss": actual,
+        "relative_error": abs(p["val_loss"] - actual) / actual,
+        "interval": ci,
+        "inside_interval": bool(ci and ci[0] <= actual <= ci[1]),
+        "compute_law_val_loss": p["compute_law_val_loss"],
+        "compute_law_relative_error": abs(p["compute_law_val_loss"] - actual) / actual,
+        "predicted_before_training": bool(start) and pred["created_unix"] < min(start),
+        "target_train_seconds": res["train_seconds"],
+        "target_epochs": res["epochs"],
+    }
+    if p.get("metric"):
+        m_actual = res.get(p["metric"])
+        out.update(
+            metric=p["metric"],
+            predicted_metric=p["metric_value"],
+            actual_metric=m_actual,
+            metric_interval=p["metric_interval"],
+            metric_abs_error=abs(p["metric_value"] - m_actual) if m_actual is not None else None,
+        )
+    return {"target": res, "check": out}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: RunConfig, until: str = "check", after_rung: Callable[[dict], None] | None = None) -> dict:
+    """The ``chatforge scaling`` stage: ladder, then (``until`` ≥ predict) the prediction, then (``check``)
+    the target run and the comparison; writes ``scaling.json``, ``scaling.md`` and plots each time."""
+    if until not in UNTIL:
+        raise ChatforgeError(f"scaling: until must be one of {', '.join(UNTIL)}, got {until!r}")
+    from chatforge import scaling_report
+
+    plan_target(cfg.scaling, cfg.tokenizer.vocab_size)  # an unworkable ladder fails before data preparation
+    out_dir = cfg.run_dir / "scaling"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _Data(cfg)
+    t0 = time.perf_counter()
+    rows = run_ladder(cfg, data, after_rung)
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "corpus": [s.path or f"world:seed={s.seed}" for s in cfg.data.sources],
+        "vocab_size": data.tok.vocab_size,
+        "train_tokens_available": data.train.n_tokens,
+        "val_tokens": int(data.val.shape[0] * (data.val.shape[1] - 1)),
+        "downstream": data.kind,
+        "ladder": rows,
+        "ladder_train_seconds": round(sum(r["train_seconds"] for r in rows), 1),
+        "ladder_wall_seconds": round(sum(r["wall_seconds"] for r in rows), 1),
+        "ladder_ran_seconds": round(time.perf_counter() - t0, 1),
+    }
+    # A partial run (--ladder-only, --predict) still reports what earlier runs found for this ladder.
+    pred = predict(cfg, rows, data, fit=until != "ladder")
+    if pred is not None:
+        summary["prediction"] = pred
+        summary.update(check(cfg, pred, data, train=until == "check"))
+    summary["files"] = scaling_report.write(summary, out_dir)
+    _write_json(out_dir / "scaling.json", summary)
+    return {k: summary[k] for k in ("ladder_wall_seconds", "check", "files") if k in summary} | {
+        "rungs": len(rows),
+        "rungs_ran": sum(r["ran"] for r in rows),
+    }

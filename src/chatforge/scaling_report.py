@@ -1,0 +1,267 @@
+"""Plots (PNG) and the markdown summary of ``chatforge scaling``, from its ``scaling.json`` summary.
+
+Writes ``loss_vs_compute.png`` (ladder, L(C) fit with its bootstrap band, the L(N, D) frontier, the target
+predicted and actual), ``isoflop.png`` (loss vs N per budget with the fitted curves and minima),
+``prediction.png`` (predicted vs actual loss, and the downstream metric against the loss) and
+``scaling.md``, a section the report card can include as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from chatforge.scaling_fit import LossLaw, MetricLaw
+
+
+def _law(pred: dict) -> LossLaw:
+    p = pred["loss_law"]
+    return LossLaw(E=p["E"], A=p["A"], alpha=p["alpha"], B=p["B"], beta=p["beta"])
+
+
+def plot_loss_vs_compute(s: dict, out: Path) -> Path:
+    rows, pred = s["ladder"], s.get("prediction")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = np.array([r["n_params"] for r in rows], dtype=float)
+    sc = ax.scatter(
+        [r["compute"] for r in rows],
+        [r["val_loss"] for r in rows],
+        c=np.log10(ns),
+        cmap="viridis",
+        s=28,
+        label="ladder runs",
+        zorder=3,
+    )
+    fig.colorbar(sc, ax=ax, label="log10 N (non-embedding params)")
+    if pred:
+        band = pred["compute_law_band"]
+        c = np.array(band["compute"])
+        cl = pred["compute_law"]
+        ax.plot(c, band["mid"], "k-", lw=1.2, label=f"L(C) = {cl['E']:.2f} + {cl['a']:.3g}·C^-{cl['b']:.3f}")
+        if band.get("lo"):
+            ax.fill_between(
+                c,
+                band["lo"],
+                band["hi"],
+                color="k",
+                alpha=0.12,
+                label=f"{pred['interval_level']:.0%} interval",
+            )
+        ax.plot(c, _law(pred).frontier(c), "C1--", lw=1.2, label="compute-optimal L(N, D)")
+        t = pred["target"]
+        p = pred["predicted"]
+        ci = p["val_loss_interval"]
+        yerr = None if not ci else [[p["val_loss"] - ci[0]], [ci[1] - p["val_loss"]]]
+        ax.errorbar(
+            [t["compute"]],
+            [p["val_loss"]],
+            yerr=yerr,
+            fmt="o",
+            color="C3",
+            capsize=4,
+            label="target: predicted",
+        )
+    if s.get("check"):
+        ax.plot(
+            [s["prediction"]["target"]["compute"]],
+            [s["check"]["actual_val_loss"]],
+            "*",
+            ms=13,
+            color="C2",
+            label="target: actual",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C = 6·N·D (FLOPs)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{s['name']}: loss vs compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_isoflop(s: dict, out: Path) -> Path:
+    rows, pred = s["ladder"], s.get("prediction")
+    budgets = sorted({r["budget"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, c in enumerate(budgets):
+        rs = sorted((r for r in rows if r["budget"] == c), key=lambda r: r["n_params"])
+        color = f"C{i % 10}"
+        ax.plot(
+            [r["n_params"] for r in rs], [r["val_loss"] for r in rs], "o", color=color, label=f"C = {c:.2g}"
+        )
+        if pred:
+            n = np.geomspace(
+                min(r["n_params"] for r in rows) / 1.5, max(r["n_params"] for r in rows) * 1.5, 60
+            )
+            ax.plot(n, _law(pred)(n, c / (6 * n)), "-", color=color, lw=1, alpha=0.7)
+    if pred:
+        mins = pred["isoflop_minima"]
+        ax.plot([m["n_opt"] for m in mins], [m["loss"] for m in mins], "kx", ms=9, label="isoFLOP minima")
+    ax.set_xscale("log")
+    ax.set_xlabel("N (non-embedding parameters)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("IsoFLOP profiles (lines: fitted L(N, D) at D = C/6N)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_prediction(s: dict, out: Path) -> Path:
+    pred, chk = s["prediction"], s.get("check")
+    p = pred["predicted"]
+    has_metric = bool(p.get("metric"))
+    fig, axes = plt.subplots(1, 2 if has_metric else 1, figsize=(10 if has_metric else 5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    labels = ["L(N, D)", "L(C)"]
+    vals = [p["val_loss"], p["compute_law_val_loss"]]
+    cis = [p["val_loss_interval"], p["compute_law_interval"]]
+    for i, (v, ci) in enumerate(zip(vals, cis)):
+        yerr = None if not ci else [[v - ci[0]], [ci[1] - v]]
+        ax.errorbar(
+            [i], [v], yerr=yerr, fmt="o", color="C3", capsize=5, label="predicted" if i == 0 else None
+        )
+    if chk:
+        a = chk["actual_val_loss"]
+        ax.axhline(a, color="C2", lw=1.5, label=f"actual {a:.4f} (error {chk['relative_error']:.2%})")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_ylabel("target validation loss")
+    ax.set_title(f"target {pred['target']['shape']}, {pred['target']['compute']:.2g} FLOPs")
+    ax.legend(fontsize=8)
+    if has_metric:
+        ax = axes[0][1]
+        rows = s["ladder"]
+        metric = p["metric"]
+        ax.plot(
+            [r["val_loss"] for r in rows], [r[metric] for r in rows], "o", color="C0", label="ladder runs"
+        )
+        ml = pred["metric_law"]
+        seen = [r["val_loss"] for r in rows] + [p["val_loss"]] + ([chk["actual_val_loss"]] if chk else [])
+        lo = min(seen) - 0.1
+        hi = max(r["val_loss"] for r in rows) + 0.1
+        grid = np.linspace(lo, hi, 80)
+        ax.plot(grid, MetricLaw(**ml)(grid), "k-", lw=1, label="sigmoid fit")
+        ci = p["metric_interval"]
+        yerr = None if not ci else [[p["metric_value"] - ci[0]], [ci[1] - p["metric_value"]]]
+        ax.errorbar(
+            [p["val_loss"]],
+            [p["metric_value"]],
+            yerr=yerr,
+            fmt="o",
+            color="C3",
+            capsize=4,
+            label="target: predicted",
+        )
+        if chk and chk.get("actual_metric") is not None:
+            ax.plot(
+                [chk["actual_val_loss"]],
+                [chk["actual_metric"]],
+                "*",
+                ms=13,
+                color="C2",
+                label="target: actual",
+            )
+        ax.invert_xaxis()
+        ax.set_xlabel("validation loss")
+        ax.set_ylabel(metric)
+        ax.set_title(f"downstream: {metric} vs loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _f(x: Any, nd: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}g}" if abs(x) >= 1e4 or (x and abs(x) < 1e-3) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _ci(ci: list[float] | None, nd: int = 4) -> str:
+    return "–" if not ci else f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def markdown(s: dict) -> str:
+    rows = s["ladder"]
+    lines = [
+        f"## Scaling: {s['name']}",
+        "",
+        f"Corpus {', '.join(s['corpus'])}; vocab {s['vocab_size']}; {len(rows)} ladder runs over"
+        f" {len({r['budget'] for r in rows})} budgets in {s['ladder_wall_seconds']:.0f} s"
+        f" ({s['ladder_train_seconds']:.0f} s training); validation on the same {s['val_tokens']:,} held-out tokens.",
+        "",
+    ]
+    pred, chk = s.get("prediction"), s.get("check")
+    if pred:
+        law, cl, p = pred["loss_law"], pred["compute_law"], pred["predicted"]
+        co = pred["compute_optimal_at_target"]
+        t = pred["target"]
+        iv = law["intervals"]
+        lvl = f"{pred['interval_level']:.0%}"
+        lines += [
+            f"- L(N, D) = {law['E']:.3f} + {law['A']:.4g}/N^{law['alpha']:.3f} + {law['B']:.4g}/D^{law['beta']:.3f}"
+            f" (α {lvl} {_ci(iv.get('alpha'), 3)}, β {_ci(iv.get('beta'), 3)}, E {_ci(iv.get('E'), 3)};"
+            f" N = {pred['n_definition']})",
+            f"- L(C) = {cl['E']:.3f} + {cl['a']:.4g}·C^-{cl['b']:.4f} (on the isoFLOP minima)",
+            f"- compute-optimal at {co['compute']:.3g} FLOPs: N = {co['n_params']:,.0f}, D = {co['tokens']:,.0f}"
+            f" — **{co['tokens_per_param']:.1f} tokens per parameter** ({lvl} {_ci(co['tokens_per_param_interval'], 1)});"
+            f" isoFLOP minima give N_opt ∝ C^{pred['n_opt_vs_compute']['exponent']:.3f}",
+            f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
+            f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
+            f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])}, L(C) says {p['compute_law_val_loss']:.4f}"
+            f" {_ci(p['compute_law_interval'])}; written {pred['created']}",
+        ]
+        if p.get("metric"):
+            lines.append(f"- predicted {p['metric']}: {p['metric_value']:.3f} {_ci(p['metric_interval'], 3)}")
+    if chk:
+        lines += [
+            "",
+            "| | predicted | interval | actual | relative error |",
+            "|---|---|---|---|---|",
+            f"| val loss, L(N, D) | {chk['predicted_val_loss']:.4f} | {_ci(chk['interval'])} |"
+            f" {chk['actual_val_loss']:.4f} | {chk['relative_error']:.2%} |",
+            f"| val loss, L(C) | {chk['compute_law_val_loss']:.4f} | {_ci(pred['predicted']['compute_law_interval'])} |"
+            f" {chk['actual_val_loss']:.4f} | {chk['compute_law_relative_error']:.2%} |",
+        ]
+        if chk.get("metric"):
+            lines.append(
+                f"| {chk['metric']} | {chk['predicted_metric']:.3f} | {_ci(chk['metric_interval'], 3)} |"
+                f" {_f(chk['actual_metric'], 3)} | {_f(chk['metric_abs_error'], 3)} (absolute) |"
+            )
+        lines += [
+            "",
+            f"Prediction written before the target trained: {'yes' if chk['predicted_before_training'] else 'NO'};"
+            f" target trained {chk['target_train_seconds']:.0f} s.",
+        ]
+    for f in ("loss_vs_compute.png", "isoflop.png", "prediction.png"):
+        if f in s.get("files", {}).values():
+            lines.append(f"\n![{f}]({f})")
+    return "\n".join(lines) + "\n"
+
+
+def write(s: dict, out_dir: Path) -> dict[str, str]:
+    """Plots and ``scaling.md`` in ``out_dir``; returns their file names."""
+    files = {"loss_vs_compute": plot_loss_vs_compute(s, out_dir / "loss_vs_compute.png").name}
+    if s.get("prediction"):
+        files["isoflop"] = plot_isoflop(s, out_dir / "isoflop.png").name
+        files["prediction"] = plot_prediction(s, out_dir / "prediction.png").name
+    else:
+        files["isoflop"] = plot_isoflop(s, out_dir / "isoflop.png").name
+    s = {**s, "files": files}
+    (out_dir / "scaling.md").write_text(markdown(s))
+    files["markdown"] = "scaling.md"
+    files["json"] = "scaling.json"
+    return files

@@ -1,0 +1,250 @@
+"""chatforge scaling: the fits recover known laws, and a tiny real ladder runs, resumes, predicts, checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chatforge import scaling
+from chatforge import scaling_fit as sf
+from chatforge.config import ConfigError, load_config
+from chatforge.train.loop import read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- fits on synthetic losses
+
+
+def _ladder_points(law: sf.LossLaw, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n, d = [], []
+    for c in (3e10, 7.5e10, 1.9e11, 4.7e11):
+        for size in (3e4, 6e4, 1.2e5, 2.4e5, 4.8e5):
+            if c / (6 * size) >= 30 * 1024:  # the same min-steps rule as the ladder
+                n.append(size)
+                d.append(c / (6 * size))
+    n_, d_ = np.array(n), np.array(d)
+    return n_, d_, law(n_, d_) * np.exp(rng.normal(0.0, noise, len(n_)))
+
+
+def test_loss_law_recovers_known_parameters_and_intervals_cover_them() -> None:
+    true = sf.LossLaw(E=1.7, A=30.0, alpha=0.3, B=60.0, beta=0.3)
+    n, d, loss = _ladder_points(true, noise=0.003, seed=0)
+    law = sf.fit_loss_law(n, d, loss)
+    assert law.alpha == pytest.approx(true.alpha, abs=0.08)
+    assert law.beta == pytest.approx(true.beta, abs=0.08)
+    assert pytest.approx(true.E, rel=0.3) == law.E
+    # The point of the exercise: 30x the largest budget, extrapolated.
+    nt, dt = 4e5, 30 * 4.7e11 / (6 * 4e5)
+    assert law(nt, dt) == pytest.approx(true(nt, dt), rel=0.01)
+
+    init = sf.law_init(law)
+
+    def refit(idx: np.ndarray) -> dict[str, float]:
+        b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init], search=False)
+        return {"alpha": b.alpha, "beta": b.beta, "pred": float(b(nt, dt))}
+
+    boot = sf.bootstrap(len(n), refit, samples=60, seed=1)
+    assert len(boot["alpha"]) >= 50
+    for key, value in (("alpha", true.alpha), ("beta", true.beta), ("pred", float(true(nt, dt)))):
+        lo, hi = sf.interval(boot[key])
+        assert lo <= value <= hi, (key, lo, value, hi)
+        assert hi - lo > 0
+
+
+def test_compute_optimal_allocation_is_the_constrained_minimum() -> None:
+    law = sf.LossLaw(E=1.5, A=40.0, alpha=0.35, B=90.0, beta=0.28)
+    c = 1e13
+    n_opt, d_opt = law.compute_optimal(c)
+    assert 6 * n_opt * d_opt == pytest.approx(c)
+    grid = np.geomspace(n_opt / 30, n_opt * 30, 4001)
+    brute = grid[np.argmin(law(grid, c / (6 * grid)))]
+    assert n_opt == pytest.approx(brute, rel=0.01)
+
+
+def test_compute_law_and_metric_law_recover_known_parameters() -> None:
+    rng = np.random.default_rng(3)
+    true = sf.ComputeLaw(E=1.9, a=300.0, b=0.25)
+    c = np.geomspace(1e9, 1e12, 8)
+    claw = sf.fit_compute_law(c, true(c) * np.exp(rng.normal(0, 0.002, len(c))))
+    assert claw.b == pytest.approx(true.b, abs=0.05)
+    assert float(claw(1e13)) == pytest.approx(float(true(1e13)), rel=0.02)
+
+    mtrue = sf.MetricLaw(floor=0.25, ceil=0.95, k=4.0, L0=2.6)
+    losses = np.linspace(2.0, 3.5, 15)
+    mlaw = sf.fit_metric_vs_loss(losses, mtrue(losses) + rng.normal(0, 0.01, len(losses)), floor=0.25)
+    assert pytest.approx(2.6, abs=0.1) == mlaw.L0
+    assert float(mlaw(2.3)) == pytest.approx(float(mtrue(2.3)), abs=0.05)
+
+
+def test_isoflop_minimum_is_the_parabola_vertex() -> None:
+    n = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    x = np.log(n) - np.log(5e4)
+    m = sf.isoflop_minimum(1e12, n, 3.0 + 0.1 * x**2)
+    assert m.method == "parabola" and m.n_opt == pytest.approx(5e4, rel=1e-6) and m.loss == pytest.approx(3.0)
+    edge = sf.isoflop_minimum(1e12, n, [3.0, 3.1, 3.2, 3.3, 3.4])  # still falling at the small end
+    assert edge.method == "sampled" and edge.n_opt == 1e4
+
+
+def test_fits_refuse_too_few_points() -> None:
+    with pytest.raises(sf.FitError, match="at least 5"):
+        sf.fit_loss_law([1e4, 2e4], [1e6, 2e6], [3.0, 2.9])
+    with pytest.raises(sf.FitError, match="two distinct model sizes"):
+        sf.fit_loss_law([1e4] * 6, np.geomspace(1e5, 1e7, 6), np.linspace(3, 2.5, 6))
+
+
+# ---------------------------------------------------------------- a tiny real ladder
+
+TINY = [
+    "data.sources[0].n_docs=300",
+    "data.val_fraction=0.1",
+    "tokenizer.vocab_size=512",
+    "scaling.sizes=[1x16,2x16,1x32]",
+    "scaling.budgets=[2.5e8,6e8,1.5e9]",
+    "scaling.min_steps=8",
+    "scaling.train.batch_size=4",
+    "scaling.train.seq_len=32",
+    "scaling.train.ckpt_every=10",
+    "scaling.train.progress=false",
+    "scaling.val_tokens=512",
+    "scaling.target_size=1x32",
+    "scaling.target_mult=3",
+    "scaling.bootstrap=20",
+]
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict:
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = load_config("scaling-world", [f"runs_dir={runs}", "name=tiny", *TINY])
+    plan = scaling.plan_ladder(cfg.scaling, 512)
+
+    def stop(res: dict) -> None:
+        raise _Stop  # as if interrupted right after the first rung
+
+    with pytest.raises(_Stop):
+        scaling.run(cfg, after_rung=stop)
+    first = json.loads((cfg.run_dir / "scaling" / plan[0].name / "result.json").read_text())
+    assert not (cfg.run_dir / "scaling" / plan[1].name / "result.json").exists()
+    out = scaling.run(cfg)
+    return {"cfg": cfg, "plan": plan, "first": first, "out": out}
+
+
+def test_ladder_resumes_where_it_stopped(ladder: dict) -> None:
+    cfg, plan = ladder["cfg"], ladder["plan"]
+    summary = json.loads((cfg.run_dir / "scaling" / "scaling.json").read_text())
+    rows = summary["ladder"]
+    assert len(rows) == len(plan) >= 6
+    assert [r["ran"] for r in rows] == [False] + [True] * (len(rows) - 1)
+    assert rows[0]["finished"] == ladder["first"]["finished"]  # not retrained
+    assert ladder["out"]["rungs_ran"] == len(plan) - 1
+    for rung in plan:
+        d = cfg.run_dir / "scaling" / rung.name
+        evals = read_metrics(d / "metrics.jsonl", "eval")
+        assert evals[-1]["step"] == rung.steps and np.isfinite(evals[-1]["val_loss"])
+        assert not (d / "checkpoints").exists()  # cleaned after the rung finished
+    # Every rung was evaluated on the same held-out tokens and learned something (uniform: ln 512 ≈ 6.24).
+    assert all(r["val_loss"] < 6.2 for r in rows)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # more compute, lower loss
+    # A third run trains nothing.
+    again = scaling.run(cfg, until="ladder")
+    assert again["rungs_ran"] == 0
+
+
+def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
+    cfg = ladder["cfg"]
+    sdir = cfg.run_dir / "scaling"
+    pred = json.loads((sdir / "prediction.json").read_text())
+    start = read_metrics(sdir / "target" / "metrics.jsonl", "start")[0]["time"]
+    assert pred["created_unix"] < start
+    assert pred["target_compute_over_largest_rung"] >= 3
+    assert pred["predicted"]["val_loss"] > 0 and pred["predicted"]["metric"] == "world_cloze"
+    chk = json.loads((sdir / "scaling.json").read_text())["check"]
+    assert chk["predicted_before_training"] is True
+    assert chk["relative_error"] == pytest.approx(
+        abs(chk["predicted_val_loss"] - chk["actual_val_loss"]) / chk["actual_val_loss"]
+    )
+    assert 0.0 <= chk["actual_metric"] <= 1.0
+    assert (sdir / "target" / "model" / "config.json").is_file()  # the target is a usable HF model
+    # Predicting again for the same ladder and target keeps the original timestamp.
+    scaling.run(cfg, until="predict")
+    assert json.loads((sdir / "prediction.json").read_text())["created_unix"] == pred["created_unix"]
+
+
+def test_plots_and_summary_exist(ladder: dict) -> None:
+    sdir = ladder["cfg"].run_dir / "scaling"
+    for name in ("loss_vs_compute.png", "isoflop.png", "prediction.png"):
+        assert (sdir / name).read_bytes()[:8] == PNG
+    md = (sdir / "scaling.md").read_text()
+    assert md.startswith("## Scaling: tiny") and "tokens per parameter" in md and "relative error" in md
+
+
+# ---------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scaling.sizes=[2x64, big, 3x96]", "scaling.sizes[1]: expected LAYERSxWIDTH"),
+        ("scaling.budgets=[1e10, 2e10]", "scaling.budgets: at least 3 compute budgets"),
+        ("scaling.budgets=[1e10, -2e10, 3e10]", "scaling.budgets[1]: must be positive"),
+        ("scaling.target_size=2x50", "scaling.target_size: width 50 must be a multiple of scaling.head_dim"),
+        ("scaling.target_mult=0.5", "scaling.target_mult: must be at least 1"),
+        ("scaling.train.schedule=linear", "scaling.train.schedule: must be"),
+        ("scaling.budgetz=[1]", "scaling.budgetz: unknown key (did you mean 'budgets'?)"),
+    ],
+)
+def test_bad_scaling_config_is_a_one_line_error(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("scaling-world", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_reports_an_unworkable_ladder_in_one_line(tmp_path: Path) -> None:
+    # Budgets too small for any size to get min_steps: refused before any data is touched.
+    res = subprocess.run(
+        [sys.executable, "-m", "chatforge.cli", "scaling", "--recipe", "scaling-world", "--ladder-only",
+         "--set", f"runs_dir={tmp_path}", "--set", "scaling.budgets=[1e6,2e6,3e6]"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatforge scaling: error: scaling.budgets[0]")
+
+
+def test_a_killed_rung_resumes_from_its_checkpoint(tmp_path: Path, one_thread: None) -> None:
+    args = [f"runs_dir={tmp_path}", "name=killed", *TINY, "scaling.train.ckpt_every=5"]
+    cmd = [sys.executable, "-m", "chatforge.cli", "scaling", "--recipe", "scaling-world", "--ladder-only"]
+    for a in args:
+        cmd += ["--set", a]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    sdir = tmp_path / "killed" / "scaling"
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        for latest in sdir.glob("*/checkpoints/latest"):
+            if not (latest.parent.parent / "result.json").exists():
+                victim = latest.parent.parent
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # a crash: no chance to save anything more
+    proc.wait()
+    assert victim is not None, "no rung checkpoint appeared before the ladder finished"
+    if (victim / "result.json").exists():
+        pytest.skip("the rung finished in the instant before the kill")
+    cfg = load_config("scaling-world", args)
+    scaling.run(cfg, until="ladder")
+    rows = {r["name"]: r for r in json.loads((sdir / "scaling.json").read_text())["ladder"]}
+    assert rows[victim.name]["resumed"] is True and rows[victim.name]["ran"] is True
+    steps = [r["step"] for r in read_metrics(victim / "metrics.jsonl", "train")]
+    assert steps == sorted(set(steps)) and steps[-1] == rows[victim.name]["steps"]  # no gap, no duplicate
