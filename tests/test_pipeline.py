@@ -103,6 +103,7 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
     assert set(report["redteam"]) >= {"base", "sft", "grpo"}
     md = (run_dir / "report.md").read_text()
     assert "## Reward model" in md and "## RLHF (grpo)" in md and "## Red team" in md
+    assert "## Moderation classifier" in md and report["moderation"]["world"] is not None
     assert (run_dir / "rl_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -7,6 +7,7 @@ run again. An interrupted pretraining resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -88,11 +89,14 @@ def _stage_fns(cfg: RunConfig) -> dict[str, Callable[[RunConfig], dict[str, Any]
 
     rl = {"grpo": grpo.run, "ppo": ppo.run, "dpo": dpo.run}.get(cfg.speedrun.rl)
 
+    # Stages get a copy where they need a setting filled in: the run's config (and its hashes) stay as given.
     def evals(c: RunConfig) -> dict[str, Any]:
+        c = copy.deepcopy(c)
         c.evals.models = rl_model_dirs(c)
         return runner.run_stage(c)
 
     def safety(c: RunConfig) -> dict[str, Any]:
+        c = copy.deepcopy(c)
         c.safety.models = rl_model_dirs(c)
         return redteam.run(c)
 

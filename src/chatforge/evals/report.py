@@ -487,17 +487,24 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
                 f" {_fmt(d.get('lecture_rate'))} | {_fmt(wp.get('harmful_compliance', '—'))} |"
                 f" {_fmt(wp.get('over_refusal', '—'))} |"
             )
-    for title, md_path, js_path, key in (
-        (
-            "Moderation",
-            run_dir / "moderation" / "report.md",
-            run_dir / "evals" / "moderation.json",
-            "moderation",
-        ),
-        ("Scaling", run_dir / "scaling" / "scaling.md", run_dir / "scaling" / "scaling.json", "scaling"),
-    ):
-        if md_path.is_file():
-            lines += ["", f"## {title}", "", *_demoted(md_path.read_text())]
-            if (data := _read_json(js_path)) is not None:
-                report[key] = data
+    moderation = _read_json(run_dir / "evals" / "moderation.json")
+    if isinstance(moderation, dict) and moderation:
+        from chatforge.safety.moderation import summary_table
+
+        report["moderation"] = {src: v.get("mean_auprc") for src, v in moderation.items()}
+        lines += [
+            "",
+            "## Moderation classifier",
+            "",
+            "Held-out precision / recall at the tuned thresholds and AUPRC per category and source"
+            " (OpenAI's moderation endpoint scores 0.856 AUPRC on OpenAI's own `moderation` set, flagged or not).",
+            "",
+            summary_table(moderation),
+        ]
+    scaling_md = run_dir / "scaling" / "scaling.md"
+    if scaling_md.is_file():  # a scaling run's own card; its plots live in scaling/
+        text = scaling_md.read_text().replace("](", "](scaling/")
+        lines += ["", "## Scaling", "", *_demoted(text)]
+        if (data := _read_json(run_dir / "scaling" / "scaling.json")) is not None:
+            report["scaling"] = data
     return lines
