@@ -467,7 +467,8 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
     if redteam:
         keys = ("harmful_compliance", "over_refusal", "lecture_rate")
         report["redteam"] = {
-            m: {k: d.get(k) for k in keys} | ({"with_policy": d["with_policy"]} if "with_policy" in d else {})
+            m: {k: d.get(k) for k in keys}
+            | ({"with_policy": {k: d["with_policy"].get(k) for k in keys}} if "with_policy" in d else {})
             for m, d in redteam.items()
         }
         lines += [
