@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from shapes import SHAPES, model_config
+from shapes import SHAPES, machine_info, model_config
 
 SEED = 1234
 
@@ -174,17 +173,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    import transformers
-
     out: dict[str, Any] = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "loadavg_1m_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_info(),
         "settings": {
             "prompt_len": a.prompt_len,
             "new_tokens": a.new_tokens,

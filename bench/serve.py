@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -44,7 +43,7 @@ import httpx
 import numpy as np
 import torch
 
-from shapes import SHAPES, model_config
+from shapes import SHAPES, machine_info, model_config
 
 SEED = 1234
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,17 +326,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    import transformers
-
     out: dict[str, Any] = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "loadavg_1m_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_info(),
         "settings": {k: v for k, v in vars(a).items() if k != "out"},
     }
     with tempfile.TemporaryDirectory() as d:

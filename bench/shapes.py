@@ -1,7 +1,10 @@
-"""The S and M model shapes the benches compare on (from the Foundation issue), shared by every bench."""
+"""The S and M model shapes the benches compare on (from the Foundation issue), and the machine record every
+bench prints beside its numbers."""
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -23,3 +26,18 @@ def model_config(shape: dict[str, int], max_len: int | None = None) -> Any:
         intermediate_size=shape["intermediate"],
         max_position_embeddings=max_len or shape["seq"],
     )
+
+
+def machine_info() -> dict[str, Any]:
+    """Versions, threads and the load at the start: other processes make timings slower and noisier."""
+    import torch
+    import transformers
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "loadavg_1m_start": round(os.getloadavg()[0], 2),
+    }
