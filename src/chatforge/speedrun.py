@@ -7,7 +7,6 @@ run again. An interrupted pretraining resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -87,32 +86,21 @@ def _stage_fns(cfg: RunConfig) -> dict[str, Callable[[RunConfig], dict[str, Any]
     from chatforge.safety import moderation, redteam
     from chatforge.train import dpo, grpo, ppo, pretrain, reward, sft
 
-    rl = {"grpo": grpo.run, "ppo": ppo.run, "dpo": dpo.run}.get(cfg.speedrun.rl)
-
-    # Stages get a copy where they need a setting filled in: the run's config (and its hashes) stay as given.
-    def evals(c: RunConfig) -> dict[str, Any]:
-        c = copy.deepcopy(c)
-        c.evals.models = rl_model_dirs(c)
-        return runner.run_stage(c)
-
-    def safety(c: RunConfig) -> dict[str, Any]:
-        c = copy.deepcopy(c)
-        c.safety.models = rl_model_dirs(c)
-        return redteam.run(c)
-
-    return {
+    fns = {
         "data": corpus.prepare,
         "tokenizer": tokenizer.run,
         "pretrain": pretrain.run,
         "sample": sample.run,
         "sft": sft.run,
         "reward": reward.run,
-        "rlhf": rl or (lambda c: {}),
-        "eval": evals,
+        "eval": lambda c: runner.run_stage(c, rl_model_dirs(c)),
         "rlhf_eval": rlhf_eval.run,
         "moderation": moderation.run,
-        "redteam": safety,
+        "redteam": lambda c: redteam.run(c, rl_model_dirs(c)),
     }
+    if cfg.speedrun.rl != "none":  # otherwise enabled_stages leaves the rlhf stage out
+        fns["rlhf"] = {"grpo": grpo.run, "ppo": ppo.run, "dpo": dpo.run}[cfg.speedrun.rl]
+    return fns
 
 
 def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -133,8 +133,6 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
     eval_png = plot_eval_bars(evals, run_dir / "world_eval.png") if evals else None
     dist_png = plot_distribution(evals, run_dir / "world_distribution.png") if evals else None
     during_png = plot_during_training(during, run_dir / "during_training.png") if during else None
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-
     lines = [f"# chatforge report card: `{cfg.name}`", ""]
     lines += ["## Stages", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stage_seconds"].items()]

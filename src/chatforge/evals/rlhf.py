@@ -137,7 +137,7 @@ def run(cfg: Any) -> dict[str, Any]:
     for name in tqdm(names, desc="rlhf-eval", disable=not cfg.evals.__dict__.get("progress", True)):
         rows[name] = evaluate_policy(ro.resolve(run_dir, name), items, rm, ref, bc, mnt)
         if name == "sft" and rm is not None:
-            engine = Engine(load_model(sft_dir), Tokenizer.load(sft_dir))
+            engine = Engine(ref, Tokenizer.load(sft_dir))  # the frozen SFT copy: sampling only reads it
             replies, scores = best_of_n(engine, rm, items, bc.n, bc.temperature, mnt)
             bon: dict[str, Any] = behaviour_rates(items, replies)
             bon["composite"] = composite(bon)

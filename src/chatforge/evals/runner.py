@@ -278,16 +278,16 @@ def run(
     return res, dest
 
 
-def run_stage(cfg: Any) -> dict[str, Any]:
-    """The speedrun's eval stage: every checkpoint named in ``cfg.evals.models`` on the world suite,
-    written to ``<run>/evals/world_<model>.json``."""
+def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
+    """The speedrun's eval stage: every checkpoint named in ``models`` (default ``cfg.evals.models``) on the
+    world suite, written to ``<run>/evals/world_<model>.json``."""
     from chatforge.data.chat import read_jsonl
 
     run_dir = Path(cfg.run_dir)
     items = read_jsonl(run_dir / "chat" / "eval.jsonl")
     ec = cfg.evals
     out: dict[str, Any] = {}
-    for name in ec.models:
+    for name in ec.models if models is None else models:
         model_dir = run_dir / name
         if not (model_dir / "config.json").is_file():
             continue
