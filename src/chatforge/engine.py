@@ -40,7 +40,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     n: int = 1  # samples per prompt
-    seed: int | None = None  # per-sample generators: sample j of prompt i uses seed + j
+    seed: int | None = None  # per-sample generators: generate() gives sample j of prompt i seed + i*n + j
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the tokenizer's end markers
     logprobs: bool = False  # log-probability of each chosen token under the model (before temperature)
@@ -560,9 +560,17 @@ class Engine:
             return EngineSession(self, max_batch, max_len)
 
     def generate(
-        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | None = None,
+        seed_offsets: Sequence[int] | None = None,
     ) -> list[Completion]:
-        """``params.n`` completions for each prompt, ordered prompt by prompt."""
+        """``params.n`` completions for each prompt, ordered prompt by prompt.
+
+        Sample j of prompt i uses seed ``params.seed + seed_offsets[i] + j``; the offsets default to
+        ``i * n`` so that prompts of one batch draw different random streams (with one shared seed, sample
+        j of every prompt would get the same draws: correlated samples, a biased worst-of-n).
+        """
         params = params or SamplingParams()
         params.validate()
         encoded = [self._encode(p) for p in prompts]
@@ -570,9 +578,18 @@ class Engine:
             return []
         self._check_prompts(encoded, params)
         keys = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
+        offsets = (
+            list(seed_offsets) if seed_offsets is not None else [i * params.n for i in range(len(encoded))]
+        )
+        if len(offsets) != len(encoded):
+            raise ValueError(f"{len(offsets)} seed offsets for {len(encoded)} prompts")
         session = self.start(len(keys), max(map(len, encoded)) + params.max_new_tokens)
+        per_prompt = [
+            params if params.seed is None else dataclasses.replace(params, seed=params.seed + off)
+            for off in offsets
+        ]
         for i, j in keys:
-            session.add((i, j), encoded[i], params, sample_index=j)
+            session.add((i, j), encoded[i], per_prompt[i], sample_index=j)
         done: dict[Hashable, Completion] = {}
         while session.active:
             for ev in session.step():

@@ -3,8 +3,8 @@ OpenAI-compatible HTTP endpoint (ours from ``chatforge serve``, vLLM, OpenAI its
 
 Both answer the same two questions:
 - ``generate(inputs, params)``: ``params.n`` replies per input (a message list, or a raw prompt string);
-  sample j uses seed ``params.seed + j`` on both, so the same seeds give the same samples in-process and
-  through our server;
+  sample j of input i uses seed ``params.seed + i * n + j`` on both (every input its own random stream), so
+  the same seeds give the same samples in-process and through our server;
 - ``choice_logprobs(prompts, choices)``: (sum of log-probabilities, token count) of each choice after its
   prompt, for multiple choice without generation. Endpoints answer it through ``/v1/completions`` with
   ``echo`` + ``logprobs`` and ``max_tokens: 0``.
@@ -76,7 +76,8 @@ class CheckpointTarget:
         try:
             for s in range(0, len(fits), step):
                 chunk = fits[s : s + step]
-                for c in self.engine.generate([prompts[i] for i in chunk], params):
+                offsets = [i * params.n for i in chunk]
+                for c in self.engine.generate([prompts[i] for i in chunk], params, seed_offsets=offsets):
                     replies[chunk[c.prompt_index]].append(c.text.strip())
         except ValueError as e:
             raise ChatforgeError(f"eval: {e}") from None
@@ -170,7 +171,7 @@ class EndpointTarget:
             raise ChatforgeError(f"{url}: HTTP {r.status_code}: {str(msg)[:300]}")
         return r.json()
 
-    def _one(self, x: Input, params: SamplingParams, j: int) -> str:
+    def _one(self, x: Input, params: SamplingParams, i: int, j: int) -> str:
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": params.max_new_tokens,
@@ -179,7 +180,7 @@ class EndpointTarget:
             "n": 1,
         }
         if params.seed is not None:
-            body["seed"] = params.seed + j  # the engine's rule: sample j of a prompt uses seed + j
+            body["seed"] = params.seed + i * params.n + j  # as CheckpointTarget: input i, sample j
         if params.stop:
             body["stop"] = params.stop
         if params.response_format:
@@ -194,7 +195,7 @@ class EndpointTarget:
         jobs = [(i, j) for i in range(len(inputs)) for j in range(params.n)]
         out: list[list[str]] = [[""] * params.n for _ in inputs]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for (i, j), text in zip(jobs, pool.map(lambda ij: self._one(inputs[ij[0]], params, ij[1]), jobs)):
+            for (i, j), text in zip(jobs, pool.map(lambda ij: self._one(inputs[ij[0]], params, *ij), jobs)):
                 out[i][j] = text
         return out
 

@@ -107,18 +107,10 @@ def generate(
     was_training = engine.model.training
     done: dict[tuple[int, int], Any] = {}
     try:
-        # The step API directly, so that each prompt gets its own seed (``generate`` gives every prompt
-        # the same one, and the same uniforms would make near-identical choices across prompts).
-        session = engine.start(len(encoded) * n, max(map(len, encoded)) + params.max_new_tokens)
         base = params.seed if params.seed is not None else random.randrange(2**31)
-        for i, e in enumerate(encoded):
-            p_i = dataclasses.replace(params, n=1, seed=base + i * n)
-            for j in range(n):
-                session.add((i, j), e, p_i, sample_index=j)
-        while session.active:
-            for ev in session.step():
-                if ev.completion is not None:
-                    done[ev.request_id] = ev.completion
+        # generate gives prompt i the seeds base + i * n + j: every prompt its own random stream.
+        for c in engine.generate(encoded, dataclasses.replace(params, n=n, seed=base)):
+            done[(c.prompt_index, c.sample_index)] = c
     finally:
         engine.model.train(was_training)
     out = []
