@@ -306,3 +306,49 @@ def test_api_keys_and_rate_limit(ckpts: dict[str, Path]) -> None:
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(model="base", messages=ASK, max_tokens=1)
         assert e.value.body["code"] == "rate_limit_exceeded"
+
+
+class _WordPolicy:
+    """A stand-in moderation policy (the hook's protocol, not our model): flags output that names a word,
+    and counts how often the server asked."""
+
+    def __init__(self, word: str) -> None:
+        self.word, self.output_checks = word, 0
+
+    def check_input(self, messages: list[dict]) -> str | None:
+        return None
+
+    def check_output(self, text: str) -> str | None:
+        self.output_checks += 1
+        return "flagged" if self.word in text else None
+
+
+def test_output_moderation_checks_in_chunks_and_never_sends_flagged_text(ckpts: dict[str, Path]) -> None:
+    plain = create_app({"sft": ckpts["sft"]}, cfg=ServeConfig(max_batch=4, max_tokens=64), admin_key=ADMIN)
+    with running(plain) as url:
+        body = {"model": "sft", "messages": ASK, "temperature": 0, "max_tokens": 40}
+        full = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    text, n_tokens = full["choices"][0]["message"]["content"], full["usage"]["completion_tokens"]
+    assert "Mirth" in text and n_tokens > 5
+
+    allow_all = _WordPolicy("no such word")
+    app = create_app({"sft": ckpts["sft"]}, cfg=ServeConfig(max_batch=4, max_tokens=64), policy=allow_all)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    assert r["choices"][0]["message"]["content"] == text  # holding chunks back loses nothing
+    assert 1 <= allow_all.output_checks < n_tokens  # once per chunk, not once per token
+
+    flag = _WordPolicy("Mirth")
+    app = create_app({"sft": ckpts["sft"]}, cfg=ServeConfig(max_batch=4, max_tokens=64), policy=flag)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert "Mirth" not in choice["message"]["content"] and text.startswith(choice["message"]["content"])
+    deltas = [
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in streamed.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert "Mirth" not in "".join(deltas) and '"finish_reason": "content_filter"' in streamed

@@ -79,3 +79,32 @@ def test_length_grouped_batches_are_deterministic_and_padded(tok) -> None:
     assert g[0].shape[0] == g[1].shape[0] == 4
     lengths = [len(x) for x, _ in examples]
     assert np.ptp(lengths) > 0
+
+
+def test_replay_rows_are_pretraining_windows_trained_on_every_token(tok, tmp_path) -> None:
+    import gzip
+    import json
+
+    from chatforge.data.corpus import TokenShards, write_shards
+
+    texts = [f"Ada was born in Dunmere in year {1900 + i}. She works as a painter." * 3 for i in range(60)]
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "source": "test"}) + "\n")
+    write_shards(tmp_path / "docs.jsonl.gz", tok, tmp_path / "data", val_fraction=0.1, num_workers=1, seed=0)
+    shards = TokenShards(tmp_path / "data", "train")
+    convs = [
+        {"messages": [{"role": "user", "content": "q" * (i % 7 + 1)}, {"role": "assistant", "content": "a"}]}
+        for i in range(40)
+    ]
+    examples, _ = tokenize_conversations(convs, tok, max_tokens=512)
+    fn = length_grouped_batch_fn(examples, TrainConfig(batch_size=4, seed=3), tok.pad_id, shards, replay_rows=1)
+    a, b = fn(2, 0, 0, 1), fn(2, 0, 0, 1)
+    assert torch.equal(a["input_ids"], b["input_ids"])  # deterministic in (step, micro): exact resume
+    assert a["input_ids"].shape == a["labels"].shape and a["input_ids"].shape[0] == 4
+    conv_labels, replay_ids, replay_labels = a["labels"][:3], a["input_ids"][3], a["labels"][3]
+    assert (conv_labels == IGNORE).sum() > 0  # conversations: assistant tokens only
+    assert (replay_labels != IGNORE).all()  # replay: every token is trained
+    assert torch.equal(replay_ids[1:], replay_labels[:-1])  # a contiguous window, shifted by one
+    assert "Ada was born" in tok.decode(replay_ids.tolist()) or "painter" in tok.decode(replay_ids.tolist())
+    assert not torch.equal(fn(3, 0, 0, 1)["input_ids"][3], replay_ids)  # a new window each step

@@ -237,6 +237,10 @@ class ChatDataConfig:
     eval_per_kind: int = 30  # held-out world eval items per behaviour (eval-split entities)
     eval_seed: int = 1
     seed: int = 0  # shuffling and the train/val split
+    # Share of each SFT batch's rows that are pretraining text (<run>/data shards, loss on every token):
+    # replay keeps what the base knows (held-out entities included) from being overwritten by the
+    # narrow chat data while the format is learnt.
+    replay_fraction: float = 0.0
 
     def validate(self, key: str) -> None:
         if not self.sources:
@@ -244,6 +248,7 @@ class ChatDataConfig:
         for i, s in enumerate(self.sources):
             s.validate(f"{key}.sources[{i}]")
         _check_range(f"{key}.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        _check_range(f"{key}.replay_fraction", self.replay_fraction, 0.0, 0.9)
 
 
 @dataclass

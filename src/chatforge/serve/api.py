@@ -9,8 +9,10 @@ Moderation hook (issue 8): ``create_app(..., policy=obj)`` where ``obj`` has
 ``check_input(messages: list[dict]) -> str | None`` and ``check_output(text: str) -> str | None``; each
 returns None to allow, or a reason. A flagged input is answered with the policy's brief decline (from
 ``decide_input(messages).message`` when the policy has it) and ``finish_reason: "content_filter"``; a
-flagged output stops that choice with ``finish_reason: "content_filter"`` (its text is cut before the
-delta that tripped the check; the check sees the whole text so far after every delta). Further routes
+flagged output stops that choice with ``finish_reason: "content_filter"``. Output is checked in chunks
+(at a sentence end, every ``OUTPUT_CHECK_CHARS`` characters, and at the finish), not after every token:
+a chunk is held back until the check has seen the whole text up to it, and a flagged chunk is never
+sent (the text, and any logprobs, stop where the last clean chunk ended). Further routes
 (``/v1/moderations``) can be added to the returned app with ``app.include_router``.
 """
 
@@ -56,6 +58,7 @@ from chatforge.serve.versions import Version, Versions
 WEB_DIR = Path(__file__).parent / "web"
 _TYPE_TAG = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?|.*[\[(].*")
 AUTH_TTL = 2.0  # seconds an API-key lookup is trusted (see caller() in create_app)
+OUTPUT_CHECK_CHARS = 64  # output moderation runs once per chunk of about this many characters (or a sentence)
 
 
 class Policy(Protocol):
@@ -431,13 +434,22 @@ def create_app(
         """One sample's accumulated state while it streams."""
 
         def __init__(self) -> None:
-            self.text = ""
+            self.text = ""  # released: passed the output check
+            self.held = ""  # decoded but not yet checked
             self.tokens = 0
             self.logprobs: list[dict] = []
             self.raw_lps: list[float] = []
             self.raw_tops: list[dict] = []
             self.ids: list[int] = []
+            self.ok_ids = 0  # tokens covered by released text (their logprobs may be sent)
+            self.sent_lps = 0  # logprob entries already streamed
             self.finish: str | None = None
+
+        def new_logprobs(self) -> list[dict]:
+            """Logprob entries of released tokens not streamed yet."""
+            out = self.logprobs[self.sent_lps : self.ok_ids]
+            self.sent_lps = max(self.sent_lps, self.ok_ids)
+            return out
 
     def apply_event(v: Version, c: Choice, ev: Any, want_lp: bool) -> str:
         """Fold one engine event into ``c``; returns the text to hand out (policy applied)."""
@@ -449,14 +461,25 @@ def create_app(
                 c.logprobs.append(token_info(v.engine, ev.token_id, ev.logprob, ev.top_logprobs))
                 c.raw_lps.append(ev.logprob)
                 c.raw_tops.append({v.engine.tokenizer.decode([i]): lp for i, lp in ev.top_logprobs or []})
-        delta = ev.text
-        if delta and policy is not None and policy.check_output(c.text + delta) is not None:
-            c.finish = "content_filter"
-            return ""
-        c.text += delta
+        c.held += ev.text
+        if policy is not None and not ev.finished:
+            # Checking re-scores the whole text with the moderation model: once per chunk, not per token.
+            h = c.held
+            if len(h) < OUTPUT_CHECK_CHARS and not h.rstrip(" ").endswith((".", "!", "?", "\n", ":", ";")):
+                return ""
+        out = ""
+        if c.held:
+            if policy is not None and policy.check_output(c.text + c.held) is not None:
+                c.finish = "content_filter"
+                c.held = ""
+                del c.ids[c.ok_ids :], c.logprobs[c.ok_ids :], c.raw_lps[c.ok_ids :], c.raw_tops[c.ok_ids :]
+                return ""
+            out, c.held = c.held, ""
+            c.text += out
+        c.ok_ids = len(c.ids)
         if ev.finished:
             c.finish = ev.finish_reason
-        return delta
+        return out
 
     async def watch_disconnect(request: Request, v: Version, gen: GenRequest) -> None:
         while True:
@@ -587,9 +610,8 @@ def create_app(
                             c = choices[j]
                             if c.finish is not None:
                                 continue  # content_filter stopped it; the other samples go on
-                            n_lp = len(c.logprobs)
                             delta = apply_event(v, c, ev, body.logprobs)
-                            lps = c.logprobs[n_lp:] if body.logprobs else None
+                            lps = c.new_logprobs() if body.logprobs else None
                             if delta or lps:
                                 parts.append(chunk({"content": delta}, j, None, lps))
                             if c.finish is not None:

@@ -18,6 +18,7 @@ from torch import nn
 from chatforge.checkpoint import load_model, load_weights, save_model
 from chatforge.config import RunConfig, TrainConfig
 from chatforge.data import chat
+from chatforge.data.corpus import TokenShards
 from chatforge.errors import ChatforgeError
 from chatforge.evals.runner import during_training_hook
 from chatforge.model import lm_loss
@@ -55,20 +56,37 @@ def pad_batch(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> Bat
 
 
 def length_grouped_batch_fn(
-    examples: list[tuple[np.ndarray, np.ndarray]], tc: TrainConfig, pad_id: int
+    examples: list[tuple[np.ndarray, np.ndarray]],
+    tc: TrainConfig,
+    pad_id: int,
+    replay: TokenShards | None = None,
+    replay_rows: int = 0,
 ) -> BatchFn:
     """Each global batch is a random run of neighbours in length order, so padding stays small; it is a
-    pure function of (step, micro) and split across ranks, as the loop's exact resume needs."""
+    pure function of (step, micro) and split across ranks, as the loop's exact resume needs.
+
+    With ``replay``, the last ``replay_rows`` rows of each rank's batch are pretraining windows as long as
+    the padded conversations, trained on every token."""
     order = np.argsort([len(x) for x, _ in examples], kind="stable")
+    convs = tc.batch_size - replay_rows
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
-        g = tc.batch_size * world
+        g = convs * world
         if g > len(order):
             raise ChatforgeError(f"sft: global batch {g} exceeds the {len(order)} training conversations")
         rng = np.random.default_rng([tc.seed, step, micro])
         start = int(rng.integers(0, len(order) - g + 1))
-        picked = order[start : start + g][rank * tc.batch_size : (rank + 1) * tc.batch_size]
-        return pad_batch([examples[i] for i in picked], pad_id)
+        picked = order[start : start + g][rank * convs : (rank + 1) * convs]
+        batch = pad_batch([examples[i] for i in picked], pad_id)
+        if replay is None or replay_rows == 0:
+            return batch
+        T = batch["input_ids"].shape[1]
+        rows = replay.sample_windows(np.random.default_rng([tc.seed, step, micro, 1 + rank]), replay_rows, T + 1)
+        w = torch.from_numpy(rows)
+        return {
+            "input_ids": torch.cat([batch["input_ids"], w[:, :-1]]),
+            "labels": torch.cat([batch["labels"], w[:, 1:]]),
+        }
 
     return batch_fn
 
@@ -121,12 +139,18 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     def evaluate(m: nn.Module, step: int) -> dict[str, float]:
         return {"val_loss": round(masked_val_loss(m, val, tc.batch_size, tok.pad_id), 5)} if val else {}
 
+    replay, replay_rows = None, round(cfg.chat_data.replay_fraction * tc.batch_size)
+    if replay_rows:
+        if not (run_dir / "data" / "index.json").is_file():
+            raise ChatforgeError(f"chat_data.replay_fraction: no pretraining shards in {run_dir}/data to replay")
+        replay = TokenShards(run_dir / "data", "train")
+        replay_rows = min(replay_rows, tc.batch_size - 1)  # at least one conversation per batch
     trainer = Trainer(
         model,
         tc,
         run_dir / "train" / "sft",
         loss_fn=masked_lm_loss_fn,
-        batch_fn=length_grouped_batch_fn(train, tc, tok.pad_id),
+        batch_fn=length_grouped_batch_fn(train, tc, tok.pad_id, replay, replay_rows),
         save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
         load_fn=load_weights,
         evaluate=evaluate,
@@ -140,6 +164,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         conversations=len(train),
         dropped_too_long=dropped,
         trainable_tokens_per_conv=round(float(np.mean([(y != IGNORE).sum() for _, y in train])), 1),
+        replay_rows_per_batch=replay_rows,
         data=data_stats,
     )
     if rt.is_main:
