@@ -353,6 +353,8 @@ class RewardConfig:
     """``chatforge reward``: a reward model (our transformer + a scalar head) on preference pairs."""
 
     init: str = "sft"  # checkpoint to start from: a directory inside the run or a path
+    init_random: bool = False  # fresh weights of init's shape + its tokenizer: the no-pretraining baseline
+    out: str = "rm"  # output directory inside the run (its work dir: train/reward, or train/<out> otherwise)
     world_pairs: int = 2000  # built-in world pairs (train-split entities); held-out: 1/8 as many, eval split
     pairs_seed: int = 0
     pref_files: list[str] = field(default_factory=list)  # extra preference files (any supported format)
@@ -365,6 +367,8 @@ class RewardConfig:
         self.train.validate(f"{key}.train")
         if self.world_pairs < 0:
             raise ConfigError(f"{key}.world_pairs: must be >= 0, got {self.world_pairs}")
+        if not self.out or "/" in self.out or self.out in (".", ".."):
+            raise ConfigError(f"{key}.out: must be a directory name inside the run, got {self.out!r}")
         _check_range(f"{key}.heldout_fraction", self.heldout_fraction, 0.0, 0.5)
         if self.margin < 0:
             raise ConfigError(f"{key}.margin: must be >= 0, got {self.margin}")

@@ -457,13 +457,22 @@ def read_pairs(
     return pairs, {"format": fmt, **stats}
 
 
+def thread_key(messages: Messages) -> str:
+    """The root of a conversation: its messages up to and including the first user turn."""
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+    return json.dumps([[m.get("role"), m.get("content")] for m in messages[: first_user + 1]])
+
+
 def split_by_prompt(pairs: list[dict], held_out: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out split that keeps all pairs of one prompt on the same side (no prompt leaks)."""
-    keys = sorted({json.dumps(p["messages"], sort_keys=True) for p in pairs})
+    """Train / held-out split that keeps all pairs of one conversation on the same side (no prompt leaks).
+
+    Pairs are grouped by ``thread_key``, not by the whole prompt: OASST ranks replies at every depth of a
+    thread, so a later prompt quotes an earlier pair's replies, and both must fall on the same side."""
+    keys = sorted({thread_key(p["messages"]) for p in pairs})
     random.Random(seed).shuffle(keys)
     test_keys = set(keys[: max(1, int(len(keys) * held_out))]) if held_out > 0 else set()
-    train = [p for p in pairs if json.dumps(p["messages"], sort_keys=True) not in test_keys]
-    test = [p for p in pairs if json.dumps(p["messages"], sort_keys=True) in test_keys]
+    train = [p for p in pairs if thread_key(p["messages"]) not in test_keys]
+    test = [p for p in pairs if thread_key(p["messages"]) in test_keys]
     return train, test
 
 

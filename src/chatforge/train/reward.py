@@ -90,12 +90,12 @@ def encode_reply(
 ) -> tuple[list[int], list[int]]:
     """Ids of ``messages`` + the assistant ``reply`` and a 0/1 mask over that reply's tokens only.
 
-    Longer than ``max_len``: the front is kept and the last token forced to the end (the score reads it)."""
+    Longer than ``max_len``: the last ``max_len`` tokens are kept, so the prompt is cut from the front and
+    the reply survives whole when it fits (keeping the front would drop both replies of a long prompt and
+    leave the two sides of a pair identical, as on half of OASST's pairs at 384 tokens)."""
     msgs = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in messages]
     ids, mask = tok.encode_chat([*msgs, {"role": "assistant", "content": reply}])
-    if len(ids) > max_len:
-        ids, mask = ids[: max_len - 1] + ids[-1:], [*mask[: max_len - 1], 0]
-    return ids, mask
+    return ids[-max_len:], mask[-max_len:]
 
 
 def tokenize_pairs(
@@ -213,15 +213,51 @@ def evaluate_pairs(
     raw_r = score_ids(rm, [e[2] for e in enc], tok.pad_id, batch_size)
     rm.train(was)
     diffs = np.asarray(raw_c) - np.asarray(raw_r)
-    groups: dict[str, list[float]] = {}
-    for p, d in zip(pairs, diffs):
-        groups.setdefault(p.get("category") or p.get("source", "?"), []).append(float(d > 0))
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(_group(p), []).append(i)
     return {
         "accuracy": round(float((diffs > 0).mean()), 4),
         "pairs": len(pairs),
         "mean_gap": round(float(diffs.mean()), 4),
+        "by_group": {k: round(float((diffs[v] > 0).mean()), 4) for k, v in sorted(groups.items())},
+        "pairs_by_group": {k: len(v) for k, v in sorted(groups.items())},
+        # calibration of the trained (unnormalised) BT probability, overall and per group
+        "ece_by_group": {k: calibration(diffs[v] * rm.scale, bins)["ece"] for k, v in sorted(groups.items())},
+        "by_length": _by_length(pairs, diffs),
+        **calibration(diffs * rm.scale, bins),
+    }
+
+
+def _by_length(pairs: list[dict], diffs: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Accuracy split by whether the chosen reply is the longer one: an RM that only learned "longer is
+    better" scores high on the first and low on the second."""
+    longer = np.array([len(p["chosen"]["content"]) > len(p["rejected"]["content"]) for p in pairs])
+    shorter = np.array([len(p["chosen"]["content"]) < len(p["rejected"]["content"]) for p in pairs])
+    return {
+        name: {
+            "accuracy": round(float((diffs[sel] > 0).mean()), 4) if sel.any() else None,
+            "pairs": int(sel.sum()),
+        }
+        for name, sel in (("chosen_longer", longer), ("chosen_shorter", shorter))
+    }
+
+
+def _group(pair: dict) -> str:
+    return pair.get("category") or pair.get("source", "?")
+
+
+def length_baseline(pairs: list[dict]) -> dict[str, Any]:
+    """Accuracy of "the longer reply wins" (characters; equal lengths count half): the bar an RM must clear
+    to show it learned more than length, per group as in ``evaluate_pairs``. Chance is 0.5."""
+    groups: dict[str, list[float]] = {}
+    for p in pairs:
+        c, r = len(p["chosen"]["content"]), len(p["rejected"]["content"])
+        groups.setdefault(_group(p), []).append(1.0 if c > r else 0.5 if c == r else 0.0)
+    every = [x for v in groups.values() for x in v]
+    return {
+        "accuracy": round(float(np.mean(every)), 4) if every else None,
         "by_group": {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())},
-        **calibration(diffs * rm.scale, bins),  # calibration of the trained (unnormalised) BT probability
     }
 
 
@@ -245,7 +281,8 @@ def train_reward_model(
     batch_fn = pair_batches(
         tokenize_pairs(train_pairs, tok, tc.seq_len), tc, pair_batch, tok.pad_id, "reward"
     )
-    held_eval = heldout[: max(tc.eval_batches * tc.batch_size, 1)]
+    n_eval = max(tc.eval_batches * tc.batch_size, 1)
+    held_eval = heldout[:: max(1, len(heldout) // n_eval)][:n_eval]  # spread over every source
 
     def evaluate(m: nn.Module, step: int) -> dict[str, float]:
         res = evaluate_pairs(m, tok, held_eval, tc.seq_len, rc.calibration_bins)  # type: ignore[arg-type]
@@ -271,6 +308,7 @@ def train_reward_model(
     raw = np.asarray(score_ids(rm, [e[0] for e in enc] + [e[2] for e in enc], tok.pad_id))
     rm.offset, rm.scale = float(raw.mean()), float(raw.std() + 1e-6)
     summary["heldout"] = evaluate_pairs(rm, tok, heldout, tc.seq_len, rc.calibration_bins)
+    summary["baselines"] = {"chance": 0.5, "longer_wins": length_baseline(heldout)}
     summary["train_pairs"] = len(train_pairs)
     trainer.cleanup_checkpoints()
     return rm, summary
@@ -283,12 +321,17 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     init, tok, backbone = load_init(
         run_dir, rc.init, "the reward model", rc.train.seq_len, "reward.train.seq_len"
     )
+    if rc.init_random:  # same architecture and tokenizer, no pretraining: what does pretraining add?
+        seed_everything(rc.train.seed)
+        backbone.reset_parameters()
     data_stats = prefs.prepare(cfg)
     train_pairs, heldout = prefs.prepared(run_dir)
-    rm, summary = train_reward_model(
-        backbone, tok, train_pairs, heldout, rc, run_dir / "train" / "reward", resume
-    )
+    # a second RM (reward.out) gets its own work dir, so it never resumes from the first one's checkpoints
+    work_dir = run_dir / "train" / ("reward" if rc.out == "rm" else rc.out)
+    rm, summary = train_reward_model(backbone, tok, train_pairs, heldout, rc, work_dir, resume)
     summary["data"] = data_stats
-    save_reward_model(rm, run_dir / "rm", tok, init=str(init), heldout=summary["heldout"])
-    (run_dir / "rm" / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["init"] = f"{init} (re-initialised)" if rc.init_random else str(init)
+    out = run_dir / rc.out
+    save_reward_model(rm, out, tok, init=summary["init"], heldout=summary["heldout"])
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
