@@ -11,7 +11,12 @@ transformers ``eos_token_id=None`` + ``min_new_tokens``). Repeats interleave the
   every step (ours: after each ``EngineSession.step``; transformers: a ``StoppingCriteria`` hook);
 - ``e2e_tok_s``: batch × new_tokens / the wall time of the whole generate call;
 - ``greedy_match``: the fraction of rows whose generated ids agree between the two libraries (random
-  weights have near-ties, so a rare late divergence is float noise, not a bug).
+  weights have near-ties, so a rare late divergence is float noise, not a bug);
+  ``greedy_match_compiled_vs_eager`` the same between our two paths.
+
+Three columns: ``chatforge`` (eager), ``chatforge_compiled`` (``Engine(..., compile=True)``: the
+``torch.compile``d fixed-shape decode step; ``compile_warmup_s`` is the first, untimed call of each batch
+size, which builds its graph) and ``transformers``. ``--no-compiled`` drops the middle one.
 
     .venv/bin/python bench/decode.py                        # S and M, batch 1 and 8 (~6 min on 2 cores)
     .venv/bin/python bench/decode.py --shapes S --batches 1 --repeats 3 --out /tmp/d.json
@@ -48,7 +53,7 @@ def _tokenizer(vocab: int) -> Any:
     return train_tokenizer(texts, vocab, min_frequency=1)
 
 
-def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, Any]:
+def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from chatforge.checkpoint import save_model
@@ -61,7 +66,7 @@ def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, A
     model = GPT(cfg)
     save_model(model, tmp, tokenizer=tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return Engine(model, tok), hf, tok
+    return Engine(model, tok), Engine(model, tok, compile=True), hf, tok
 
 
 def _ours(engine: Any, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
@@ -113,29 +118,36 @@ def _theirs(hf: Any, prompts: list[list[int]], new: int, pad_id: int) -> tuple[f
 
 def _one(lib: str, engine: Any, hf: Any, pad_id: int, prompts: list[list[int]], new: int) -> dict[str, Any]:
     """One timed prefill-only call and one full call of ``lib``."""
-    if lib == "chatforge":
-        prefill = _ours(engine, prompts, 1)[0]
-        wall, decode, ids = _ours(engine, prompts, new)
+    if lib != "transformers":
+        prefill = _ours(engine[lib], prompts, 1)[0]
+        wall, decode, ids = _ours(engine[lib], prompts, new)
     else:
         prefill = _theirs(hf, prompts, 1, pad_id)[0]
         wall, decode, ids = _theirs(hf, prompts, new, pad_id)
     return {"prefill_s": prefill, "e2e_s": wall, "decode_s": decode, "ids": ids}
 
 
-def bench_shape(name: str, batches: list[int], prompt_len: int, new: int, repeats: int) -> dict[str, Any]:
+def bench_shape(
+    name: str, batches: list[int], prompt_len: int, new: int, repeats: int, compiled: bool = True
+) -> dict[str, Any]:
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as d:
-        engine, hf, tok = _models(shape, prompt_len + new, Path(d))
+        eager, fast, hf, tok = _models(shape, prompt_len + new, Path(d))
+    engine = {"chatforge": eager, "chatforge_compiled": fast}
     rng = random.Random(SEED)
-    libs = ("chatforge", "transformers")
+    libs = ("chatforge", "chatforge_compiled", "transformers") if compiled else ("chatforge", "transformers")
     res: dict[str, Any] = {"shape": shape}
     for B in batches:
         prompts = [[rng.randrange(4, tok.vocab_size) for _ in range(prompt_len)] for _ in range(B)]
-        for lib in libs:  # warm-up, untimed
+        warm: dict[str, float] = {}
+        for lib in libs:  # warm-up, untimed (the compiled engine builds its graph here)
+            t0 = time.perf_counter()
             _one(lib, engine, hf, tok.pad_id, prompts, new)
+            warm[lib] = time.perf_counter() - t0
         runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
-        for r in range(repeats):
-            for lib in libs if r % 2 == 0 else libs[::-1]:
+        for r in range(repeats):  # rotate the order, so each library runs first, middle and last
+            k = r % len(libs)
+            for lib in (libs[k:] + libs[:k]) if r % 2 == 0 else (libs[k:] + libs[:k])[::-1]:
                 runs[lib].append(_one(lib, engine, hf, tok.pad_id, prompts, new))
         row: dict[str, Any] = {}
         for lib, rs in runs.items():
@@ -147,17 +159,28 @@ def bench_shape(name: str, batches: list[int], prompt_len: int, new: int, repeat
                 "decode_ms_per_step": round(1e3 * dec / (new - 1), 3),
                 "decode_ms_per_step_all": [round(1e3 * x["decode_s"] / (new - 1), 3) for x in rs],
             }
-        ours, theirs = row["chatforge"], row["transformers"]
-        row["ratio_chatforge_over_transformers"] = {
-            k: round(ours[k] / theirs[k], 2) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")
-        }
-        # Paired: transformers' decode time / ours for repeats that ran back to back.
-        paired = [t["decode_s"] / o["decode_s"] for o, t in zip(runs["chatforge"], runs["transformers"])]
-        row["ratio_chatforge_over_transformers"]["decode_paired_median"] = round(statistics.median(paired), 2)
+        theirs = row["transformers"]
+        for lib in libs[:-1]:
+            key = "ratio_chatforge_over_transformers" + ("_compiled" if lib == "chatforge_compiled" else "")
+            row[key] = {
+                k: round(row[lib][k] / theirs[k], 2) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")
+            }
+            # Paired: transformers' decode time / ours for the repeats of one round.
+            paired = [t["decode_s"] / o["decode_s"] for o, t in zip(runs[lib], runs["transformers"])]
+            row[key]["decode_paired_median"] = round(statistics.median(paired), 2)
+            print(f"{name} batch {B} {lib}: {json.dumps(row[key])}", file=sys.stderr)
         same = [a == b for a, b in zip(runs["chatforge"][-1]["ids"], runs["transformers"][-1]["ids"])]
         row["greedy_match"] = sum(same) / B
+        if compiled:
+            row["chatforge_compiled"]["compile_warmup_s"] = round(warm["chatforge_compiled"], 1)
+            last = runs["chatforge_compiled"][-1]["ids"]
+            row["greedy_match_compiled"] = (
+                sum(a == b for a, b in zip(last, runs["transformers"][-1]["ids"])) / B
+            )
+            row["greedy_match_compiled_vs_eager"] = (
+                sum(a == b for a, b in zip(last, runs["chatforge"][-1]["ids"])) / B
+            )
         res[f"batch{B}"] = row
-        print(f"{name} batch {B}: {json.dumps(row['ratio_chatforge_over_transformers'])}", file=sys.stderr)
     return res
 
 
@@ -170,6 +193,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled engine column")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -185,7 +209,12 @@ def main() -> None:
     }
     for name in a.shapes.split(","):
         out[name] = bench_shape(
-            name, [int(b) for b in a.batches.split(",")], a.prompt_len, a.new_tokens, a.repeats
+            name,
+            [int(b) for b in a.batches.split(",")],
+            a.prompt_len,
+            a.new_tokens,
+            a.repeats,
+            not a.no_compiled,
         )
     out["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(out, indent=2)

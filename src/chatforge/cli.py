@@ -75,7 +75,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
         if getattr(args, key) is not None:
             setattr(sc, key, getattr(args, key))
-    engine = load_engine(args.model or cfg.run_dir / "base")
+    engine = load_engine(args.model or cfg.run_dir / "base", compile=cfg.sample.compile)
     prompts = args.prompt or sc.prompts
     for c in sample_prompts(engine, sc, prompts, n=args.n):
         print(f"--- [{c.prompt_index}.{c.sample_index}] {prompts[c.prompt_index]!r} ({c.finish_reason})")

@@ -329,6 +329,8 @@ class ServeConfig:
     db_url: str = ""  # any SQLAlchemy URL; "" = sqlite:///<run>/serve.db
     admin_key_env: str = "CHATFORGE_ADMIN_KEY"  # admin routes are off unless this variable is set
     device: str = "auto"
+    # torch.compile the decode step (Engine(compile=True)): faster per token, built once per version at start
+    compile: bool = False
 
     def validate(self, key: str) -> None:
         for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n"):
@@ -606,6 +608,7 @@ class SampleConfig:
     top_k: int = 50
     top_p: float = 0.95
     seed: int = 0
+    compile: bool = False  # torch.compile the decode step: pays off on long generations only
 
 
 @dataclass

@@ -260,6 +260,7 @@ class _Row:
     matcher: Any  # llguidance.LLMatcher when constrained
     gen: torch.Generator | None  # None when greedy
     pending: int | None = None  # sampled and reported, not yet fed to the model
+    length: int = 0  # tokens in the slot's cache, kept on the host so a step never reads it back
     tokens: list[int] = field(default_factory=list)
     lps: list[float] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -320,6 +321,10 @@ class EngineSession:
         self._new: list[_Row] = []  # added since the last step: prefill next step
         self._view_key: tuple[int, int] | None = None
         self._view: KVCache | None = None
+        # Compiled decoding: key positions 0..n-1 are a slice of this, one graph for every n.
+        self._key_positions = torch.arange(max_len, device=engine.device)
+        if engine.compile:
+            engine._mark_dynamic(self.cache)
 
     @property
     def active(self) -> int:
@@ -445,8 +450,24 @@ class EngineSession:
             events.append(self._advance(row, t, lp, top))
         return events
 
+    def warmup(self) -> None:
+        """Build the compiled decode step now rather than on the first request (no-op when eager).
+
+        Runs one step over the free slots at position 0 (what it writes there is overwritten by the next
+        prefill); every slot must be free."""
+        if self.engine.compile and self.active == 0 and self.max_len >= 2:
+            with torch.inference_mode(), self.engine._autocast():
+                ids = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.engine.device)
+                self.engine._decode_step(
+                    ids, self.cache, self.cache.lengths[:, None], self._key_positions[:2]
+                )
+
     def _decode(self, running: list[_Row]) -> torch.Tensor:
         """Feed each running row its pending token; logits [len(running), V] in ``running`` order."""
+        for r in running:
+            r.length += 1
+        if self.engine.compile:
+            return self._decode_fixed(running)
         lo, hi = running[0].slot, running[-1].slot + 1
         view = self._cache_view(lo, hi)
         if hi - lo == len(running):
@@ -465,6 +486,24 @@ class EngineSession:
         view.lengths[idx] += 1
         return logits
 
+    def _decode_fixed(self, running: list[_Row]) -> torch.Tensor:
+        """The compiled path: every slot of the session takes part (free ones with a dummy token at their
+        length 0, overwritten later), so the batch shape never changes; keys 0..n-1 with n from the
+        host-side lengths, so nothing is read back from the tensors."""
+        eng, c = self.engine, self.cache
+        flat = [0] * self.max_batch
+        for r in running:
+            flat[r.slot] = r.pending
+        ids = torch.tensor(flat, device=eng.device)[:, None]
+        n = max(r.length for r in running)  # lengths already count the token being fed
+        logits = eng._decode_step(ids, c, c.lengths[:, None], self._key_positions[:n])
+        if len(running) == self.max_batch:
+            c.lengths += 1
+            return logits
+        idx = torch.tensor([r.slot for r in running], device=eng.device)
+        c.lengths[idx] += 1
+        return logits[idx]
+
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
         """Prompts of adjacent slots, right-padded; only each row's last position goes through the head."""
         eng = self.engine
@@ -473,6 +512,8 @@ class EngineSession:
         for b, r in enumerate(rows):
             ids[b, : lens[b]] = torch.tensor(r.prompt)
         view = self._cache_view(rows[0].slot, rows[-1].slot + 1)
+        for r, n in zip(rows, lens):
+            r.length = n
         h = eng.model.hidden_states(ids.to(eng.device), cache=view)
         lens_t = torch.tensor(lens, device=eng.device)
         view.lengths += lens_t
@@ -526,8 +567,19 @@ class EngineSession:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Any) -> None:
+    """Generation over ``model``. ``compile=True`` runs decode steps through one ``torch.compile``d
+    fixed-shape step (``GPT.decode_step``) that reads the live weights (no frozen copy, so RL rollouts
+    see every update): faster per token once built, at a one-off build cost of seconds to a minute
+    (inductor caches it on disk); see ``bench/decode.py``. Greedy output equals the eager path's. Graphs are built per model: one for
+    batch 1, one for any larger session width; any ``max_len`` and key count reuse them."""
+
+    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, cpp_wrapper: bool = True) -> None:
         self.model = model.eval()
+        self.compile = compile
+        # inductor's C++ wrapper replaces the per-step Python glue of the compiled graph (views, size
+        # checks): 6-25% less CPU per step on S/M, for a longer build (~25-40 s vs ~7 s, cached on disk).
+        self.cpp_wrapper = cpp_wrapper
+        self._compiled: Any = None
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
@@ -535,6 +587,41 @@ class Engine:
         self.pad_id = getattr(tokenizer, "pad_id", 0)
         self._bytes: list[bytes] | bool | None = False  # False = not built yet
         self._grammar: _Grammars | None = None
+
+    def _decode_step(
+        self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor, key_positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``model.decode_step`` through ``torch.compile``; the key count (and the batch, past 1) is a
+        dynamic size, so one graph serves every step of every session of a model and batch kind."""
+        import torch._dynamo as dynamo  # loaded by torch.compile anyway
+
+        if self._compiled is None:
+            # Each model is one cache entry of the shared code object (two: batch 1 and batch > 1); the
+            # default limit of 8 is few for a server with several versions.
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+            self._compiled = torch.compile(
+                self.model.decode_step,
+                fullgraph=True,
+                dynamic=False,
+                options={"cpp_wrapper": self.cpp_wrapper},
+            )
+        dynamo.mark_dynamic(key_positions, 0)
+        if ids.shape[0] > 1:
+            dynamo.mark_dynamic(ids, 0)
+            dynamo.mark_dynamic(positions, 0)
+        return self._compiled(ids, cache, positions, key_positions)
+
+    @staticmethod
+    def _mark_dynamic(cache: KVCache) -> None:
+        """The cache's length (and its batch, past 1) are dynamic sizes of the compiled step, so sessions
+        of any ``max_len`` and width > 1 share one graph instead of a build each."""
+        import torch._dynamo as dynamo
+
+        for t in (*cache.k, *cache.v):
+            if t.shape[2] > 1:
+                dynamo.mark_dynamic(t, 2)
+            if t.shape[0] > 1:
+                dynamo.mark_dynamic(t, 0)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda" and next(self.model.parameters()).dtype == torch.float32:

@@ -49,6 +49,10 @@ class RotaryEmbedding(nn.Module):
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:  # longer than configured: extend rather than fail
             self._build(max(need, 2 * self.cos.shape[0]))
+        return self.lookup(positions)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at ``positions`` with no bounds check (no host read): the caller keeps them in range."""
         return self.cos[positions], self.sin[positions]
 
 
@@ -120,6 +124,16 @@ class _CacheStep:
             key_pos = torch.arange(used, device=positions.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # causal per slot
         return cls(positions, used, start, rows, mask)
+
+    @classmethod
+    def fixed(cls, positions: torch.Tensor, key_positions: torch.Tensor) -> _CacheStep:
+        """A plan that reads nothing back to the host and whose shapes follow the inputs' shapes alone, so
+        a compiled decode step replays: keys ``key_positions`` (``arange(n)``) are attended over, masked
+        past each query's position; the caller knows every position is below ``n``."""
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        return cls(positions, key_positions.shape[0], None, rows, mask)
 
 
 class Attention(nn.Module):
@@ -260,15 +274,22 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, H].
 
         Without a cache this is plain causal attention over ``input_ids``. With a cache, token t of slot b
         sits at position ``cache.lengths[b] + t`` (or ``positions[b, t]``); the caller advances
-        ``cache.lengths`` by the number of real (non-padding) tokens of each slot.
+        ``cache.lengths`` by the number of real (non-padding) tokens of each slot. ``key_positions``
+        (with ``positions``) selects the fixed-shape plan of ``decode_step``.
         """
         T = input_ids.shape[1]
         plan = None
+        if key_positions is not None:  # fixed shapes, no host reads: see ``decode_step``
+            assert cache is not None and positions is not None
+            plan = _CacheStep.fixed(positions, key_positions)
+            cos, sin = self.model.rotary.lookup(positions)
+            return self._layers(input_ids, cos.unsqueeze(1), sin.unsqueeze(1), cache, plan)
         if cache is not None:
             contiguous = positions is None
             if positions is None:
@@ -280,10 +301,38 @@ class GPT(nn.Module):
         cos, sin = self.model.rotary(rope_pos)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return self._layers(input_ids, cos, sin, cache, plan)
+
+    def _layers(
+        self,
+        input_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        plan: _CacheStep | None,
+    ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, i, cache, plan)
         return self.model.norm(x)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+        key_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Next-token logits [B, V] for one new token per cache slot, token b at ``positions[b, 0]``.
+
+        The fixed-shape decode path: keys ``key_positions`` (``arange(n)``) of every slot are attended
+        over, masked past each slot's own position; nothing is read back to the host, nothing branches on
+        data, and ``cache.lengths`` is left to the caller. So one call graph serves every step — what
+        ``torch.compile`` needs to capture it once (``n`` may be marked dynamic). Every position must be
+        below ``n`` <= the cache's length and the rotary table's.
+        """
+        h = self.hidden_states(input_ids, cache, positions, key_positions=key_positions)
+        return self.lm_head(h[:, -1])
 
     def forward(
         self,

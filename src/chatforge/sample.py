@@ -15,14 +15,14 @@ from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
 
 
-def load_engine(model_dir: str | Path, device: str = "auto") -> Engine:
+def load_engine(model_dir: str | Path, device: str = "auto", compile: bool = False) -> Engine:
     p = Path(model_dir)
     if not (p / "tokenizer.json").is_file():
         raise ChatforgeError(f"{p}: no tokenizer.json beside the model (is this a chatforge checkpoint?)")
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    return Engine(load_model(p, device=dev), Tokenizer.load(p))
+    return Engine(load_model(p, device=dev), Tokenizer.load(p), compile=compile)
 
 
 def sample_prompts(
@@ -45,7 +45,7 @@ def sample_prompts(
 def run(cfg: RunConfig, model_dir: str | Path | None = None) -> dict[str, Any]:
     """The speedrun's sampling step: the recipe's prompts through the base model, saved as JSON."""
     model_dir = Path(model_dir) if model_dir else cfg.run_dir / "base"
-    engine = load_engine(model_dir)
+    engine = load_engine(model_dir, compile=cfg.sample.compile)
     comps = sample_prompts(engine, cfg.sample)
     out = [{"prompt": cfg.sample.prompts[c.prompt_index], "completion": c.text} for c in comps]
     dest = cfg.run_dir / "samples" / f"{model_dir.name}.json"

@@ -280,7 +280,7 @@ def create_app(
         db = Database(db or "sqlite://")
     admin_key = admin_key if admin_key is not None else os.environ.get(cfg.admin_key_env) or None
     metrics = Metrics()
-    registry = Versions(db, cfg.max_batch, cfg.max_len, cfg.device, observer=metrics)
+    registry = Versions(db, cfg.max_batch, cfg.max_len, cfg.device, observer=metrics, compile=cfg.compile)
     for name, path in (versions or {}).items():
         registry.add(name, path)
     if active is not None:

@@ -40,9 +40,11 @@ class Versions:
         max_len: int = 0,
         device: str = "auto",
         observer: StepObserver | None = None,
+        compile: bool = False,
     ) -> None:
         self.db = db
         self.max_batch, self.max_len, self.device = max_batch, max_len, device
+        self.compile = compile
         self.observer = observer
         self._loaded: dict[str, Version] = {}
         self._lock = threading.Lock()
@@ -53,9 +55,11 @@ class Versions:
 
         if not name or name in DEFAULT_ALIASES or "/" in name:
             raise ChatforgeError(f"version name {name!r}: must be non-empty, without '/', not 'default'")
-        engine = load_engine(path, device=self.device)
+        engine = load_engine(path, device=self.device, compile=self.compile)
         ctx = engine.model.config.max_position_embeddings
         max_len = min(self.max_len, ctx) if self.max_len else ctx
+        if self.compile:  # build the decode graph now, not on the first request (sizes are dynamic)
+            engine.start(self.max_batch, 8).warmup()
         sched = Scheduler(engine, self.max_batch, max_len, observer=self.observer, name=name).start()
         version = Version(name, str(path), engine, sched)
         with self._lock:
