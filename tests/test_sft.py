@@ -108,3 +108,28 @@ def test_replay_rows_are_pretraining_windows_trained_on_every_token(tok, tmp_pat
     assert torch.equal(replay_ids[1:], replay_labels[:-1])  # a contiguous window, shifted by one
     assert "Ada was born" in tok.decode(replay_ids.tolist()) or "painter" in tok.decode(replay_ids.tolist())
     assert not torch.equal(fn(3, 0, 0, 1)["input_ids"][3], replay_ids)  # a new window each step
+
+
+def test_mixed_pretraining_rows_pack_conversations_with_their_assistant_mask(tok, tmp_path) -> None:
+    import gzip
+    import json
+
+    from chatforge.data.corpus import TokenShards, write_shards
+    from chatforge.train.pretrain import mixed_batch_fn
+
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"Ada was born in Dunmere in {1900 + i}. " * 4, "source": "t"}) + "\n")
+    write_shards(tmp_path / "docs.jsonl.gz", tok, tmp_path / "data", val_fraction=0.1, num_workers=1, seed=0)
+    chats, _ = tokenize_conversations(CONVS, tok, max_tokens=512)
+    tc = TrainConfig(batch_size=4, seq_len=32, seed=1)
+    fn = mixed_batch_fn(TokenShards(tmp_path / "data", "train"), chats, tc, chat_rows=2, pad_id=tok.pad_id)
+    b = fn(0, 0, 0, 1)
+    assert b["input_ids"].shape == b["labels"].shape == (4, 32)
+    assert torch.equal(b["input_ids"], fn(0, 0, 0, 1)["input_ids"])  # exact resume
+    assert (b["labels"][:2] != IGNORE).all()  # text rows: every token
+    for row_ids, row_labels in zip(b["input_ids"][2:], b["labels"][2:]):
+        text = tok.decode(row_ids.tolist(), skip_special_tokens=False)
+        assert "<|im_start|>" in text  # packed conversations in the real template
+        trained = tok.decode([int(t) for t in row_labels if t != IGNORE], skip_special_tokens=False)
+        assert "Who is Ada?" not in trained and "Reply only in JSON" not in trained  # prompts are context

@@ -241,6 +241,9 @@ class ChatDataConfig:
     # replay keeps what the base knows (held-out entities included) from being overwritten by the
     # narrow chat data while the format is learnt.
     replay_fraction: float = 0.0
+    # Share of each *pretraining* batch's rows that are these conversations (mixed training; see
+    # train/pretrain.py): the base learns to answer while it learns the facts.
+    pretrain_fraction: float = 0.0
 
     def validate(self, key: str) -> None:
         if not self.sources:
@@ -249,6 +252,7 @@ class ChatDataConfig:
             s.validate(f"{key}.sources[{i}]")
         _check_range(f"{key}.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _check_range(f"{key}.replay_fraction", self.replay_fraction, 0.0, 0.9)
+        _check_range(f"{key}.pretrain_fraction", self.pretrain_fraction, 0.0, 0.9)
 
 
 @dataclass

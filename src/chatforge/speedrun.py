@@ -115,6 +115,8 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     results: dict[str, Any] = {}
     for name in enabled_stages(cfg):
         sections, outputs = STAGES[name]
+        if name == "pretrain" and cfg.chat_data.pretrain_fraction:  # mixed training reads the chat data
+            sections = (*sections, "chat_data")
         outputs = tuple(o.format(rl=cfg.speedrun.rl) for o in outputs)
         h = _hash(cfg, sections)
         done = all((run_dir / o).exists() for o in outputs) and book.get(name, {}).get("hash") == h

@@ -2,6 +2,12 @@
 
 Reads ``<run>/tokenizer`` and ``<run>/data`` (shards), trains in ``<run>/train/pretrain`` (metrics and
 checkpoints) and writes the base model to ``<run>/base`` as a Hugging Face model directory.
+
+With ``chat_data.pretrain_fraction`` > 0, that share of each batch's rows are the recipe's chat
+conversations (``<run>/chat``), packed end to end, loss on assistant tokens only — "mixed training": a
+model that learns to answer questions while it learns the facts can answer about entities it only ever
+read about, where answering learnt afterwards (SFT alone) mostly does not (Allen-Zhu & Li, Physics of
+Language Models 3.1).
 """
 
 from __future__ import annotations
@@ -37,6 +43,36 @@ def lm_batch_fn(shards: TokenShards, tc: TrainConfig) -> BatchFn:
         rows = shards.sample_windows(rng, tc.batch_size * world, tc.seq_len + 1)
         w = torch.from_numpy(np.ascontiguousarray(rows[rank * tc.batch_size : (rank + 1) * tc.batch_size]))
         return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    return batch_fn
+
+
+def mixed_batch_fn(
+    shards: TokenShards,
+    chats: list[tuple[np.ndarray, np.ndarray]],
+    tc: TrainConfig,
+    chat_rows: int,
+    pad_id: int,
+) -> BatchFn:
+    """``lm_batch_fn`` whose last ``chat_rows`` rows per rank are conversations packed to ``seq_len`` (their
+    own labels: assistant tokens only). A pure function of (step, micro, rank) for exact resume."""
+    text = lm_batch_fn(shards, dataclasses.replace(tc, batch_size=tc.batch_size - chat_rows))
+    T = tc.seq_len
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> Batch:
+        b = text(step, micro, rank, world)
+        rng = np.random.default_rng([tc.seed, step, micro, 1 + rank])
+        ids = torch.full((chat_rows, T), pad_id, dtype=torch.long)
+        labels = torch.full((chat_rows, T), -100, dtype=torch.long)
+        for r in range(chat_rows):
+            pos = 0
+            while pos < T:
+                x, y = chats[int(rng.integers(len(chats)))]
+                n = min(len(x), T - pos)
+                ids[r, pos : pos + n] = torch.from_numpy(x[:n])
+                labels[r, pos : pos + n] = torch.from_numpy(y[:n])
+                pos += n
+        return {"input_ids": torch.cat([b["input_ids"], ids]), "labels": torch.cat([b["labels"], labels])}
 
     return batch_fn
 
@@ -86,12 +122,29 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         loss = evaluate_lm(m, val_windows, tc.batch_size)
         return {"val_loss": round(loss, 5)}
 
+    batch_fn = lm_batch_fn(train, tc)
+    chat_rows = min(round(cfg.chat_data.pretrain_fraction * tc.batch_size), tc.batch_size - 1)
+    chat_stats: dict[str, Any] = {}
+    if chat_rows:
+        from chatforge.data import chat
+        from chatforge.train.sft import tokenize_conversations
+
+        chat_stats = chat.prepare(cfg)
+        convs, _ = tokenize_conversations(
+            chat.read_jsonl(run_dir / "chat" / "train.jsonl"), tok, tc.seq_len + 1
+        )
+        if not convs:
+            raise ChatforgeError(
+                f"chat_data.pretrain_fraction: no conversation fits pretrain.seq_len={tc.seq_len}"
+            )
+        batch_fn = mixed_batch_fn(train, convs, tc, chat_rows, tok.pad_id)
+
     trainer = Trainer(
         model,
         tc,
         run_dir / "train" / "pretrain",
         loss_fn=lm_loss_fn,
-        batch_fn=lm_batch_fn(train, tc),
+        batch_fn=batch_fn,
         save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
         load_fn=load_weights,
         evaluate=evaluate,
@@ -104,7 +157,10 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         params=model.num_params(non_embedding=False),
         params_non_embedding=model.num_params(),
         train_tokens_available=train.n_tokens,
+        chat_rows_per_batch=chat_rows,
     )
+    if chat_stats:
+        summary["chat_data"] = chat_stats
     if rt.is_main:
         save_model(
             model, run_dir / "base", tokenizer=tok, extra_files={"training_summary.json": json.dumps(summary)}
