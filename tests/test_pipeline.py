@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from chatforge.checkpoint import load_model
+from chatforge.data.chat import KINDS
 from chatforge.tokenizer import Tokenizer
 
 TINY = [
@@ -85,11 +86,12 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
     metrics = [json.loads(ln) for ln in (run_dir / "train/pretrain/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["event"] == "eval"] == [20, 40]
     # The chat stages ran too: an SFT checkpoint and the world behaviour suite on both models.
+    n_items = 2 * len(KINDS)  # chat_data.eval_per_kind=2
     assert (run_dir / "sft" / "config.json").is_file()
     for name in ("base", "sft"):
         res = json.loads((run_dir / "evals" / f"world_{name}.json").read_text())
         plain = [smp for smp in res["samples"] if smp["kind"] != "system_json_constrained"]
-        assert res["overall"]["items"] == 24 and len(plain) == 24
+        assert res["overall"]["items"] == n_items and len(plain) == n_items
         # JSON-schema items also ran with the schema enforced.
         assert set(res["json_valid"]) == {"unconstrained", "constrained"}
         assert "system_json_constrained" in res["per_kind"]
@@ -97,7 +99,7 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
     # the red-team suite on every checkpoint, all in the report card.
     assert (run_dir / "rm" / "reward_head.safetensors").is_file()
     assert (run_dir / "rlhf" / "grpo" / "config.json").is_file()
-    assert json.loads((run_dir / "evals" / "world_rlhf-grpo.json").read_text())["overall"]["items"] == 24
+    assert json.loads((run_dir / "evals" / "world_rlhf-grpo.json").read_text())["overall"]["items"] == n_items
     rows = json.loads((run_dir / "evals" / "rlhf.json").read_text())["rows"]
     assert {"sft", "rlhf/grpo", "best-of-2"} <= set(rows)
     assert set(report["redteam"]) >= {"base", "sft", "grpo"}

@@ -93,6 +93,44 @@ def test_isoflop_minimum_is_the_parabola_vertex() -> None:
     assert edge.method == "sampled" and edge.n_opt == 1e4
 
 
+def test_isoflop_frontier_recovers_the_laws_allocation_and_bootstrap_keeps_budgets() -> None:
+    # Approach 2 on a known law: parabola minima per budget, then N_opt ∝ C^(β/(α+β)).
+    true = sf.LossLaw(E=1.2, A=25.0, alpha=0.4, B=40.0, beta=0.3)
+    budgets = np.geomspace(1e10, 1e11, 4)
+    rows = []
+    for c in budgets:
+        n_star, _ = true.compute_optimal(c)
+        for n in n_star * np.geomspace(1 / 4, 4, 7):  # sizes bracket each budget's optimum
+            rows.append((c, n, float(true(n, c / (6 * n)))))
+    minima = [
+        sf.isoflop_minimum(c, [r[1] for r in rows if r[0] == c], [r[2] for r in rows if r[0] == c])
+        for c in budgets
+    ]
+    assert all(m.method == "parabola" for m in minima)
+    front = sf.fit_frontier(minima)
+    assert front.a == pytest.approx(true.beta / (true.alpha + true.beta), abs=0.03)
+    n_t, d_t = true.compute_optimal(3e12)  # 30x the largest budget
+    assert float(front.tokens_per_param(3e12)) == pytest.approx(d_t / n_t, rel=0.25)
+    assert 6 * front.n_opt(3e12) * front.d_opt(3e12) == pytest.approx(3e12)
+    # Minima at the ladder's edge only bound the optimum: no frontier from them.
+    edge = [sf.IsoflopMinimum(c, 1e4, 3.0, "sampled") for c in budgets]
+    with pytest.raises(sf.FitError, match="bracket"):
+        sf.fit_frontier(edge)
+    # Stratified resampling: every budget keeps its number of runs in every resample.
+    labels = [r[0] for r in rows]
+    seen: list[np.ndarray] = []
+
+    def refit(idx: np.ndarray) -> dict[str, float]:
+        seen.append(idx)
+        return {"x": float(np.mean(idx))}
+
+    boot = sf.bootstrap(len(rows), refit, samples=30, seed=0, groups=labels)
+    assert len(boot["x"]) == 30 and np.ptp(boot["x"]) > 0
+    for idx in seen:
+        counts = {c: sum(labels[i] == c for i in idx) for c in budgets}
+        assert all(v == 7 for v in counts.values())
+
+
 def test_fits_refuse_too_few_points() -> None:
     with pytest.raises(sf.FitError, match="at least 5"):
         sf.fit_loss_law([1e4, 2e4], [1e6, 2e6], [3.0, 2.9])
@@ -157,6 +195,7 @@ def test_ladder_resumes_where_it_stopped(ladder: dict) -> None:
     # Every rung was evaluated on the same held-out tokens and learned something (uniform: ln 512 ≈ 6.24).
     assert all(r["val_loss"] < 6.2 for r in rows)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # more compute, lower loss
+    assert summary["ladder_cpu_seconds"] > 0 and all(r["cpu_seconds"] > 0 for r in rows)
     # A third run trains nothing.
     again = scaling.run(cfg, until="ladder")
     assert again["rungs_ran"] == 0
@@ -172,6 +211,7 @@ def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
     assert pred["predicted"]["val_loss"] > 0 and pred["predicted"]["metric"] == "world_cloze"
     chk = json.loads((sdir / "scaling.json").read_text())["check"]
     assert chk["predicted_before_training"] is True
+    assert chk["prediction_unchanged"] is True and chk["prediction_sha256"] == pred["sha256"]
     assert chk["relative_error"] == pytest.approx(
         abs(chk["predicted_val_loss"] - chk["actual_val_loss"]) / chk["actual_val_loss"]
     )

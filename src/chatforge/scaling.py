@@ -137,6 +137,11 @@ class _Data:
             _prepare_data(cfg)
         sc = cfg.scaling
         self.tok = Tokenizer.load(run_dir / "tokenizer")
+        if self.tok.vocab_size > cfg.tokenizer.vocab_size:
+            raise ChatforgeError(
+                f"{run_dir}/tokenizer has {self.tok.vocab_size} tokens, tokenizer.vocab_size is"
+                f" {cfg.tokenizer.vocab_size}: remove {run_dir}/data and {run_dir}/tokenizer to rebuild them"
+            )
         self.train = TokenShards(run_dir / "data", "train")
         val = TokenShards(run_dir / "data", "val")
         n_win = max(1, sc.val_tokens // sc.train.seq_len)
@@ -251,9 +256,9 @@ def train_rung(cfg: RunConfig, rung: Rung, data: _Data, work_dir: Path, save_dir
         desc=f"scaling {rung.name}",
         flops_per_token=model.flops_per_token(tc.seq_len),
     )
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     summary = trainer.fit(resume=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     epochs = rung.tokens / data.train.n_tokens
     if epochs > 1.0:
         print(
@@ -274,6 +279,8 @@ def train_rung(cfg: RunConfig, rung: Rung, data: _Data, work_dir: Path, save_dir
         "epochs": round(epochs, 4),
         "train_seconds": round(summary["elapsed_s"], 2),
         "wall_seconds": round(wall, 2),
+        # CPU time of this process: on a shared machine wall time is inflated by other jobs, CPU time less so.
+        "cpu_seconds": round(cpu, 2),
         "resumed": summary["resumed"],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -353,11 +360,18 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
     mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
     n_opt_t, d_opt_t = law.compute_optimal(target.compute)
-    k_n, a_n = sf.fit_power([x.budget for x in minima], [x.n_opt for x in minima])
+    try:  # approach 2; None when fewer than two budgets have their minimum inside the sampled sizes
+        front: sf.Frontier | None = sf.fit_frontier(minima)
+    except sf.FitError as e:
+        print(f"scaling: {e}", file=sys.stderr)
+        front = None
     c_grid = np.geomspace(min(sc.budgets) / 2, target.compute * 2, 40)
 
     def quantities(
-        law_: sf.LossLaw, claw_: sf.ComputeLaw | None, mlaw_: sf.MetricLaw | None
+        law_: sf.LossLaw,
+        claw_: sf.ComputeLaw | None,
+        mlaw_: sf.MetricLaw | None,
+        front_: sf.Frontier | None,
     ) -> dict[str, float]:
         pred = float(law_(target.n_params, target.tokens))
         no, do = law_.compute_optimal(target.compute)
@@ -369,6 +383,9 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
             "tokens_per_param": do / no,
             "n_opt": no,
         }
+        if front_ is not None:
+            q["frontier_tokens_per_param"] = float(front_.tokens_per_param(target.compute))
+            q["frontier_exponent"] = front_.a
         if claw_ is not None:
             q["loss_compute_law"] = float(claw_(target.compute))
             q.update({f"lc_{i}": float(v) for i, v in enumerate(claw_(c_grid))})
@@ -376,20 +393,26 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
             q["metric"] = float(mlaw_(pred))
         return q
 
-    point = quantities(law, claw, mlaw)
+    point = quantities(law, claw, mlaw, front)
     init = sf.law_init(law)
 
     def refit(idx: np.ndarray) -> dict[str, float]:
-        law_b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init], search=False)
-        sub = [rows[i] for i in idx]
-        mins = _frontier(sub)
+        # The full grid of starts on every resample, not only the point fit's optimum: a resample whose
+        # best fit lies in another basin must be allowed to find it, or the interval is too narrow.
+        law_b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init])
+        mins = _frontier([rows[i] for i in idx])
         claw_b = None
         if len(mins) >= 3:
             claw_b = sf.fit_compute_law([x.budget for x in mins], [x.loss for x in mins])
+        try:
+            front_b = sf.fit_frontier(mins) if front is not None else None
+        except sf.FitError:
+            front_b = None
         mlaw_b = sf.fit_metric_vs_loss(loss[idx], m[idx], chance) if mlaw is not None else None
-        return quantities(law_b, claw_b, mlaw_b)
+        return quantities(law_b, claw_b, mlaw_b, front_b)
 
-    boot = sf.bootstrap(len(rows), refit, sc.bootstrap, sc.seed) if sc.bootstrap else {}
+    budgets = [r["budget"] for r in rows]
+    boot = sf.bootstrap(len(rows), refit, sc.bootstrap, sc.seed, groups=budgets) if sc.bootstrap else {}
 
     def ci(key: str) -> list[float] | None:
         if key not in boot or len(boot[key]) < 10:
@@ -402,13 +425,18 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         "compute_law": claw.to_dict(),
         "metric_law": mlaw.to_dict() if mlaw else None,
         "isoflop_minima": [dataclasses.asdict(x) for x in minima],
-        "n_opt_vs_compute": {"k": k_n, "exponent": a_n},
+        "frontier": front.to_dict() if front else None,
+        "n_opt_vs_compute": {"k": front.kn, "exponent": front.a} if front else None,
         "compute_optimal_at_target": {
             "compute": target.compute,
             "n_params": n_opt_t,
             "tokens": d_opt_t,
             "tokens_per_param": d_opt_t / n_opt_t,
             "tokens_per_param_interval": ci("tokens_per_param"),
+            # Approach 2: the isoFLOP minima's N_opt(C) power law, extrapolated to the target's compute.
+            "isoflop_n_params": float(front.n_opt(target.compute)) if front else None,
+            "isoflop_tokens_per_param": point.get("frontier_tokens_per_param"),
+            "isoflop_tokens_per_param_interval": ci("frontier_tokens_per_param"),
         },
         "bootstrap_samples": len(boot.get("loss", [])),
         "interval_level": sc.interval,
@@ -454,9 +482,9 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
             return None
     elif not fit:
         return None
-        if (cfg.run_dir / "scaling" / "target" / "result.json").is_file():
-            # A new prediction would postdate the trained target: retrain it after predicting again.
-            shutil.rmtree(cfg.run_dir / "scaling" / "target")
+    if (cfg.run_dir / "scaling" / "target").is_dir():
+        # A new prediction would postdate the trained target: retrain it after predicting again.
+        shutil.rmtree(cfg.run_dir / "scaling" / "target")
     metric = None if data.kind == "none" else data.kind
     t0 = time.perf_counter()
     fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric)
@@ -471,8 +499,14 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
         "fit_seconds": round(time.perf_counter() - t0, 2),
         **fits,
     }
+    pred["sha256"] = _content_sha(pred)  # the check recomputes it: the prediction was not edited after
     _write_json(out, pred)
     return pred
+
+
+def _content_sha(pred: dict) -> str:
+    body = {k: v for k, v in pred.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=float).encode()).hexdigest()
 
 
 def check(cfg: RunConfig, pred: dict, data: _Data, train: bool = True) -> dict:
@@ -504,6 +538,8 @@ def check(cfg: RunConfig, pred: dict, data: _Data, train: bool = True) -> dict:
         "compute_law_val_loss": p["compute_law_val_loss"],
         "compute_law_relative_error": abs(p["compute_law_val_loss"] - actual) / actual,
         "predicted_before_training": bool(start) and pred["created_unix"] < min(start),
+        "prediction_sha256": pred.get("sha256"),
+        "prediction_unchanged": pred.get("sha256") == _content_sha(pred),
         "target_train_seconds": res["train_seconds"],
         "target_epochs": res["epochs"],
     }
@@ -545,6 +581,7 @@ def run(cfg: RunConfig, until: str = "check", after_rung: Callable[[dict], None]
         "ladder": rows,
         "ladder_train_seconds": round(sum(r["train_seconds"] for r in rows), 1),
         "ladder_wall_seconds": round(sum(r["wall_seconds"] for r in rows), 1),
+        "ladder_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in rows), 1),
         "ladder_ran_seconds": round(time.perf_counter() - t0, 1),
     }
     # A partial run (--ladder-only, --predict) still reports what earlier runs found for this ladder.

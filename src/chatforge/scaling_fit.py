@@ -3,10 +3,12 @@
 - ``fit_loss_law``: L(N, D) = E + A/N^α + B/D^β, Chinchilla's approach 3 — Huber loss (δ = 1e-3) on the
   residuals of log L, L-BFGS from a grid of starting points, the best fit kept.
 - ``fit_compute_law``: L(C) = E + a·C^(−b) on the compute frontier (the best loss at each budget).
-- ``isoflop_minimum``: a parabola in log N through one budget's losses (Chinchilla's approach 2).
+- ``isoflop_minimum``: a parabola in log N through one budget's losses (Chinchilla's approach 2), and
+  ``fit_frontier``: N_opt(C) and D_opt(C) as power laws through those minima.
 - ``fit_metric_vs_loss``: a downstream metric as a sigmoid of the loss (the Llama 3 report's two-step
   prediction: compute → loss → accuracy).
-- ``bootstrap``: refit on rungs resampled with replacement; percentile intervals of any prediction.
+- ``bootstrap``: refit on rungs resampled with replacement (within each budget, so every isoFLOP profile
+  keeps its size); percentile intervals of any prediction.
 
 N is whatever parameter count the caller uses consistently (the ladder uses non-embedding parameters) and
 compute is C = 6·N·D.
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from scipy.optimize import minimize, nnls
-from scipy.special import expit, logsumexp
+from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from chatforge.errors import ChatforgeError
@@ -47,6 +49,13 @@ def _one_blas_thread(fn: Callable[..., T]) -> Callable[..., T]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _logsumexp0(u: np.ndarray) -> np.ndarray:
+    """log Σ exp over axis 0; scipy's logsumexp costs ~50× more per call on these tiny arrays, and the
+    fits call it thousands of times per bootstrap."""
+    m = u.max(axis=0)
+    return m + np.log(np.exp(u - m).sum(axis=0))
 
 
 def _huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -94,7 +103,7 @@ def _law_objective(
     """Huber(log L̂ − log L) summed, divided by δ (same minimum, gradients L-BFGS can see), and its gradient."""
     a, b, e, alpha, beta = theta
     u = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    pred = logsumexp(u, axis=0)
+    pred = _logsumexp0(u)
     w = np.exp(u - pred)  # softmax weights: d pred / d u
     r = pred - log_l
     g = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA
@@ -210,7 +219,7 @@ def fit_compute_law(c: Sequence[float], loss: Sequence[float]) -> ComputeLaw:
     def obj(theta: np.ndarray) -> tuple[float, np.ndarray]:
         la, b, e = theta
         u = np.stack([la - b * x, np.full_like(x, e)])
-        pred = logsumexp(u, axis=0)
+        pred = _logsumexp0(u)
         w = np.exp(u - pred)
         r = pred - log_l
         g = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA
@@ -277,6 +286,39 @@ def isoflop_minimum(budget: float, n: Sequence[float], loss: Sequence[float]) ->
     return IsoflopMinimum(budget, float(n_[i]), float(l_[i]), "sampled")
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """Approach 2: N_opt = kn·C^a and D_opt = C/(6·N_opt) = kd·C^(1−a) through the isoFLOP minima."""
+
+    kn: float
+    a: float
+
+    def n_opt(self, c: Any) -> Any:
+        return self.kn * np.asarray(c, dtype=float) ** self.a
+
+    def d_opt(self, c: Any) -> Any:
+        return np.asarray(c, dtype=float) / (6.0 * self.n_opt(c))
+
+    def tokens_per_param(self, c: Any) -> Any:
+        return self.d_opt(c) / self.n_opt(c)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def fit_frontier(minima: Sequence[IsoflopMinimum]) -> Frontier:
+    """N_opt(C) through the minima that are parabola vertices (an edge minimum only bounds the optimum);
+    needs two such budgets."""
+    inside = [m for m in minima if m.method == "parabola"]
+    if len(inside) < 2:
+        raise FitError(
+            f"isoFLOP frontier: {len(inside)} budget(s) have their minimum inside the sampled sizes, need 2;"
+            " the ladder's sizes do not bracket the optimum"
+        )
+    kn, a = fit_power([m.budget for m in inside], [m.n_opt for m in inside])
+    return Frontier(kn=kn, a=a)
+
+
 def fit_power(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """y = k·x^p by least squares in log-log space; returns (k, p)."""
     lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
@@ -341,13 +383,18 @@ def bootstrap(
     refit: Callable[[np.ndarray], dict[str, float]],
     samples: int,
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Call ``refit(indices)`` on ``samples`` resamples (with replacement) of ``n_points`` runs; collects
-    each returned quantity. Resamples whose fit fails (e.g. a single model size drawn) are skipped."""
+    each returned quantity. With ``groups`` (a label per run, e.g. its budget) each group is resampled
+    within itself, so every group keeps its number of runs. Resamples whose fit fails (e.g. a single model
+    size drawn) are skipped."""
     rng = np.random.default_rng(seed)
+    labels = np.asarray(groups if groups is not None else [0] * n_points)
+    members = [np.flatnonzero(labels == g) for g in dict.fromkeys(labels.tolist())]
     out: dict[str, list[float]] = {}
     for _ in range(samples):
-        idx = rng.integers(0, n_points, n_points)
+        idx = np.concatenate([rng.choice(m, len(m)) for m in members])
         try:
             vals = refit(idx)
         except FitError:

@@ -194,14 +194,27 @@ def _ci(ci: list[float] | None, nd: int = 4) -> str:
     return "–" if not ci else f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
 
 
+def _frontier_line(pred: dict, lvl: str) -> str:
+    co, front = pred["compute_optimal_at_target"], pred.get("frontier")
+    if not front:
+        return "- isoFLOP minima (approach 2): fewer than two budgets bracket their optimum — no frontier fit"
+    return (
+        f"- isoFLOP minima (approach 2): N_opt ∝ C^{front['a']:.3f}; at the target's compute"
+        f" N = {co['isoflop_n_params']:,.0f}, **{co['isoflop_tokens_per_param']:.1f} tokens per parameter**"
+        f" ({lvl} {_ci(co['isoflop_tokens_per_param_interval'], 1)})"
+    )
+
+
 def markdown(s: dict) -> str:
     rows = s["ladder"]
     lines = [
         f"## Scaling: {s['name']}",
         "",
         f"Corpus {', '.join(s['corpus'])}; vocab {s['vocab_size']}; {len(rows)} ladder runs over"
-        f" {len({r['budget'] for r in rows})} budgets in {s['ladder_wall_seconds']:.0f} s"
-        f" ({s['ladder_train_seconds']:.0f} s training); validation on the same {s['val_tokens']:,} held-out tokens.",
+        f" {len({r['budget'] for r in rows})} budgets in {s['ladder_wall_seconds']:.0f} s wall"
+        f" ({s.get('ladder_cpu_seconds', 0):.0f} s CPU; on a shared machine wall time is inflated);"
+        f" every rung {min(r['steps'] for r in rows)}–{max(r['steps'] for r in rows)} steps, at most"
+        f" {max(r['epochs'] for r in rows):.2f} epochs; validation on the same {s['val_tokens']:,} held-out tokens.",
         "",
     ]
     pred, chk = s.get("prediction"), s.get("check")
@@ -216,9 +229,10 @@ def markdown(s: dict) -> str:
             f" (α {lvl} {_ci(iv.get('alpha'), 3)}, β {_ci(iv.get('beta'), 3)}, E {_ci(iv.get('E'), 3)};"
             f" N = {pred['n_definition']})",
             f"- L(C) = {cl['E']:.3f} + {cl['a']:.4g}·C^-{cl['b']:.4f} (on the isoFLOP minima)",
-            f"- compute-optimal at {co['compute']:.3g} FLOPs: N = {co['n_params']:,.0f}, D = {co['tokens']:,.0f}"
-            f" — **{co['tokens_per_param']:.1f} tokens per parameter** ({lvl} {_ci(co['tokens_per_param_interval'], 1)});"
-            f" isoFLOP minima give N_opt ∝ C^{pred['n_opt_vs_compute']['exponent']:.3f}",
+            f"- compute-optimal at {co['compute']:.3g} FLOPs, L(N, D) (approach 3): N = {co['n_params']:,.0f},"
+            f" D = {co['tokens']:,.0f} — **{co['tokens_per_param']:.1f} tokens per parameter**"
+            f" ({lvl} {_ci(co['tokens_per_param_interval'], 1)})",
+            _frontier_line(pred, lvl),
             f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
             f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
             f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])}, L(C) says {p['compute_law_val_loss']:.4f}"
@@ -233,7 +247,7 @@ def markdown(s: dict) -> str:
             "|---|---|---|---|---|",
             f"| val loss, L(N, D) | {chk['predicted_val_loss']:.4f} | {_ci(chk['interval'])} |"
             f" {chk['actual_val_loss']:.4f} | {chk['relative_error']:.2%} |",
-            f"| val loss, L(C) | {chk['compute_law_val_loss']:.4f} | {_ci(pred['predicted']['compute_law_interval'])} |"
+            f"| val loss, L(C) (compute-optimal frontier) | {chk['compute_law_val_loss']:.4f} | {_ci(pred['predicted']['compute_law_interval'])} |"
             f" {chk['actual_val_loss']:.4f} | {chk['compute_law_relative_error']:.2%} |",
         ]
         if chk.get("metric"):
@@ -244,7 +258,9 @@ def markdown(s: dict) -> str:
         lines += [
             "",
             f"Prediction written before the target trained: {'yes' if chk['predicted_before_training'] else 'NO'};"
-            f" target trained {chk['target_train_seconds']:.0f} s.",
+            f" unchanged since (sha256): {'yes' if chk.get('prediction_unchanged') else 'NO'};"
+            f" target trained {chk['target_train_seconds']:.0f} s wall, {s['target'].get('cpu_seconds', 0):.0f} s"
+            f" CPU, {chk['target_epochs']:.2f} epochs of the training data.",
         ]
     for f in ("loss_vs_compute.png", "isoflop.png", "prediction.png"):
         if f in s.get("files", {}).values():
