@@ -598,11 +598,20 @@ def _schema_text(fields: tuple[str, ...]) -> str:
     return "{" + body + "}"
 
 
+# Bounds every world value meets. They also bound a constrained reply: without them a weak model can
+# stay inside one string (or number) until max_new_tokens and end unfinished, hence invalid.
+JSON_MAX_STRING = 40
+JSON_INT_RANGE = (0, 10_000_000)
+
+
 def json_schema(fields: tuple[str, ...]) -> dict[str, Any]:
     """A JSON Schema (draft 2020-12 subset) for an object with exactly ``fields``."""
+    lo, hi = JSON_INT_RANGE
+    integer = {"type": "integer", "minimum": lo, "maximum": hi}
+    string = {"type": "string", "maxLength": JSON_MAX_STRING}
     return {
         "type": "object",
-        "properties": {f: {"type": "integer" if f in INT_FIELDS else "string"} for f in fields},
+        "properties": {f: dict(integer if f in INT_FIELDS else string) for f in fields},
         "required": list(fields),
         "additionalProperties": False,
     }
