@@ -98,7 +98,9 @@ def test_replay_rows_are_pretraining_windows_trained_on_every_token(tok, tmp_pat
         for i in range(40)
     ]
     examples, _ = tokenize_conversations(convs, tok, max_tokens=512)
-    fn = length_grouped_batch_fn(examples, TrainConfig(batch_size=4, seed=3), tok.pad_id, shards, replay_rows=1)
+    fn = length_grouped_batch_fn(
+        examples, TrainConfig(batch_size=4, seed=3), tok.pad_id, shards, replay_rows=1
+    )
     a, b = fn(2, 0, 0, 1), fn(2, 0, 0, 1)
     assert torch.equal(a["input_ids"], b["input_ids"])  # deterministic in (step, micro): exact resume
     assert a["input_ids"].shape == a["labels"].shape and a["input_ids"].shape[0] == 4
@@ -119,7 +121,9 @@ def test_mixed_pretraining_rows_pack_conversations_with_their_assistant_mask(tok
 
     with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
         for i in range(60):
-            f.write(json.dumps({"text": f"Ada was born in Dunmere in {1900 + i}. " * 4, "source": "t"}) + "\n")
+            f.write(
+                json.dumps({"text": f"Ada was born in Dunmere in {1900 + i}. " * 4, "source": "t"}) + "\n"
+            )
     write_shards(tmp_path / "docs.jsonl.gz", tok, tmp_path / "data", val_fraction=0.1, num_workers=1, seed=0)
     chats, _ = tokenize_conversations(CONVS, tok, max_tokens=512)
     tc = TrainConfig(batch_size=4, seq_len=32, seed=1)

@@ -81,7 +81,9 @@ def length_grouped_batch_fn(
         if replay is None or replay_rows == 0:
             return batch
         T = batch["input_ids"].shape[1]
-        rows = replay.sample_windows(np.random.default_rng([tc.seed, step, micro, 1 + rank]), replay_rows, T + 1)
+        rows = replay.sample_windows(
+            np.random.default_rng([tc.seed, step, micro, 1 + rank]), replay_rows, T + 1
+        )
         w = torch.from_numpy(rows)
         return {
             "input_ids": torch.cat([batch["input_ids"], w[:, :-1]]),
@@ -142,7 +144,9 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     replay, replay_rows = None, round(cfg.chat_data.replay_fraction * tc.batch_size)
     if replay_rows:
         if not (run_dir / "data" / "index.json").is_file():
-            raise ChatforgeError(f"chat_data.replay_fraction: no pretraining shards in {run_dir}/data to replay")
+            raise ChatforgeError(
+                f"chat_data.replay_fraction: no pretraining shards in {run_dir}/data to replay"
+            )
         replay = TokenShards(run_dir / "data", "train")
         replay_rows = min(replay_rows, tc.batch_size - 1)  # at least one conversation per batch
     trainer = Trainer(
