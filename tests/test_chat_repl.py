@@ -14,10 +14,10 @@ import torch
 
 from chatforge.chat import Conversation, Repl, fit_prompt
 from chatforge.checkpoint import save_model
-from chatforge.config import ModelConfig
 from chatforge.engine import Engine, SamplingParams
-from chatforge.model import GPT, lm_loss
+from chatforge.model import GPT
 from chatforge.tokenizer import train_tokenizer
+from tiny_models import memorize, tiny_config
 
 REPLY = "hello there, friend"
 CONTEXT = 96
@@ -34,25 +34,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": REPLY}]
     tok = train_tokenizer([f"hi {REPLY} be brief"] * 50 + ["a b c d e f g h"] * 10, vocab_size=300)
     torch.manual_seed(0)
-    model = GPT(
-        ModelConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=CONTEXT,
-        )
-    )
-    ids = torch.tensor([tok.apply_chat_template(convo)])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    model = GPT(tiny_config(tok.vocab_size, max_position_embeddings=CONTEXT))
+    assert memorize(model, torch.tensor([tok.apply_chat_template(convo)])) < 0.05
     out = tmp_path_factory.mktemp("chat") / "model"
     save_model(model, out, tokenizer=tok)
     return out

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chatforge.checkpoint import save_model
-from chatforge.config import ModelConfig
 from chatforge.engine import Engine, SamplingParams
-from chatforge.model import GPT, KVCache, lm_loss
+from chatforge.model import GPT, KVCache
 from chatforge.tokenizer import train_tokenizer
+from tiny_models import memorize, tiny_config
 
 TEXT = "the quick brown fox jumps over the lazy dog and runs far away."
 
@@ -26,26 +26,12 @@ def _one_thread(one_thread: None) -> None:
     """Every test here runs single-threaded (see conftest)."""
 
 
-def _cfg(vocab: int, **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
-
-
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "attention_bias": True}])
 def test_decode_step_equals_full_recompute(variant: dict) -> None:
     """Prefill, then token by token through ``decode_step`` over a key window larger than what is used:
     each step's logits equal the full causal forward's at that position."""
     torch.manual_seed(0)
-    model = GPT(_cfg(101, **variant)).eval()
+    model = GPT(tiny_config(101, **variant)).eval()
     with torch.no_grad():
         for p in model.parameters():  # norms at 1 and zero biases would hide a mis-applied one
             p.add_(torch.randn_like(p) * 0.05)
@@ -65,7 +51,7 @@ def test_decode_step_slots_at_different_positions_and_gaps() -> None:
     """Three slots at different lengths, one of them free (a gap riding along with a dummy token): the
     running slots' logits equal each sequence's own full forward."""
     torch.manual_seed(0)
-    model = GPT(_cfg(101)).eval()
+    model = GPT(tiny_config(101)).eval()
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 101, (1, n), generator=g) for n in (5, 11)]
     with torch.inference_mode():
@@ -95,14 +81,8 @@ def trained() -> tuple[GPT, object]:
     """A tiny model that learned a sentence, so greedy continuations are long and unambiguous."""
     torch.manual_seed(0)
     tok = train_tokenizer([TEXT] * 50 + ["a b c d e f g h i j k l m n o p"] * 20, vocab_size=300)
-    model = GPT(_cfg(tok.vocab_size))
-    ids = torch.tensor([[*tok.encode(TEXT), tok.eos_id]])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = GPT(tiny_config(tok.vocab_size))
+    memorize(model, torch.tensor([[*tok.encode(TEXT), tok.eos_id]]))
     return model.eval(), tok
 
 

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatforge.config import ModelConfig
 from chatforge.engine import Engine, SamplingParams, _Detokenizer, filter_logits, token_bytes_table
-from chatforge.model import GPT, lm_loss
+from chatforge.model import GPT
 from chatforge.tokenizer import train_tokenizer
+from tiny_models import memorize, tiny_config
 
 SENTENCE = "the quick brown fox jumps over the lazy dog and runs far away."
 # Multi-byte characters split across tokens, for the incremental detokenizer.
@@ -28,24 +28,8 @@ def _one_thread(one_thread: None) -> None:
 def engine() -> Engine:
     torch.manual_seed(0)
     tok = train_tokenizer([SENTENCE] * 50 + ["a b c d e f g h i j k l m n o p"] * 20, vocab_size=300)
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    model = GPT(cfg)
-    ids = torch.tensor([[*tok.encode(SENTENCE), tok.eos_id]])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    model = GPT(tiny_config(tok.vocab_size, max_position_embeddings=128))
+    assert memorize(model, torch.tensor([[*tok.encode(SENTENCE), tok.eos_id]])) < 0.05
     return Engine(model, tok)
 
 

@@ -570,8 +570,9 @@ class Engine:
     """Generation over ``model``. ``compile=True`` runs decode steps through one ``torch.compile``d
     fixed-shape step (``GPT.decode_step``) that reads the live weights (no frozen copy, so RL rollouts
     see every update): faster per token once built, at a one-off build cost of seconds to a minute
-    (inductor caches it on disk); see ``bench/decode.py``. Greedy output equals the eager path's. Graphs are built per model: one for
-    batch 1, one for any larger session width; any ``max_len`` and key count reuse them."""
+    (inductor caches it on disk); see ``bench/decode.py``. Greedy output equals the eager path's. Graphs
+    are built per model: one for batch 1, one for any larger session width; any ``max_len`` and key
+    count reuse them."""
 
     def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, cpp_wrapper: bool = True) -> None:
         self.model = model.eval()

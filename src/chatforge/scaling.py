@@ -426,7 +426,6 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         "metric_law": mlaw.to_dict() if mlaw else None,
         "isoflop_minima": [dataclasses.asdict(x) for x in minima],
         "frontier": front.to_dict() if front else None,
-        "n_opt_vs_compute": {"k": front.kn, "exponent": front.a} if front else None,
         "compute_optimal_at_target": {
             "compute": target.compute,
             "n_params": n_opt_t,

@@ -25,6 +25,16 @@ def _law(pred: dict) -> LossLaw:
     return LossLaw(E=p["E"], A=p["A"], alpha=p["alpha"], B=p["B"], beta=p["beta"])
 
 
+def _predicted(ax: Any, x: float, value: float, interval: list | None, **kw: Any) -> None:
+    """A predicted point with its interval as an error bar (no bar when there is no interval)."""
+    yerr = None if not interval else [[value - interval[0]], [interval[1] - value]]
+    ax.errorbar([x], [value], yerr=yerr, fmt="o", color="C3", **kw)
+
+
+def _actual(ax: Any, x: float, y: float) -> None:
+    ax.plot([x], [y], "*", ms=13, color="C2", label="target: actual")
+
+
 def plot_loss_vs_compute(s: dict, out: Path) -> Path:
     rows, pred = s["ladder"], s.get("prediction")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -54,28 +64,17 @@ def plot_loss_vs_compute(s: dict, out: Path) -> Path:
                 label=f"{pred['interval_level']:.0%} interval",
             )
         ax.plot(c, _law(pred).frontier(c), "C1--", lw=1.2, label="compute-optimal L(N, D)")
-        t = pred["target"]
         p = pred["predicted"]
-        ci = p["val_loss_interval"]
-        yerr = None if not ci else [[p["val_loss"] - ci[0]], [ci[1] - p["val_loss"]]]
-        ax.errorbar(
-            [t["compute"]],
-            [p["val_loss"]],
-            yerr=yerr,
-            fmt="o",
-            color="C3",
+        _predicted(
+            ax,
+            pred["target"]["compute"],
+            p["val_loss"],
+            p["val_loss_interval"],
             capsize=4,
             label="target: predicted",
         )
     if s.get("check"):
-        ax.plot(
-            [s["prediction"]["target"]["compute"]],
-            [s["check"]["actual_val_loss"]],
-            "*",
-            ms=13,
-            color="C2",
-            label="target: actual",
-        )
+        _actual(ax, s["prediction"]["target"]["compute"], s["check"]["actual_val_loss"])
     ax.set_xscale("log")
     ax.set_xlabel("training compute C = 6·N·D (FLOPs)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -126,10 +125,7 @@ def plot_prediction(s: dict, out: Path) -> Path:
     vals = [p["val_loss"], p["compute_law_val_loss"]]
     cis = [p["val_loss_interval"], p["compute_law_interval"]]
     for i, (v, ci) in enumerate(zip(vals, cis)):
-        yerr = None if not ci else [[v - ci[0]], [ci[1] - v]]
-        ax.errorbar(
-            [i], [v], yerr=yerr, fmt="o", color="C3", capsize=5, label="predicted" if i == 0 else None
-        )
+        _predicted(ax, i, v, ci, capsize=5, label="predicted" if i == 0 else None)
     if chk:
         a = chk["actual_val_loss"]
         ax.axhline(a, color="C2", lw=1.5, label=f"actual {a:.4f} (error {chk['relative_error']:.2%})")
@@ -151,26 +147,11 @@ def plot_prediction(s: dict, out: Path) -> Path:
         hi = max(r["val_loss"] for r in rows) + 0.1
         grid = np.linspace(lo, hi, 80)
         ax.plot(grid, MetricLaw(**ml)(grid), "k-", lw=1, label="sigmoid fit")
-        ci = p["metric_interval"]
-        yerr = None if not ci else [[p["metric_value"] - ci[0]], [ci[1] - p["metric_value"]]]
-        ax.errorbar(
-            [p["val_loss"]],
-            [p["metric_value"]],
-            yerr=yerr,
-            fmt="o",
-            color="C3",
-            capsize=4,
-            label="target: predicted",
+        _predicted(
+            ax, p["val_loss"], p["metric_value"], p["metric_interval"], capsize=4, label="target: predicted"
         )
         if chk and chk.get("actual_metric") is not None:
-            ax.plot(
-                [chk["actual_val_loss"]],
-                [chk["actual_metric"]],
-                "*",
-                ms=13,
-                color="C2",
-                label="target: actual",
-            )
+            _actual(ax, chk["actual_val_loss"], chk["actual_metric"])
         ax.invert_xaxis()
         ax.set_xlabel("validation loss")
         ax.set_ylabel(metric)

@@ -468,11 +468,12 @@ def split_by_prompt(pairs: list[dict], held_out: float, seed: int = 0) -> tuple[
 
     Pairs are grouped by ``thread_key``, not by the whole prompt: OASST ranks replies at every depth of a
     thread, so a later prompt quotes an earlier pair's replies, and both must fall on the same side."""
-    keys = sorted({thread_key(p["messages"]) for p in pairs})
+    pair_keys = [thread_key(p["messages"]) for p in pairs]
+    keys = sorted(set(pair_keys))
     random.Random(seed).shuffle(keys)
     test_keys = set(keys[: max(1, int(len(keys) * held_out))]) if held_out > 0 else set()
-    train = [p for p in pairs if thread_key(p["messages"]) not in test_keys]
-    test = [p for p in pairs if thread_key(p["messages"]) in test_keys]
+    train = [p for p, k in zip(pairs, pair_keys) if k not in test_keys]
+    test = [p for p, k in zip(pairs, pair_keys) if k in test_keys]
     return train, test
 
 
