@@ -53,7 +53,7 @@ def _tokenizer(vocab: int) -> Any:
     return train_tokenizer(texts, vocab, min_frequency=1)
 
 
-def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, Any, Any]:
+def _models(shape: dict[str, int], max_len: int, tmp: Path, pack: bool = True) -> tuple[Any, Any, Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from chatforge.checkpoint import save_model
@@ -66,7 +66,8 @@ def _models(shape: dict[str, int], max_len: int, tmp: Path) -> tuple[Any, Any, A
     model = GPT(cfg)
     save_model(model, tmp, tokenizer=tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return Engine(model, tok), Engine(model, tok, compile=True), hf, tok
+    eager, fast = Engine(model, tok, pack_weights=pack), Engine(model, tok, compile=True, pack_weights=pack)
+    return eager, fast, hf, tok
 
 
 def _ours(engine: Any, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
@@ -128,11 +129,17 @@ def _one(lib: str, engine: Any, hf: Any, pad_id: int, prompts: list[list[int]], 
 
 
 def bench_shape(
-    name: str, batches: list[int], prompt_len: int, new: int, repeats: int, compiled: bool = True
+    name: str,
+    batches: list[int],
+    prompt_len: int,
+    new: int,
+    repeats: int,
+    compiled: bool = True,
+    pack: bool = True,
 ) -> dict[str, Any]:
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as d:
-        eager, fast, hf, tok = _models(shape, prompt_len + new, Path(d))
+        eager, fast, hf, tok = _models(shape, prompt_len + new, Path(d), pack)
     engine = {"chatforge": eager, "chatforge_compiled": fast}
     rng = random.Random(SEED)
     libs = ("chatforge", "chatforge_compiled", "transformers") if compiled else ("chatforge", "transformers")
@@ -194,6 +201,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled engine column")
+    ap.add_argument(
+        "--no-pack", action="store_true", help="Engine(pack_weights=False): decode nn.Linear weights"
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -205,6 +215,7 @@ def main() -> None:
             "repeats": a.repeats,
             "greedy": True,
             "dtype": "float32",
+            "pack_weights": not a.no_pack,
         },
     }
     for name in a.shapes.split(","):
@@ -215,6 +226,7 @@ def main() -> None:
             a.new_tokens,
             a.repeats,
             not a.no_compiled,
+            not a.no_pack,
         )
     out["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(out, indent=2)

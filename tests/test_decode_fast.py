@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from chatforge.checkpoint import save_model
 from chatforge.engine import Engine, SamplingParams
-from chatforge.model import GPT, KVCache
+from chatforge.model import GPT, DecodeWeights, KVCache, lm_loss
 from chatforge.tokenizer import train_tokenizer
 from tiny_models import memorize, tiny_config
 
@@ -26,10 +26,14 @@ def _one_thread(one_thread: None) -> None:
     """Every test here runs single-threaded (see conftest)."""
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "attention_bias": True}])
-def test_decode_step_equals_full_recompute(variant: dict) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["linear", "packed"])
+@pytest.mark.parametrize(
+    "variant", [{}, {"qk_norm": True, "attention_bias": True}, {"tie_word_embeddings": True}]
+)
+def test_decode_step_equals_full_recompute(variant: dict, packed: bool) -> None:
     """Prefill, then token by token through ``decode_step`` over a key window larger than what is used:
-    each step's logits equal the full causal forward's at that position."""
+    each step's logits equal the full causal forward's at that position, through the model's own linear
+    weights and through the packed decode copy (transposed, Q/K/V and gate/up fused)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(101, **variant)).eval()
     with torch.no_grad():
@@ -41,17 +45,20 @@ def test_decode_step_equals_full_recompute(variant: dict) -> None:
         cache = KVCache.empty(model.config, 1, 32, "cpu", torch.float32)
         model(ids[:, :8], cache=cache)
         keys = torch.arange(32)
+        weights = DecodeWeights.pack(model) if packed else None
         for t in range(8, 20):
             n = t + 1 if t % 2 else 32  # exactly the used keys, or the whole cache (masked)
-            out = model.decode_step(ids[:, t : t + 1], cache, torch.tensor([[t]]), keys[:n])
+            out = model.decode_step(ids[:, t : t + 1], cache, torch.tensor([[t]]), keys[:n], weights)
             torch.testing.assert_close(out, full[:, t], atol=1e-5, rtol=1e-5)
 
 
-def test_decode_step_slots_at_different_positions_and_gaps() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["linear", "packed"])
+def test_decode_step_slots_at_different_positions_and_gaps(packed: bool) -> None:
     """Three slots at different lengths, one of them free (a gap riding along with a dummy token): the
     running slots' logits equal each sequence's own full forward."""
     torch.manual_seed(0)
     model = GPT(tiny_config(101)).eval()
+    weights = DecodeWeights.pack(model) if packed else None
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 101, (1, n), generator=g) for n in (5, 11)]
     with torch.inference_mode():
@@ -68,7 +75,7 @@ def test_decode_step_slots_at_different_positions_and_gaps() -> None:
         for back in (3, 2, 1):
             ids = torch.tensor([[seqs[0][0, -back]], [7], [seqs[1][0, -back]]])
             n = int(cache.lengths.max()) + 1
-            out = model.decode_step(ids, cache, cache.lengths[:, None], keys[:n])
+            out = model.decode_step(ids, cache, cache.lengths[:, None], keys[:n], weights)
             cache.lengths[torch.tensor([0, 2])] += 1
             for row, s in zip((0, 2), seqs):
                 pos = s.shape[1] - back
@@ -114,15 +121,20 @@ def test_compiled_engine_matches_eager_and_transformers(trained, tmp_path) -> No
     assert got == ref[0, len(prompt) :].tolist()
     # RL rollouts run the engine on weights the optimizer updates in place: the built graph must read the
     # live values, not a copy taken when it was compiled.
+    # (With the packed decode weights, the default: the copy is rebuilt, and the graph is not.)
+    import torch._dynamo as dynamo
+
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for w in model.parameters():
                 w.add_(torch.randn(w.shape, generator=g) * 0.3)
-        eager_new = Engine(model, tok).generate([prompt], p)[0].token_ids
+        eager_new = Engine(model, tok, pack_weights=False).generate([prompt], p)[0].token_ids
         assert eager_new != eager  # the update changed what the model says
         assert fast.generate([prompt], p)[0].token_ids == eager_new
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
         model.load_state_dict(saved)
 
@@ -178,3 +190,49 @@ def test_compiled_graphs_are_reused_across_lengths_and_widths(trained) -> None:
         got = [c.token_ids for c in fast.generate(prompts, p)]
         assert got == [c.token_ids for c in eager.generate(prompts, p)]
     assert dynamo.utils.counters["stats"]["unique_graphs"] == built
+
+
+def test_packed_decode_weights_follow_weight_changes(trained) -> None:
+    """RL rollouts generate between optimizer steps on the same model object: the engine's packed decode
+    copy must be rebuilt whenever a weight changes, so each generate says what the current weights say
+    (an engine decoding through ``nn.Linear`` directly is the reference)."""
+    model, tok = trained
+    p = SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=[])
+    prompt = tok.encode("the quick brown")
+    plain, packed = Engine(model, tok, pack_weights=False), Engine(model, tok)
+
+    def both() -> tuple[list[int], list[int]]:
+        return plain.generate([prompt], p)[0].token_ids, packed.generate([prompt], p)[0].token_ids
+
+    ref, got = both()
+    assert got == ref
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert packed.packed_bytes == sum(w.numel() * w.element_size() for w in linear)  # one more copy
+    assert plain.packed_bytes == 0
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        # A real optimizer step (in place, between two generate calls) on another text.
+        other = torch.tensor([tok.encode("a b c d e f g h i j k l m n o p")])
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        lm_loss(model(other[:, :-1]), other[:, 1:]).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        after, got = both()
+        assert after != ref  # the step changed what the model says
+        assert got == after
+        model.load_state_dict(saved)  # copies back into the same tensors
+        assert both() == (ref, ref)
+        # A replaced Parameter object is seen when the next session starts.
+        head = model.lm_head.weight
+        model.lm_head.weight = torch.nn.Parameter(head.detach() + 0.5 * torch.randn_like(head))
+        after, got = both()
+        assert after != ref and got == after
+        model.lm_head.weight = head
+        # A write through ``.data`` bumps no version counter: refresh_weights() is the way to say so.
+        with torch.no_grad():
+            model.lm_head.weight.data.copy_(saved["lm_head.weight"] * -1)
+        packed.refresh_weights()
+        after, got = both()
+        assert after != ref and got == after
+    finally:
+        model.load_state_dict(saved)

@@ -136,6 +136,57 @@ class _CacheStep:
         return cls(positions, key_positions.shape[0], None, rows, mask)
 
 
+@dataclass
+class PackedLayer:
+    """One layer's linear weights as the decode step reads them: [in, out], Q/K/V and gate/up fused."""
+
+    qkv: torch.Tensor  # [H, (n_heads + 2·n_kv)·D]: q columns, then k, then v
+    qkv_bias: torch.Tensor | None  # [(n_heads + 2·n_kv)·D] with attention_bias
+    o: torch.Tensor  # [n_heads·D, H]
+    gate_up: torch.Tensor  # [H, 2·I]: gate columns, then up
+    down: torch.Tensor  # [I, H]
+
+
+@dataclass
+class DecodeWeights:
+    """Copies of the model's linear weights laid out for batch-1..few decoding (``GPT.decode_step``).
+
+    Why a copy: ``nn.Linear`` keeps [out, in], and at one token per step every matmul is a matrix-vector
+    product bound by reading the weights; on CPU (MKL, one thread) ``x @ W`` over a contiguous [in, out]
+    matrix with Q/K/V and gate/up fused into one matmul each reads a whole S-shape step's weights 1.37x
+    faster than the separate ``F.linear`` calls (M: 1.1x, which is near the memory bandwidth either way).
+    The model's parameters (what training, checkpoints and optimizers see) stay as they are; these are
+    rebuilt from them whenever they change (see ``Engine``). Norms are read live from the model.
+    """
+
+    layers: list[PackedLayer]
+    head: torch.Tensor  # [H, V]
+
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, model: GPT) -> DecodeWeights:
+        layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t().contiguous()
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous()
+            layers.append(
+                PackedLayer(
+                    qkv, bias, a.o_proj.weight.t().contiguous(), gate_up, m.down_proj.weight.t().contiguous()
+                )
+            )
+        return cls(layers, model.lm_head.weight.t().contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory these copies take."""
+        ts = [self.head, *(t for w in self.layers for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down))]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -189,6 +240,34 @@ class Attention(nn.Module):
                 kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=plan.mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        w: PackedLayer,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        cache: KVCache,
+        plan: _CacheStep,
+    ) -> torch.Tensor:
+        """``forward`` for one token per slot (x: [B, H]) under a fixed plan, through packed weights."""
+        B, d = x.shape[0], self.head_dim
+        qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
+        q, k, v = qkv.view(B, 1, -1, d).split([self.n_heads, self.n_kv, self.n_kv], dim=2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kc, vc = cache.k[layer], cache.v[layer]
+        kc[plan.rows, :, plan.positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[plan.rows, :, plan.positions] = v.transpose(1, 2).to(vc.dtype)
+        kk, vv = kc[:, :, : plan.used], vc[:, :, : plan.used]
+        if kk.dtype != q.dtype:
+            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
+        gqa = self.n_kv != self.n_heads
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=plan.mask, enable_gqa=gqa)
+        return out.reshape(B, self.n_heads * d) @ w.o
 
 
 class MLP(nn.Module):
@@ -322,6 +401,7 @@ class GPT(nn.Module):
         cache: KVCache,
         positions: torch.Tensor,
         key_positions: torch.Tensor,
+        packed: DecodeWeights | None = None,
     ) -> torch.Tensor:
         """Next-token logits [B, V] for one new token per cache slot, token b at ``positions[b, 0]``.
 
@@ -329,10 +409,22 @@ class GPT(nn.Module):
         over, masked past each slot's own position; nothing is read back to the host, nothing branches on
         data, and ``cache.lengths`` is left to the caller. So one call graph serves every step — what
         ``torch.compile`` needs to capture it once (``n`` may be marked dynamic). Every position must be
-        below ``n`` <= the cache's length and the rotary table's.
+        below ``n`` <= the cache's length and the rotary table's. ``packed`` (``DecodeWeights.pack(self)``,
+        current with the parameters) replaces the linear weights with their decode layout: same logits up
+        to float rounding, faster.
         """
-        h = self.hidden_states(input_ids, cache, positions, key_positions=key_positions)
-        return self.lm_head(h[:, -1])
+        if packed is None:
+            h = self.hidden_states(input_ids, cache, positions, key_positions=key_positions)
+            return self.lm_head(h[:, -1])
+        plan = _CacheStep.fixed(positions, key_positions)
+        cos, sin = self.model.rotary.lookup(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]: over heads
+        x = self.model.embed_tokens(input_ids)[:, -1]  # [B, H]: one token per slot
+        for i, (layer, w) in enumerate(zip(self.model.layers, packed.layers)):
+            x = x + layer.self_attn.decode(layer.input_layernorm(x), w, cos, sin, i, cache, plan)
+            gate, up = (layer.post_attention_layernorm(x) @ w.gate_up).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ w.down
+        return self.model.norm(x) @ packed.head
 
     def forward(
         self,
