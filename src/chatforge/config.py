@@ -547,6 +547,9 @@ class ScalingConfig:
     head_dim: int = 16  # heads = width / head_dim
     ffn_mult: float = 8 / 3  # SwiGLU intermediate size = ffn_mult × width, rounded to a multiple of 8
     min_steps: int = 30
+    # Rungs with fewer tokens per parameter are left out: far from convergence their loss measures how
+    # far the optimiser got in a few steps, not N and D.
+    min_tokens_per_param: float = 0.0
     warmup_frac: float = 0.05  # warmup as a share of each run's steps, so the schedule shape is the same
     train: TrainConfig = field(default_factory=_scaling_train_defaults)
     val_tokens: int = 32768  # the fixed held-out tokens every run is evaluated on
@@ -585,6 +588,8 @@ class ScalingConfig:
             raise ConfigError(f"{key}.ffn_mult: must be positive, got {self.ffn_mult}")
         if self.min_steps < 1:
             raise ConfigError(f"{key}.min_steps: must be at least 1, got {self.min_steps}")
+        if self.min_tokens_per_param < 0:
+            raise ConfigError(f"{key}.min_tokens_per_param: must be >= 0, got {self.min_tokens_per_param}")
         _check_range(f"{key}.warmup_frac", self.warmup_frac, 0.0, 0.5)
         self.train.validate(f"{key}.train")
         if self.val_tokens < self.train.seq_len + 1:

@@ -93,7 +93,8 @@ def _budget_tag(c: float) -> str:
 
 
 def plan_ladder(sc: ScalingConfig, vocab_size: int) -> list[Rung]:
-    """Every (budget, size) rung with at least ``min_steps`` steps, smallest budget first."""
+    """Every (budget, size) rung with at least ``min_steps`` steps and ``min_tokens_per_param`` tokens per
+    parameter, smallest budget first."""
     per_step = sc.train.batch_size * sc.train.grad_accum * sc.train.seq_len
     sizes = {s: count_params(shape_config(sc, s, vocab_size)) for s in sc.sizes}
     rungs = []
@@ -101,13 +102,14 @@ def plan_ladder(sc: ScalingConfig, vocab_size: int) -> list[Rung]:
         row = []
         for shape, n in sorted(sizes.items(), key=lambda kv: kv[1]):
             steps = round(c / (6 * n) / per_step)
-            if steps >= sc.min_steps:
+            if steps >= sc.min_steps and steps * per_step >= sc.min_tokens_per_param * n:
                 row.append(Rung(f"{_budget_tag(c)}-{shape}", c, shape, n, steps, steps * per_step))
         if len(row) < 2:
             raise ChatforgeError(
                 f"scaling.budgets[{sc.budgets.index(c)}]: {c:.3g} FLOPs gives only {len(row)} of scaling.sizes"
-                f" at least scaling.min_steps ({sc.min_steps}) steps of {per_step} tokens; raise the budget"
-                " or add smaller sizes"
+                f" at least scaling.min_steps ({sc.min_steps}) steps of {per_step} tokens and"
+                f" scaling.min_tokens_per_param ({sc.min_tokens_per_param:g}); raise the budget or add smaller"
+                " sizes"
             )
         rungs += row
     return rungs
@@ -135,6 +137,7 @@ class _Data:
             or not (run_dir / "tokenizer" / "tokenizer.json").is_file()
         ):
             _prepare_data(cfg)
+        _check_data_stamp(cfg)
         sc = cfg.scaling
         self.tok = Tokenizer.load(run_dir / "tokenizer")
         if self.tok.vocab_size > cfg.tokenizer.vocab_size:
@@ -193,6 +196,22 @@ def _downstream_kind(cfg: RunConfig) -> str:
     if kind == "world_cloze" and not has_world:
         raise ChatforgeError("scaling.downstream: world_cloze needs a world source in data.sources")
     return kind
+
+
+def _check_data_stamp(cfg: RunConfig) -> None:
+    """Refuse shards built for another ``data``/``tokenizer`` config: the rungs would silently train on
+    the old corpus (``_prepare_data`` only runs when there are no shards)."""
+    stamp = cfg.run_dir / "scaling" / "data_config.json"
+    want = {"data": to_dict(cfg.data), "tokenizer": to_dict(cfg.tokenizer)}
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != json.loads(json.dumps(want)):
+            raise ChatforgeError(
+                f"{cfg.run_dir}/data was built for another data or tokenizer config ({stamp}): remove"
+                f" {cfg.run_dir}/data, {cfg.run_dir}/tokenizer and {stamp} to rebuild them"
+            )
+        return
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(stamp, want)
 
 
 def _prepare_data(cfg: RunConfig) -> None:
@@ -348,6 +367,31 @@ def _frontier(rows: list[dict]) -> list[sf.IsoflopMinimum]:
     ]
 
 
+def backtest(rows: list[dict], form: str = "chinchilla") -> dict | None:
+    """The ladder checks itself: fit L(N, D) (of ``form``) on every budget but the largest and predict the
+    largest budget's rungs (2x the compute, not the target's 30x, so only a lower bound on the target's
+    error). None when the smaller budgets are too few runs for a fit."""
+    top = max(r["budget"] for r in rows)
+    fit_rows = [r for r in rows if r["budget"] < top]
+    try:
+        law = sf.fit_loss_law(
+            [r["n_params"] for r in fit_rows],
+            [r["tokens"] for r in fit_rows],
+            [r["val_loss"] for r in fit_rows],
+            form=form,
+        )
+    except sf.FitError:
+        return None
+    out = []
+    for r in (r for r in rows if r["budget"] == top):
+        p = float(law(r["n_params"], r["tokens"]))
+        out.append({"name": r["name"], "predicted": round(p, 5), "actual": r["val_loss"],
+                    "relative_error": round(abs(p - r["val_loss"]) / r["val_loss"], 5)})  # fmt: skip
+    errs = [o["relative_error"] for o in out]
+    return {"budget": top, "fit_rungs": len(fit_rows), "rungs": out, "max_relative_error": max(errs),
+            "mean_relative_error": round(float(np.mean(errs)), 5)}  # fmt: skip
+
+
 def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float, metric: str | None) -> dict:
     """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values."""
     n = np.array([r["n_params"] for r in rows], dtype=float)
@@ -355,7 +399,17 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     loss = np.array([r["val_loss"] for r in rows], dtype=float)
     m = np.array([r.get(metric) if metric else np.nan for r in rows], dtype=float)
     has_metric = metric is not None and bool(np.all(np.isfinite(m)))
-    law = sf.fit_loss_law(n, d, loss)
+    # Which form of L(N, D) extrapolates this ladder better is decided by the ladder alone, before the
+    # target exists: the form whose fit on the smaller budgets predicts the largest budget's rungs best.
+    backtests = {f: backtest(rows, f) for f in sf.FORMS}
+    scored = {f: b["mean_relative_error"] for f, b in backtests.items() if b is not None}
+    form = (
+        min(scored, key=lambda f: (scored[f], f != "chinchilla"))
+        if len(scored) == len(sf.FORMS)
+        else "chinchilla"
+    )
+    law = sf.fit_loss_law(n, d, loss, form=form)
+    others = {f: sf.fit_loss_law(n, d, loss, form=f) for f in sf.FORMS if f != form}
     minima = _frontier(rows)
     claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
     mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
@@ -399,7 +453,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     def refit(idx: np.ndarray) -> dict[str, float]:
         # The full grid of starts on every resample, not only the point fit's optimum: a resample whose
         # best fit lies in another basin must be allowed to find it, or the interval is too narrow.
-        law_b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init])
+        law_b = sf.fit_loss_law(n[idx], d[idx], loss[idx], inits=[init], form=form)
         mins = _frontier([rows[i] for i in idx])
         claw_b = None
         if len(mins) >= 3:
@@ -422,6 +476,14 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     return {
         "n_definition": "non-embedding parameters (output head included); C = 6·N·D",
         "loss_law": {**law.to_dict(), "intervals": {k: ci(k) for k in ("alpha", "beta", "E")}},
+        "other_loss_laws": {
+            f: {
+                **o.to_dict(),
+                "val_loss": round(float(o(target.n_params, target.tokens)), 5),
+                "tokens_per_param": (lambda nd: nd[1] / nd[0])(o.compute_optimal(target.compute)),
+            }
+            for f, o in others.items()
+        },
         "compute_law": claw.to_dict(),
         "metric_law": mlaw.to_dict() if mlaw else None,
         "isoflop_minima": [dataclasses.asdict(x) for x in minima],
@@ -437,6 +499,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
             "isoflop_tokens_per_param": point.get("frontier_tokens_per_param"),
             "isoflop_tokens_per_param_interval": ci("frontier_tokens_per_param"),
         },
+        "backtest": {"selected": form, **backtests},
         "bootstrap_samples": len(boot.get("loss", [])),
         "interval_level": sc.interval,
         "predicted": {

@@ -1,7 +1,10 @@
 """Scaling-law fits for the ``chatforge scaling`` ladder (numpy + scipy, no torch).
 
 - ``fit_loss_law``: L(N, D) = E + A/N^α + B/D^β, Chinchilla's approach 3 — Huber loss (δ = 1e-3) on the
-  residuals of log L, L-BFGS from a grid of starting points, the best fit kept.
+  residuals of log L, L-BFGS from a grid of starting points, the best fit kept. ``form="kaplan"`` fits
+  L(N, D) = E + ((A/N)^(α/β) + B/D)^β instead (Kaplan et al. 2020's form plus E): the same five
+  parameters, but N and D interact — a bigger model also learns more from each token, which the additive
+  Chinchilla form cannot say.
 - ``fit_compute_law``: L(C) = E + a·C^(−b) on the compute frontier (the best loss at each budget).
 - ``isoflop_minimum``: a parabola in log N through one budget's losses (Chinchilla's approach 2), and
   ``fit_frontier``: N_opt(C) and D_opt(C) as power laws through those minima.
@@ -66,23 +69,33 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
 # ---------------------------------------------------------------- L(N, D)
 
 
+FORMS = ("chinchilla", "kaplan")
+
+
 @dataclass(frozen=True)
 class LossLaw:
-    """L(N, D) = E + A/N^α + B/D^β."""
+    """L(N, D) = E + A/N^α + B/D^β (``chinchilla``) or E + ((A/N)^(α/β) + B/D)^β (``kaplan``)."""
 
     E: float
     A: float
     alpha: float
     B: float
     beta: float
+    form: str = "chinchilla"
 
     def __call__(self, n: Any, d: Any) -> Any:
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+        if self.form == "kaplan":
+            return self.E + ((self.A / n) ** (self.alpha / self.beta) + self.B / d) ** self.beta
         return self.E + self.A / n**self.alpha + self.B / d**self.beta
 
     def compute_optimal(self, c: float) -> tuple[float, float]:
-        """(N, D) minimising L under 6·N·D = C: N_opt = G·(C/6)^(β/(α+β)), D_opt = (C/6)/N_opt."""
+        """(N, D) minimising L under 6·N·D = C, D_opt = (C/6)/N_opt. Chinchilla: N_opt = G·(C/6)^(β/(α+β));
+        Kaplan: minimise (A/N)^(α/β) + 6·B·N/C, so N_opt = ((α/β)·A^(α/β)·C/(6B))^(β/(α+β))."""
         a, b = self.alpha, self.beta
+        if self.form == "kaplan":
+            n = ((a / b) * self.A ** (a / b) * c / (6.0 * self.B)) ** (b / (a + b))
+            return n, (c / 6.0) / n
         g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
         n = g * (c / 6.0) ** (b / (a + b))
         return n, (c / 6.0) / n
@@ -119,6 +132,55 @@ def _law_objective(
     return float(_huber(r, HUBER_DELTA).sum() / HUBER_DELTA), grad
 
 
+def _kaplan_objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The Kaplan form's Huber objective: log L̂ = logsumexp(e, β·logsumexp(u1, u2)) with
+    u1 = (α/β)(a − log N), u2 = b − log D."""
+    a, b, e, alpha, beta = theta
+    u1, u2 = (alpha / beta) * (a - log_n), b - log_d
+    inner = _logsumexp0(np.stack([u1, u2]))
+    p1 = np.exp(u1 - inner)  # share of the N term inside the bracket
+    s = beta * inner
+    pred = _logsumexp0(np.stack([np.full_like(s, e), s]))
+    w_e, w_s = np.exp(e - pred), np.exp(s - pred)
+    r = pred - log_l
+    g = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA
+    grad = np.array(
+        [
+            (g * w_s * alpha * p1).sum(),
+            (g * w_s * beta * (1 - p1)).sum(),
+            (g * w_e).sum(),
+            (g * w_s * p1 * (a - log_n)).sum(),
+            (g * w_s * (inner - p1 * u1)).sum(),
+        ]
+    )
+    return float(_huber(r, HUBER_DELTA).sum() / HUBER_DELTA), grad
+
+
+def _kaplan_starts(
+    log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, keep: int = 3
+) -> list[np.ndarray]:
+    """A coarse grid scored in one vectorised pass; the best few seed L-BFGS."""
+    lmin = float(log_l.min())
+    grid = np.array(
+        list(
+            itertools.product(
+                np.log(np.exp(lmin) * np.array([0.02, 0.3, 0.6, 0.85])),  # E as a share of the best loss
+                log_n.mean() + np.array([-4.0, 0.0, 4.0, 8.0]),  # log A around the sizes
+                log_d.mean() + np.array([-4.0, 0.0, 4.0, 8.0]),  # log B around the token counts
+                (0.1, 0.3, 0.7),
+                (0.1, 0.3, 0.7),
+            )
+        )
+    )
+    a, b, e, alpha, beta = (grid[:, i : i + 1] for i in range(5))
+    inner = np.logaddexp((alpha / beta) * (a - log_n), b - log_d)
+    pred = np.logaddexp(e, beta * inner)
+    err = _huber(pred - log_l, HUBER_DELTA).sum(axis=1)
+    return [grid[i] for i in np.argsort(err)[:keep]]
+
+
 def _law_starts(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, keep: int = 3) -> list[np.ndarray]:
     """Starting points by variable projection: on a grid of (α, β) the law is linear in (E, A, B), solved
     by non-negative least squares (relative residuals ≈ log residuals); the best few seed L-BFGS. Much
@@ -146,9 +208,13 @@ def fit_loss_law(
     loss: Sequence[float],
     inits: Sequence[np.ndarray] | None = None,
     search: bool = True,
+    form: str = "chinchilla",
 ) -> LossLaw:
-    """Fit L(N, D) in log space; ``inits`` (vectors ``[log A, log B, log E, α, β]``) add starting points;
-    ``search=False`` starts from them alone (bootstrap refits near a known optimum)."""
+    """Fit L(N, D) (``form``: chinchilla or kaplan) in log space; ``inits`` (vectors
+    ``[log A, log B, log E, α, β]``) add starting points; ``search=False`` starts from them alone (bootstrap
+    refits near a known optimum)."""
+    if form not in FORMS:
+        raise FitError(f"L(N, D): form must be one of {', '.join(FORMS)}, got {form!r}")
     n_, d_, l_ = (np.asarray(x, dtype=float) for x in (n, d, loss))
     if len(l_) < 5:
         raise FitError(f"L(N, D) has 5 parameters and needs at least 5 runs, got {len(l_)}")
@@ -160,12 +226,22 @@ def fit_loss_law(
     # E below the best observed loss; exponents in a physical range.
     bounds = [(-20.0, 60.0), (-20.0, 60.0), (-10.0, float(log_l.min())), (0.01, 3.0), (0.01, 3.0)]
     best: tuple[float, np.ndarray] | None = None
-    for x0 in [*(inits or []), *(_law_starts(log_n, log_d, log_l) if search or not inits else [])]:
+    objective, starts = (
+        (_kaplan_objective, _kaplan_starts) if form == "kaplan" else (_law_objective, _law_starts)
+    )
+    grid = starts(log_n, log_d, log_l) if search or not inits else []
+    if form == "kaplan" and grid:
+        # The additive fit is a good start: where one term dominates, (A'/N)^α = A/N^α at A' = A^(1/α).
+        c = fit_loss_law(n_, d_, l_)
+        grid.append(
+            np.array([math.log(c.A) / c.alpha, math.log(c.B) / c.beta, math.log(c.E), c.alpha, c.beta])
+        )
+    for x0 in [*(inits or []), *grid]:
         x0 = np.clip(np.asarray(x0, dtype=float), [b[0] for b in bounds], [b[1] for b in bounds])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res = minimize(
-                _law_objective,
+                objective,
                 x0,
                 args=(log_n, log_d, log_l),
                 jac=True,
@@ -178,7 +254,9 @@ def fit_loss_law(
     if best is None:
         raise FitError("L(N, D): every starting point diverged")
     a, b, e, alpha, beta = best[1]
-    return LossLaw(E=math.exp(e), A=math.exp(a), alpha=float(alpha), B=math.exp(b), beta=float(beta))
+    return LossLaw(
+        E=math.exp(e), A=math.exp(a), alpha=float(alpha), B=math.exp(b), beta=float(beta), form=form
+    )
 
 
 def law_init(law: LossLaw) -> np.ndarray:

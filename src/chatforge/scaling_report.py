@@ -22,7 +22,9 @@ from chatforge.scaling_fit import LossLaw, MetricLaw
 
 def _law(pred: dict) -> LossLaw:
     p = pred["loss_law"]
-    return LossLaw(E=p["E"], A=p["A"], alpha=p["alpha"], B=p["B"], beta=p["beta"])
+    return LossLaw(
+        E=p["E"], A=p["A"], alpha=p["alpha"], B=p["B"], beta=p["beta"], form=p.get("form", "chinchilla")
+    )
 
 
 def _predicted(ax: Any, x: float, value: float, interval: list | None, **kw: Any) -> None:
@@ -186,6 +188,38 @@ def _frontier_line(pred: dict, lvl: str) -> str:
     )
 
 
+def _law_text(law: dict) -> str:
+    e, a, al, b, be = law["E"], law["A"], law["alpha"], law["B"], law["beta"]
+    if law.get("form") == "kaplan":
+        return f"{e:.3f} + (({a:.4g}/N)^{al / be:.3f} + {b:.4g}/D)^{be:.3f} (Kaplan form: α = {al:.3f}, β = {be:.3f})"
+    return f"{e:.3f} + {a:.4g}/N^{al:.3f} + {b:.4g}/D^{be:.3f}"
+
+
+def _backtest_lines(pred: dict) -> list[str]:
+    bts = pred.get("backtest") or {}
+    if "budget" in bts:  # a prediction written before the form selection: one Chinchilla backtest
+        bts = {"selected": "chinchilla", "chinchilla": bts}
+    lines = []
+    for form, bt in bts.items():
+        if form == "selected":
+            continue
+        if not bt:
+            lines.append(f"- ladder backtest ({form}): too few runs below the largest budget for a fit")
+            continue
+        lines.append(
+            f"- ladder backtest ({form}{', selected' if form == bts.get('selected') else ''}): L(N, D) fitted on"
+            f" the {bt['fit_rungs']} rungs below {bt['budget']:.3g} FLOPs predicts that budget's"
+            f" {len(bt['rungs'])} rungs within {bt['max_relative_error']:.2%} (mean {bt['mean_relative_error']:.2%};"
+            " 2x extrapolation, the target's is 30x)"
+        )
+    for form, o in (pred.get("other_loss_laws") or {}).items():
+        lines.append(
+            f"- not selected, {form}: L(N, D) = {_law_text(o)} would predict {o['val_loss']:.4f},"
+            f" {o['tokens_per_param']:.1f} tokens per parameter at the target's compute"
+        )
+    return lines
+
+
 def markdown(s: dict) -> str:
     rows = s["ladder"]
     lines = [
@@ -206,7 +240,7 @@ def markdown(s: dict) -> str:
         iv = law["intervals"]
         lvl = f"{pred['interval_level']:.0%}"
         lines += [
-            f"- L(N, D) = {law['E']:.3f} + {law['A']:.4g}/N^{law['alpha']:.3f} + {law['B']:.4g}/D^{law['beta']:.3f}"
+            f"- L(N, D) = {_law_text(law)}"
             f" (α {lvl} {_ci(iv.get('alpha'), 3)}, β {_ci(iv.get('beta'), 3)}, E {_ci(iv.get('E'), 3)};"
             f" N = {pred['n_definition']})",
             f"- L(C) = {cl['E']:.3f} + {cl['a']:.4g}·C^-{cl['b']:.4f} (on the isoFLOP minima)",
@@ -214,6 +248,7 @@ def markdown(s: dict) -> str:
             f" D = {co['tokens']:,.0f} — **{co['tokens_per_param']:.1f} tokens per parameter**"
             f" ({lvl} {_ci(co['tokens_per_param_interval'], 1)})",
             _frontier_line(pred, lvl),
+            *_backtest_lines(pred),
             f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
             f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
             f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])}, L(C) says {p['compute_law_val_loss']:.4f}"
