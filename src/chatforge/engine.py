@@ -585,7 +585,7 @@ class Engine:
 
     ``pack_weights`` (eager and compiled; default: on for a CPU model, where it was measured, off
     elsewhere) decodes through ``DecodeWeights``: a copy of the linear weights transposed to [in, out] with
-    Q/K/V and gate/up fused, 15-20% less time per step at batch 1-8, for the memory of one more copy of the
+    Q/K/V and gate/up fused, 14-24% less time per step at batch 1-8, for the memory of one more copy of the
     linear weights (``packed_bytes``; 21 MB on S, 135 MB on M in fp32). The copy is rebuilt before the
     next step whenever a weight changed: in place (an optimizer step, ``load_state_dict``; seen through
     the parameters' version counters) or replaced by a new Parameter object (seen when a session starts);
