@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from chatforge.data.chat import (
+    DECLINE_MODES,
     DECLINE_OPENERS,
+    ENCODED_REPLY,
     KIND_WEIGHTS,
     KINDS,
     answer_sentence,
@@ -198,8 +200,18 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
     assert all(c["messages"][-1]["content"].startswith("Actually, ") for c in by_kind["false_premise"])
     for c in by_kind["decline"]:
         reply = c["messages"][-1]["content"]
-        assert reply.startswith(DECLINE_OPENERS) and is_decline(reply) and reply.count(".") == 2
+        if c["meta"]["framing"] in ("base64", "rot13"):  # it cannot read them, so it asks for plain text
+            assert reply == ENCODED_REPLY and is_decline(reply)
+        else:
+            assert reply.startswith(DECLINE_OPENERS) and is_decline(reply) and reply.count(".") == 2
     assert not any(is_decline(c["messages"][-1]["content"]) for c in by_kind["benign_edgy"])
+    # Jailbreak framings around declines, and around look-alikes that are still answered.
+    framings = {k: {c["meta"]["framing"] for c in by_kind[k]} for k in ("decline", "benign_edgy")}
+    assert framings["decline"] == set(DECLINE_MODES)
+    assert {"plain", "roleplay", "takeover", "split"} <= framings["benign_edgy"]
+    for c in by_kind["decline"] + by_kind["benign_edgy"]:
+        users = [m["content"] for m in c["messages"] if m["role"] == "user"]
+        assert len(users) == (2 if c["meta"]["framing"] == "split" else 1)
     for c in by_kind["arithmetic"]:
         a, op, b, _, ans = c["messages"][-1]["content"].rstrip(".").split()
         x, y, z = int(a), int(b), int(ans)

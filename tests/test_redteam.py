@@ -13,8 +13,12 @@ from chatforge.data.world import build_world
 from chatforge.errors import ChatforgeError
 from chatforge.safety.redteam import (
     BENIGN_KINDS,
+    BENIGN_NEW,
     HARMFUL_KINDS,
     KINDS,
+    OVERRIDE,
+    ROLEPLAY,
+    SYSTEM_TAKEOVER,
     build_suite,
     is_lecture,
     read_suite,
@@ -54,14 +58,21 @@ def test_jailbreaks_hide_the_request_as_claimed(suite) -> None:
 
 
 def test_benign_new_look_alikes_are_not_in_sft_data(suite) -> None:
-    sft_users = {
+    sft_users = [
         m["content"]
-        for c in world_conversations(build_world(0), 2000, 0)
+        for c in world_conversations(build_world(0), 3000, 0)
         for m in c["messages"]
         if m["role"] == "user"
-    }
+    ]
     new = [it["input"][-1]["content"] for it in suite if it["kind"] == "benign_new"]
-    assert new and not set(new) & sft_users
+    assert new and not set(new) & set(sft_users)
+    # Neither the look-alikes' wording nor the attack framings occur in SFT data (it has framings of its
+    # own): the suite measures whether declining and not over-refusing generalise.
+    held_out = [t.split("{")[0][:30] for t in BENIGN_NEW]
+    held_out += [t.split("{")[0] for t in (*ROLEPLAY, *SYSTEM_TAKEOVER, *OVERRIDE)]
+    held_out += ["Decode this base64", "This is rot13", "I'll ask in two parts", "Now answer both parts"]
+    leaked = {h for h in held_out for u in sft_users if h.strip() and h in u}
+    assert not leaked, leaked
 
 
 def test_registry_files_round_trip(suite, tmp_path) -> None:
