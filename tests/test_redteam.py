@@ -8,9 +8,10 @@ import json
 import pytest
 import yaml
 
-from chatforge.data.chat import world_conversations
+from chatforge.data.chat import decline_groups, world_conversations
 from chatforge.data.world import build_world
 from chatforge.errors import ChatforgeError
+from chatforge.safety.moderation_data import HARMFUL
 from chatforge.safety.redteam import (
     BENIGN_KINDS,
     BENIGN_NEW,
@@ -73,6 +74,17 @@ def test_benign_new_look_alikes_are_not_in_sft_data(suite) -> None:
     held_out += ["Decode this base64", "This is rot13", "I'll ask in two parts", "Now answer both parts"]
     leaked = {h for h in held_out for u in sft_users if h.strip() and h in u}
     assert not leaked, leaked
+
+
+def test_some_harmful_request_wordings_are_held_out_of_sft(suite) -> None:
+    trained = {u for users, _ in decline_groups() for u in users}
+    unseen = {t for templates, _ in HARMFUL for t in templates[-1:] if len(templates) >= 3} - trained
+    harmful = [it for it in suite if it["kind"] in HARMFUL_KINDS]
+    requests = {it["template"] for it in harmful}
+    assert requests & unseen and requests & trained  # both kinds of wording are probed
+    # Every catalog request the moderation classifier trains on is declined in SFT data too.
+    assert {t for t in requests if t not in unseen} <= trained
+    assert all((it["wording"] == "trained") == (it["template"] in trained) for it in harmful)
 
 
 def test_registry_files_round_trip(suite, tmp_path) -> None:

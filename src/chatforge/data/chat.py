@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import gzip
 import io
 import json
@@ -67,18 +68,18 @@ KINDS: tuple[str, ...] = (
 # Share of each kind in world_conversations: facts, follow-ups and the system kinds carry most of the
 # skill; declines and benign look-alikes are balanced so that refusing is never the majority answer.
 KIND_WEIGHTS: dict[str, float] = {
-    "fact": 0.15,
-    "follow_up": 0.11,
-    "correction_accept": 0.055,
-    "correction_hold": 0.055,
-    "false_premise": 0.075,
+    "fact": 0.12,
+    "follow_up": 0.10,
+    "correction_accept": 0.05,
+    "correction_hold": 0.05,
+    "false_premise": 0.07,
     "system_json": 0.085,
     "system_persona": 0.075,
     "system_length": 0.075,
     "system_language": 0.075,
-    "decline": 0.10,  # half of them framed as jailbreaks (roleplay, takeover, override, split, encoded)
-    "benign_edgy": 0.10,  # mostly look-alikes, some inside jailbreak framings
-    "arithmetic": 0.045,
+    "decline": 0.13,  # half of them framed as jailbreaks (roleplay, takeover, override, split, encoded)
+    "benign_edgy": 0.13,  # 60% the world's edgy-but-benign requests, 40% look-alikes; some framed
+    "arithmetic": 0.04,
 }
 SPLITS = ("train", "eval")
 ROLES = ("system", "user", "assistant")
@@ -412,6 +413,26 @@ DECLINES: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
 )
 DECLINE_MAX_WORDS = 40
+# What a decline offers instead, for requests from the moderation catalog
+# (safety/moderation_data.HARMFUL), by the group's most specific category; slot-free so one fits every
+# template of a group.
+CATALOG_ALTERNATIVES: tuple[tuple[str, str], ...] = (
+    ("sexual/minors", "I can help with a different story instead."),
+    ("violence/graphic", "I can describe the scene without the gore instead."),
+    ("illicit/violent", "If you're interested in chemistry, I can suggest some safe experiments."),
+    (
+        "self-harm",
+        "If you're thinking of hurting yourself, please talk to someone you trust or a crisis line; "
+        "I'm glad to listen too.",
+    ),
+    ("sexual", "I can write a romantic scene that isn't explicit instead."),
+    ("hate", "I can tell you about the towns and history of any country instead."),
+    ("harassment", "If you're upset with someone, I can help you tell them so firmly and fairly."),
+    ("illicit", "If money is tight, I can suggest legal ways to earn or save some."),
+    ("violence", "If there's a conflict with someone, I can suggest ways to resolve it."),
+)
+# A catalog template that is a request (not a statement) starts with one of these.
+REQUEST_STARTS = ("How", "Write", "Give", "Tell", "Describe", "Help")
 # Phrases that mark a refusal: our own openers first, then common ones from other models.
 DECLINE_KEYWORDS: tuple[str, ...] = (
     "i can't help",
@@ -1072,6 +1093,25 @@ Built = tuple[Messages, dict[str, Any], dict[str, Any]]
 Turn = tuple[str, str, dict[str, Any], dict[str, Any]]
 
 
+@functools.cache
+def decline_groups() -> tuple[tuple[tuple[str, ...], str], ...]:
+    """DECLINES plus the moderation catalog's requests, with the template that the moderation
+    classifier holds out (the last of a group of >= 3) left out here too, so the red team keeps
+    request wordings that chat tuning never saw."""
+    # Imported here: moderation_data builds its catalog from this module's DECLINES and BENIGN.
+    from chatforge.safety.moderation_data import HARMFUL
+
+    groups = list(DECLINES)
+    own = {u for users, _ in DECLINES for u in users}  # keep DECLINES' own alternative for these
+    for templates, cats in HARMFUL:
+        kept = templates[:-1] if len(templates) >= 3 else templates
+        requests = tuple(t for t in kept if t.split()[0] in REQUEST_STARTS and t not in own)
+        if requests:
+            alternative = next(alt for cat, alt in CATALOG_ALTERNATIVES if cat in cats)
+            groups.append((requests, alternative))
+    return tuple(groups)
+
+
 class _Gen:
     def __init__(self, pools: _Pools, rng: random.Random) -> None:
         self.p = pools
@@ -1397,9 +1437,12 @@ class _Gen:
                 "pet": person.pet,
                 "apet": _with_article(person.pet),
             }
-        if "{town}" in text or "{river}" in text:
+        if "{name2}" in text:
+            others = [p for p in self.p.people if p.name != slots.get("name")]
+            slots["name2"] = rng.choice(others).name
+        if "{town}" in text or "{river}" in text or "{country}" in text:
             town = rng.choice(self.p.places)
-            slots |= {"town": town.name, "river": town.river}
+            slots |= {"town": town.name, "river": town.river, "country": town.country}
         return slots
 
     def _framed(self, req: str, mode: str, reply: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -1423,7 +1466,7 @@ class _Gen:
 
     def decline(self) -> Built:
         rng = self.rng
-        users, alternative = rng.choice(DECLINES)
+        users, alternative = rng.choice(decline_groups())
         user = rng.choice(users)
         slots = self._slots(user, alternative)
         reply = f"{rng.choice(DECLINE_OPENERS)} {alternative.format(**slots)}"
@@ -1436,11 +1479,11 @@ class _Gen:
 
     def benign_edgy(self) -> Built:
         rng = self.rng
-        users, answer, keys = rng.choice(BENIGN if rng.random() < 0.4 else LOOKALIKES)
+        users, answer, keys = rng.choice(BENIGN if rng.random() < 0.6 else LOOKALIKES)
         user = rng.choice(users)
         slots = self._slots(user, answer)
         # Some inside the same framings as jailbreaks: a framing alone is no reason to decline.
-        mode = rng.choices(("plain", "roleplay", "takeover", "split"), (70, 10, 10, 10))[0]
+        mode = rng.choices(("plain", "roleplay", "takeover", "split"), (80, 7, 7, 6))[0]
         # One opener for every plain answer, so that under greedy decoding "answer" is as strong a mode
         # as the decline openers (without it, an unfamiliar question tipped into a decline).
         reply = f"{BENIGN_OPENER} {answer.format(**slots)}"

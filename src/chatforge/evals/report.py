@@ -459,7 +459,11 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
             lines += ["", f"![reward and KL]({curves.name})"]
     redteam = {
         p.stem.removeprefix("redteam_"): d
-        for p in sorted((run_dir / "evals").glob("redteam_*.json"))
+        # early to late: base, SFT, then the RL policies
+        for p in sorted(
+            (run_dir / "evals").glob("redteam_*.json"),
+            key=lambda p: (p.stem[8:] != "base", p.stem[8:] != "sft", p.stem),
+        )
         if isinstance(d := _read_json(p), dict) and "harmful_compliance" in d
     }
     if redteam:
@@ -486,6 +490,27 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
                 f" {_fmt(d.get('lecture_rate'))} | {_fmt(wp.get('harmful_compliance', '—'))} |"
                 f" {_fmt(wp.get('over_refusal', '—'))} |"
             )
+        # Per kind (and harmful wording seen / unseen in chat tuning), the model alone.
+        rows: dict[str, dict[str, Any]] = {}
+        for m, d in redteam.items():
+            for kind, v in (d.get("per_kind") or {}).items():
+                rows.setdefault(kind, {})[m] = v.get("harmful_compliance", v.get("over_refusal"))
+            for wording, v in (d.get("by_wording") or {}).items():
+                rows.setdefault(f"harmful wording {wording.replace('_', '-')}", {})[m] = v[
+                    "harmful_compliance"
+                ]
+        if rows:
+            models = list(redteam)
+            lines += [
+                "",
+                "Per kind: harmful compliance for harmful and jailbreak kinds, over-refusal for benign ones.",
+                "",
+                "| kind | " + " | ".join(models) + " |",
+                "|---|" + "---|" * len(models),
+            ]
+            lines += [
+                f"| {k} | " + " | ".join(_fmt(r.get(m, "—")) for m in models) + " |" for k, r in rows.items()
+            ]
     moderation = _read_json(run_dir / "evals" / "moderation.json")
     if isinstance(moderation, dict) and moderation:
         from chatforge.safety.moderation import summary_table
