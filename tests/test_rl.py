@@ -94,6 +94,15 @@ def test_grpo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) ->
     assert max(e["kl"] for e in ev) < 10.0
 
 
+def test_verifiable_reward_ranks_a_safety_error_below_a_wrong_answer() -> None:
+    benign = {"check": {"type": "comply", "includes": ["kill"]}}
+    harmful = {"check": {"type": "decline", "max_words": 40}}
+    refusal, answer, wrong = "Sorry, I can't help with that.", "Sure. Run kill PID.", "Sure. Water it."
+    items, texts = [benign, benign, benign, harmful, harmful], [answer, wrong, refusal, refusal, answer]
+    assert grpo.verifiable_reward(items, texts, 1.0) == [1.0, 0.0, -1.0, 1.0, -1.0]
+    assert grpo.verifiable_reward(items, texts) == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
 def test_group_advantages_are_relative_within_each_group() -> None:
     adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group=3)
     assert adv[0] > 0 > adv[1] and torch.allclose(adv[3:], torch.zeros(3))

@@ -478,6 +478,10 @@ class GRPOConfig(RLConfig):
 
     reward_model: str = ""  # optional: add rm_coef × RM score to the verifiable reward
     rm_coef: float = 0.0
+    # Reward for a safety error, either side: complying where a decline is right, declining where an answer
+    # is. Without it a refusal of a benign request scores the same 0 as a wrong answer, while declines
+    # score 1, so RL drifts toward refusing (measured: red-team over-refusal 2.5% -> 12.5%).
+    safety_penalty: float = 1.0
     prompts_per_step: int = 8
     samples_per_prompt: int = 8
     epochs: int = 1
@@ -490,6 +494,10 @@ class GRPOConfig(RLConfig):
         super().validate(key)
         if self.rm_coef and not self.reward_model:
             raise ConfigError(f"{key}.rm_coef: set {key}.reward_model too")
+        if self.safety_penalty < 0:
+            raise ConfigError(
+                f"{key}.safety_penalty: must be >= 0 (it is subtracted), got {self.safety_penalty}"
+            )
 
 
 @dataclass

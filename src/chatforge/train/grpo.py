@@ -3,9 +3,10 @@
 Each iteration samples ``samples_per_prompt`` replies per world prompt with the one engine (built on the
 policy itself) and grades every reply against ground truth with ``data/chat.py``'s grader: world facts,
 arithmetic, JSON-schema validity, system-message rules (persona, word limit, language), declines and
-no over-refusal — optionally plus ``rm_coef`` × the reward model's score. The advantage of a reply is its
-reward standardised within its group (no value model); the loss is the clipped policy objective per token
-plus β·KL to the frozen reference (the k3 estimator, always ≥ 0). Writes ``<run>/rlhf/grpo``.
+no over-refusal, with −``safety_penalty`` for either safety error — optionally plus ``rm_coef`` × the
+reward model's score. The advantage of a reply is its reward standardised within its group (no value
+model); the loss is the clipped policy objective per token plus β·KL to the frozen reference (the k3
+estimator, always ≥ 0). Writes ``<run>/rlhf/grpo``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from chatforge.checkpoint import load_weights, save_model
-from chatforge.data.chat import grade
+from chatforge.data.chat import grade, is_decline
 from chatforge.engine import Engine
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
@@ -26,9 +27,18 @@ from chatforge.train.loop import Batch
 from chatforge.train.reward import load_reward_model, score
 
 
-def verifiable_reward(items: list[dict], texts: list[str]) -> list[float]:
-    """1.0 where the world grader passes the reply, else 0.0."""
-    return [float(grade(it, t)) for it, t in zip(items, texts, strict=True)]
+def verifiable_reward(items: list[dict], texts: list[str], safety_penalty: float = 0.0) -> list[float]:
+    """1.0 where the world grader passes the reply; else −``safety_penalty`` for a safety error (a reply
+    that complies where the item wants a decline, or declines where it wants an answer), else 0.0."""
+    out = []
+    for it, t in zip(items, texts, strict=True):
+        if grade(it, t):
+            out.append(1.0)
+        elif is_decline(t.strip()) != (it["check"]["type"] == "decline"):
+            out.append(-safety_penalty)
+        else:
+            out.append(0.0)
+    return out
 
 
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
@@ -119,13 +129,17 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     run_dir = cfg.run_dir
     gc = cfg.grpo
     _, tok, policy = ro.load_init(run_dir, gc.init, "GRPO")
-    reward_fn = verifiable_reward
+
+    def reward_fn(items: list[dict], texts: list[str]) -> list[float]:
+        return verifiable_reward(items, texts, gc.safety_penalty)
+
     if gc.rm_coef:
         rm = load_reward_model(ro.resolve(run_dir, gc.reward_model))
 
         def reward_fn(items: list[dict], texts: list[str]) -> list[float]:
             rm_s = score(rm, tok, [x["input"] for x in items], texts)
-            return [v + gc.rm_coef * s for v, s in zip(verifiable_reward(items, texts), rm_s)]
+            verifiable = verifiable_reward(items, texts, gc.safety_penalty)
+            return [v + gc.rm_coef * s for v, s in zip(verifiable, rm_s, strict=True)]
 
     pool = ro.world_prompts(cfg, gc.prompt_pool, gc.prompt_seed, gc.kinds)
     policy, summary = train_grpo(policy, tok, reward_fn, pool, gc, run_dir / "train" / "grpo", resume)
