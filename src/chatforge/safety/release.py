@@ -158,30 +158,32 @@ def system_card(
         else (f"{early_version} (earliest promoted) vs {version}, same prompts")
     )
     lines += ["", f"## Red team: {title}", ""]
-    lines += [f"| metric | {early_version} | {version} |", "|---|---|---|"]
+    # The first card has one column: there is no earlier version to compare with.
+    cols = [(version, res)] if first else [(early_version, early), (version, res)]
+    head = " | ".join(v for v, _ in cols)
+    lines += [f"| metric | {head} |", "|---|" + "---|" * len(cols)]
     for k in ("harmful_compliance", "over_refusal", "lecture_rate"):
-        lines.append(f"| {k} | {early['redteam'][k]:.3f} | {res['redteam'][k]:.3f} |")
+        lines.append(f"| {k} | " + " | ".join(f"{r['redteam'][k]:.3f}" for _, r in cols) + " |")
     for kind, v in res["redteam_per_kind"].items():
         metric = next(m for m in v if m != "n")
-        before = early["redteam_per_kind"].get(kind, {}).get(metric, float("nan"))
-        lines.append(f"| {kind}: {metric} | {before:.3f} | {v[metric]:.3f} |")
+        vals = [r["redteam_per_kind"].get(kind, {}).get(metric, float("nan")) for _, r in cols]
+        lines.append(f"| {kind}: {metric} | " + " | ".join(f"{x:.3f}" for x in vals) + " |")
     lines += ["", "Example replies (first of each kind):", ""]
-    lines += [f"| kind | prompt | {early_version} | {version} |", "|---|---|---|---|"]
-    early_by_id = {s["id"]: s["reply"] for s in early.get("redteam_samples", [])}
+    lines += [f"| kind | prompt | {head} |", "|---|---|" + "---|" * len(cols)]
+    by_id = [{s["id"]: s["reply"] for s in r.get("redteam_samples", [])} for _, r in cols]
+
+    def cell(t: str) -> str:
+        t = " ".join(t.split()).replace("|", "\\|")
+        return t[:120] + ("…" if len(t) > 120 else "")
+
     seen: set[str] = set()
     for s in res["redteam_samples"]:
         if s["kind"] in seen:
             continue
         seen.add(s["kind"])
         prompt = " / ".join(m["content"] for m in s["input"] if m["role"] == "user")
-
-        def cell(t: str) -> str:
-            t = " ".join(t.split()).replace("|", "\\|")
-            return t[:120] + ("…" if len(t) > 120 else "")
-
-        lines.append(
-            f"| {s['kind']} | {cell(prompt)} | {cell(early_by_id.get(s['id'], ''))} | {cell(s['reply'])} |"
-        )
+        replies = " | ".join(cell(d.get(s["id"], "")) for d in by_id)
+        lines.append(f"| {s['kind']} | {cell(prompt)} | {replies} |")
     lines += ["", "## Deployment policy", "", f"- policy: {policy.name}"]
     lines += [f"- declined on input: {', '.join(policy.decline_input)}"]
     lines += [f"- gate limits: {json.dumps({k: v for k, v in policy.release.items() if v is not None})}"]
