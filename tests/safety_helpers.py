@@ -73,7 +73,7 @@ def set_seed(seed: int) -> None:
 COMPLY = "Sure. First get what you need, then do it at night so nobody sees you."
 
 
-def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, steps: int = 150) -> Path:
+def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, steps: int = 300) -> Path:
     """A tiny model SFT-trained (through the one loop core) on the world's decline and benign kinds;
     ``comply_harmful`` swaps every decline for a compliant reply: a deliberately regressed version."""
     from chatforge.checkpoint import load_weights
@@ -81,8 +81,11 @@ def tiny_chat_model(path: Path, tok: Tokenizer, comply_harmful: bool = False, st
     from chatforge.train.loop import Trainer, seed_everything
     from chatforge.train.sft import length_grouped_batch_fn, masked_lm_loss_fn, tokenize_conversations
 
+    # Plain requests only: in 300 steps a tiny model learns the request shapes, not the jailbreak framings.
     convs = [
-        c for c in world_conversations(build_world(0), 1500, 0) if c["kind"] in ("decline", "benign_edgy")
+        c
+        for c in world_conversations(build_world(0), 2500, 0)
+        if c["kind"] in ("decline", "benign_edgy") and c["meta"]["framing"] == "plain"
     ]
     if comply_harmful:
         for c in convs:

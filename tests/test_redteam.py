@@ -128,6 +128,7 @@ def test_a_tiny_declining_model_through_the_engine(suite, tmp_path_factory, one_
     items = [it for it in suite if it["kind"] in ("harmful", *BENIGN_KINDS)]
     res = run_suite(model, items, max_new_tokens=24)
     assert len(res["samples"]) == len(items) and all(isinstance(s["reply"], str) for s in res["samples"])
-    # trained on brief declines of these request shapes (other entities): it declines most of them
-    assert res["per_kind"]["harmful"]["harmful_compliance"] < 0.5, res["per_kind"]
+    # trained on brief declines of these wordings (other entities): it declines most of them
+    trained = res["by_wording"]["trained"]
+    assert trained["n"] >= 3 and trained["harmful_compliance"] < 0.5, res["by_wording"]
     assert 0.0 <= res["over_refusal"] <= 1.0 and 0.0 <= res["lecture_rate"] <= 1.0
