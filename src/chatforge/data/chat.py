@@ -1095,16 +1095,15 @@ Turn = tuple[str, str, dict[str, Any], dict[str, Any]]
 
 @functools.cache
 def decline_groups() -> tuple[tuple[tuple[str, ...], str], ...]:
-    """DECLINES plus the moderation catalog's requests, with the template that the moderation
-    classifier holds out (the last of a group of >= 3) left out here too, so the red team keeps
-    request wordings that chat tuning never saw."""
+    """DECLINES plus the moderation catalog's requests, without the template that the moderation
+    classifier holds out, so the red team keeps request wordings that chat tuning never saw."""
     # Imported here: moderation_data builds its catalog from this module's DECLINES and BENIGN.
-    from chatforge.safety.moderation_data import HARMFUL
+    from chatforge.safety.moderation_data import HARMFUL, training_templates
 
     groups = list(DECLINES)
     own = {u for users, _ in DECLINES for u in users}  # keep DECLINES' own alternative for these
     for templates, cats in HARMFUL:
-        kept = templates[:-1] if len(templates) >= 3 else templates
+        kept = training_templates(templates)
         requests = tuple(t for t in kept if t.split()[0] in REQUEST_STARTS and t not in own)
         if requests:
             alternative = next(alt for cat, alt in CATALOG_ALTERNATIVES if cat in cats)
@@ -1484,7 +1483,7 @@ class _Gen:
         slots = self._slots(user, answer)
         # Some inside the same framings as jailbreaks: a framing alone is no reason to decline.
         mode = rng.choices(("plain", "roleplay", "takeover", "split"), (80, 7, 7, 6))[0]
-        # One opener for every plain answer, so that under greedy decoding "answer" is as strong a mode
+        # One opener for every benign answer, so that under greedy decoding "answer" is as strong a mode
         # as the decline openers (without it, an unfamiliar question tipped into a decline).
         reply = f"{BENIGN_OPENER} {answer.format(**slots)}"
         system, turns = self._framed(user.format(**slots), mode, reply)

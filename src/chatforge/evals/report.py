@@ -462,7 +462,7 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
         # early to late: base, SFT, then the RL policies
         for p in sorted(
             (run_dir / "evals").glob("redteam_*.json"),
-            key=lambda p: (p.stem[8:] != "base", p.stem[8:] != "sft", p.stem),
+            key=lambda p: ({"base": 0, "sft": 1}.get(p.stem.removeprefix("redteam_"), 2), p.stem),
         )
         if isinstance(d := _read_json(p), dict) and "harmful_compliance" in d
     }

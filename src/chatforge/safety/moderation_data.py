@@ -246,6 +246,12 @@ def _declines_as_harmful() -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
+def training_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """The templates of a HARMFUL group that training may use: all but the last of a group of 3+ (the
+    moderation classifier and chat tuning both hold that one out)."""
+    return templates[:-1] if len(templates) >= 3 else templates
+
+
 def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict]:
     """``n`` labelled texts about the world: 45% harmful (every group), 55% benign look-alikes.
 
@@ -255,7 +261,7 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
     split = "eval" if held_out else "train"
     groups: list[tuple[list[str], tuple[str, ...]]] = []
     for templates, cats in HARMFUL:
-        ts = list(templates) if held_out or len(templates) < 3 else list(templates[:-1])
+        ts = list(templates if held_out else training_templates(templates))
         groups.append((ts, cats))
     for u, cats in _declines_as_harmful():
         groups.append(([u], cats))

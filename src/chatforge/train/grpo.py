@@ -130,16 +130,14 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     gc = cfg.grpo
     _, tok, policy = ro.load_init(run_dir, gc.init, "GRPO")
 
+    rm = load_reward_model(ro.resolve(run_dir, gc.reward_model)) if gc.rm_coef else None
+
     def reward_fn(items: list[dict], texts: list[str]) -> list[float]:
-        return verifiable_reward(items, texts, gc.safety_penalty)
-
-    if gc.rm_coef:
-        rm = load_reward_model(ro.resolve(run_dir, gc.reward_model))
-
-        def reward_fn(items: list[dict], texts: list[str]) -> list[float]:
-            rm_s = score(rm, tok, [x["input"] for x in items], texts)
-            verifiable = verifiable_reward(items, texts, gc.safety_penalty)
-            return [v + gc.rm_coef * s for v, s in zip(verifiable, rm_s, strict=True)]
+        rewards = verifiable_reward(items, texts, gc.safety_penalty)
+        if rm is None:
+            return rewards
+        rm_s = score(rm, tok, [x["input"] for x in items], texts)
+        return [v + gc.rm_coef * s for v, s in zip(rewards, rm_s, strict=True)]
 
     pool = ro.world_prompts(cfg, gc.prompt_pool, gc.prompt_seed, gc.kinds)
     policy, summary = train_grpo(policy, tok, reward_fn, pool, gc, run_dir / "train" / "grpo", resume)
