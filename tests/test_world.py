@@ -414,3 +414,19 @@ def test_counting_and_ordering_are_correct(world: World, docs: list[str]) -> Non
             assert items == sorted(items) and all(world.has_entity(x) for x in items)
             checked += 1
     assert checked > 200
+
+
+def test_zipf_mentions_favour_famous_entities(world: World) -> None:
+    def mentions(docs: list[str]) -> list[int]:
+        return [sum(d.count(p.name) for d in docs) for p in world.people]
+
+    flat, fame = (
+        mentions(pretrain_documents(world, 1500, 0)),
+        mentions(pretrain_documents(world, 1500, 0, 1.2)),
+    )
+    top, rest = slice(0, 10), slice(60, None)
+    assert sum(fame[top]) > 3 * sum(flat[top])  # the first-ranked people dominate
+    assert sum(fame[rest]) < sum(flat[rest])
+    assert max(flat) < 4 * (sum(flat) / len(flat))  # equal turns: nobody is much more famous
+    with pytest.raises(WorldError, match="zipf"):
+        pretrain_documents(world, 10, 0, -1.0)

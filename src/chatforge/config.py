@@ -52,10 +52,19 @@ class SourceConfig:
     max_docs: int = 0  # 0 = all
     seed: int = 0  # world only
     n_docs: int = 4000  # world only
+    # world only, and for pretraining-only runs (`chatforge scaling`): the chat, preference and eval stages
+    # use the default-size world of the same seed.
+    people: int = 120
+    places: int = 40
+    zipf: float = 0.0  # > 0: documents pick their main entity with weight 1/rank^zipf (0 = equal turns)
     split_on_blank_lines: bool = False  # text only: one document per paragraph block
 
     def validate(self, key: str) -> None:
         _check_source(key, self.kind, self.path, ("world", "text", "jsonl", "parquet", "hf"))
+        if self.kind == "world":
+            _check_range(f"{key}.people", self.people, 2, 100_000)
+            _check_range(f"{key}.places", self.places, 2, 1000)
+            _check_range(f"{key}.zipf", self.zipf, 0.0, 10.0)
 
 
 @dataclass

@@ -161,8 +161,8 @@ class _Data:
             from chatforge.data.world import build_world
             from chatforge.evals.world_cloze import cloze_items
 
-            seed = next(s.seed for s in cfg.data.sources if s.kind == "world")
-            self.cloze = cloze_items(build_world(seed), "eval", sc.cloze_choices)
+            src = next(s for s in cfg.data.sources if s.kind == "world")
+            self.cloze = cloze_items(build_world(src.seed, src.people, src.places), "eval", sc.cloze_choices)
         # Chance level of the downstream metric: the floor of its sigmoid in the loss.
         self.chance = 1.0 / sc.cloze_choices if self.kind == "world_cloze" else 0.0
 

@@ -362,8 +362,8 @@ def _read_world(src: SourceConfig, report: ReadReport) -> Iterator[str]:
     except ImportError as e:
         raise ChatforgeError(f"world source: the built-in generator is unavailable ({e})") from None
     report.files += 1
-    world = build_world(src.seed)
-    yield from pretrain_documents(world, src.n_docs, src.seed)
+    world = build_world(src.seed, src.people, src.places)
+    yield from pretrain_documents(world, src.n_docs, src.seed, src.zipf)
 
 
 def source_label(src: SourceConfig) -> str:

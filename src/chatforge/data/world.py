@@ -13,11 +13,14 @@ Design:
   cannot disagree.
 - ``pretrain_documents`` renders encyclopedia entries, stories, arithmetic and counting/comparison text.
   Entities are drawn from shuffled decks so that every fact is restated several times, each time with a
-  randomly chosen template out of several per relation.
+  randomly chosen template out of several per relation. With ``zipf`` > 0 they are drawn by fame instead
+  (the k-th entity of a list with weight 1/k^zipf), as real text mentions a few names often and most rarely:
+  a model then keeps learning rarer facts as it grows, and its loss falls as a power law for longer.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -774,13 +777,22 @@ def _join(items: Sequence[str]) -> str:
 
 
 class _Prose:
-    def __init__(self, world: World, rng: random.Random) -> None:
+    def __init__(self, world: World, rng: random.Random, zipf: float = 0.0) -> None:
         self.w = world
         self.rng = rng
+        self.zipf = zipf
         self._decks: dict[str, list] = {}
+        self._fame: dict[int, list[float]] = {}
 
     def _next(self, key: str, items: Sequence[T]) -> T:
-        """Draw from a shuffled deck that refills when empty: every entity gets its turn equally often."""
+        """Draw from a shuffled deck that refills when empty: every entity gets its turn equally often.
+        With ``zipf`` > 0, the k-th item (in the world's own order, which is random) has weight 1/k^zipf."""
+        if self.zipf > 0:
+            cum = self._fame.get(len(items))
+            if cum is None:
+                cum = list(itertools.accumulate(1.0 / (k + 1) ** self.zipf for k in range(len(items))))
+                self._fame[len(items)] = cum
+            return self.rng.choices(items, cum_weights=cum)[0]
         deck = self._decks.get(key)
         if not deck:
             deck = list(items)
@@ -1412,13 +1424,16 @@ DOC_KINDS: dict[str, float] = {
 }
 
 
-def pretrain_documents(world: World, n_docs: int, seed: int) -> list[str]:
+def pretrain_documents(world: World, n_docs: int, seed: int, zipf: float = 0.0) -> list[str]:
     """``n_docs`` plain-English documents (MIN_DOC_CHARS..MAX_DOC_CHARS characters) about ``world``.
 
-    Deterministic in (world, n_docs, seed). Every fact is stated exactly as ``world.facts()`` has it.
+    Deterministic in (world, n_docs, seed, zipf). Every fact is stated exactly as ``world.facts()`` has it.
+    ``zipf`` > 0 draws the documents' main entities by fame (weight 1/k^zipf) instead of in equal turns.
     """
+    if zipf < 0:
+        raise WorldError(f"zipf must be >= 0, got {zipf}")
     rng = random.Random(f"chatforge-pretrain:{world.seed}:{seed}")  # str seeds are hashed stably
-    prose = _Prose(world, rng)
+    prose = _Prose(world, rng, zipf)
     makers: dict[str, Callable[[], str]] = {
         "person_entry": prose.person_entry,
         "place_entry": prose.place_entry,
