@@ -158,11 +158,11 @@ class _Data:
         self.kind = _downstream_kind(cfg)
         self.cloze: list[dict[str, Any]] = []
         if self.kind == "world_cloze":
-            from chatforge.data.world import build_world
+            from chatforge.data.corpus import source_world
             from chatforge.evals.world_cloze import cloze_items
 
             src = next(s for s in cfg.data.sources if s.kind == "world")
-            self.cloze = cloze_items(build_world(src.seed, src.people, src.places), "eval", sc.cloze_choices)
+            self.cloze = cloze_items(source_world(src), "eval", sc.cloze_choices)
         # Chance level of the downstream metric: the floor of its sigmoid in the loss.
         self.chance = 1.0 / sc.cloze_choices if self.kind == "world_cloze" else 0.0
 

@@ -36,6 +36,7 @@ from chatforge.errors import ChatforgeError
 
 if TYPE_CHECKING:
     from chatforge.config import DataConfig, RunConfig, SourceConfig
+    from chatforge.data.world import World
     from chatforge.tokenizer import Tokenizer
 
 DOCS_FILE = "docs.jsonl.gz"
@@ -356,13 +357,20 @@ def _read_hf(ds: Any, src: SourceConfig, report: ReadReport) -> Iterator[str]:
             yield text
 
 
-def _read_world(src: SourceConfig, report: ReadReport) -> Iterator[str]:
+def source_world(src: SourceConfig) -> World:
+    """The world a ``world`` source describes (its seed and size): the one place that reads them."""
     try:  # imported here: the generator is only needed for a `world` source
-        from chatforge.data.world import build_world, pretrain_documents
+        from chatforge.data.world import build_world
     except ImportError as e:
         raise ChatforgeError(f"world source: the built-in generator is unavailable ({e})") from None
+    return build_world(src.seed, src.people, src.places)
+
+
+def _read_world(src: SourceConfig, report: ReadReport) -> Iterator[str]:
+    from chatforge.data.world import pretrain_documents
+
+    world = source_world(src)
     report.files += 1
-    world = build_world(src.seed, src.people, src.places)
     yield from pretrain_documents(world, src.n_docs, src.seed, src.zipf)
 
 
