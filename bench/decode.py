@@ -53,7 +53,9 @@ def _tokenizer(vocab: int) -> Any:
     return train_tokenizer(texts, vocab, min_frequency=1)
 
 
-def _models(shape: dict[str, int], max_len: int, tmp: Path, pack: bool = True) -> tuple[Any, Any, Any, Any]:
+def _models(
+    shape: dict[str, int], max_len: int, tmp: Path, pack: bool = True, matvec: bool = True
+) -> tuple[Any, Any, Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from chatforge.checkpoint import save_model
@@ -66,7 +68,8 @@ def _models(shape: dict[str, int], max_len: int, tmp: Path, pack: bool = True) -
     model = GPT(cfg)
     save_model(model, tmp, tokenizer=tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
-    eager, fast = Engine(model, tok, pack_weights=pack), Engine(model, tok, compile=True, pack_weights=pack)
+    eager = Engine(model, tok, pack_weights=pack)
+    fast = Engine(model, tok, compile=True, pack_weights=pack, matvec=matvec)
     return eager, fast, hf, tok
 
 
@@ -136,10 +139,11 @@ def bench_shape(
     repeats: int,
     compiled: bool = True,
     pack: bool = True,
+    matvec: bool = True,
 ) -> dict[str, Any]:
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory() as d:
-        eager, fast, hf, tok = _models(shape, prompt_len + new, Path(d), pack)
+        eager, fast, hf, tok = _models(shape, prompt_len + new, Path(d), pack, matvec)
     engine = {"chatforge": eager, "chatforge_compiled": fast}
     rng = random.Random(SEED)
     libs = ("chatforge", "chatforge_compiled", "transformers") if compiled else ("chatforge", "transformers")
@@ -204,6 +208,11 @@ def main() -> None:
     ap.add_argument(
         "--no-pack", action="store_true", help="Engine(pack_weights=False): decode nn.Linear weights"
     )
+    ap.add_argument(
+        "--no-matvec",
+        action="store_true",
+        help="Engine(matvec=False): the compiled batch-1 step uses MKL matmuls, not inductor's dot loops",
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -216,6 +225,7 @@ def main() -> None:
             "greedy": True,
             "dtype": "float32",
             "pack_weights": not a.no_pack,
+            "matvec": not a.no_matvec,
         },
     }
     for name in a.shapes.split(","):
@@ -227,6 +237,7 @@ def main() -> None:
             a.repeats,
             not a.no_compiled,
             not a.no_pack,
+            not a.no_matvec,
         )
     out["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(out, indent=2)

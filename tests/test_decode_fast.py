@@ -26,14 +26,18 @@ def _one_thread(one_thread: None) -> None:
     """Every test here runs single-threaded (see conftest)."""
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["linear", "packed"])
+PATHS = ["linear", "packed", "matvec"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "variant", [{}, {"qk_norm": True, "attention_bias": True}, {"tie_word_embeddings": True}]
 )
-def test_decode_step_equals_full_recompute(variant: dict, packed: bool) -> None:
+def test_decode_step_equals_full_recompute(variant: dict, path: str) -> None:
     """Prefill, then token by token through ``decode_step`` over a key window larger than what is used:
     each step's logits equal the full causal forward's at that position, through the model's own linear
-    weights and through the packed decode copy (transposed, Q/K/V and gate/up fused)."""
+    weights, through the packed decode copy (transposed, Q/K/V and gate/up fused) and as multiply-and-sum
+    (``matvec`` / ``attend_one``, what the compiled batch-1 step runs; eager here, same math)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(101, **variant)).eval()
     with torch.no_grad():
@@ -45,20 +49,21 @@ def test_decode_step_equals_full_recompute(variant: dict, packed: bool) -> None:
         cache = KVCache.empty(model.config, 1, 32, "cpu", torch.float32)
         model(ids[:, :8], cache=cache)
         keys = torch.arange(32)
-        weights = DecodeWeights.pack(model) if packed else None
+        weights = DecodeWeights.pack(model) if path == "packed" else None
         for t in range(8, 20):
             n = t + 1 if t % 2 else 32  # exactly the used keys, or the whole cache (masked)
-            out = model.decode_step(ids[:, t : t + 1], cache, torch.tensor([[t]]), keys[:n], weights)
+            pos = torch.tensor([[t]])
+            out = model.decode_step(ids[:, t : t + 1], cache, pos, keys[:n], weights, path == "matvec")
             torch.testing.assert_close(out, full[:, t], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["linear", "packed"])
-def test_decode_step_slots_at_different_positions_and_gaps(packed: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_step_slots_at_different_positions_and_gaps(path: str) -> None:
     """Three slots at different lengths, one of them free (a gap riding along with a dummy token): the
     running slots' logits equal each sequence's own full forward."""
     torch.manual_seed(0)
     model = GPT(tiny_config(101)).eval()
-    weights = DecodeWeights.pack(model) if packed else None
+    weights = DecodeWeights.pack(model) if path == "packed" else None
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 101, (1, n), generator=g) for n in (5, 11)]
     with torch.inference_mode():
@@ -75,7 +80,7 @@ def test_decode_step_slots_at_different_positions_and_gaps(packed: bool) -> None
         for back in (3, 2, 1):
             ids = torch.tensor([[seqs[0][0, -back]], [7], [seqs[1][0, -back]]])
             n = int(cache.lengths.max()) + 1
-            out = model.decode_step(ids, cache, cache.lengths[:, None], keys[:n], weights)
+            out = model.decode_step(ids, cache, cache.lengths[:, None], keys[:n], weights, path == "matvec")
             cache.lengths[torch.tensor([0, 2])] += 1
             for row, s in zip((0, 2), seqs):
                 pos = s.shape[1] - back
@@ -105,6 +110,7 @@ def test_compiled_engine_matches_eager_and_transformers(trained, tmp_path) -> No
     print(f"compile + generate: {time.perf_counter() - t0:.1f}s")
     assert got == eager
     assert fast.generate([prompt], p)[0].token_ids == eager  # the built graph replays
+    assert fast.packed_bytes == 0  # batch 1 compiled streams the live weights: no decode copy
     save_model(model, tmp_path, tokenizer=tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
