@@ -4,6 +4,7 @@ starts at log 2 and widens the chosen-vs-rejected margin."""
 import math
 
 import pytest
+import torch
 
 from chatforge.config import DPOConfig, RewardConfig, load_config
 from chatforge.errors import ChatforgeError
@@ -67,6 +68,33 @@ def test_calibration_of_a_perfect_confident_model_is_near_zero() -> None:
 
     res = calibration(np.full(100, 8.0), bins=10)
     assert res["ece"] < 0.01
+
+
+def test_likelihood_feature_rm_learns_saves_and_reloads(tok, tmp_path) -> None:
+    """``reward.lm_feature``: the score adds w · the reply's log-likelihood under the backbone's LM head.
+    It trains on the same separable preference, its learnt w and scores survive a save/load, and the
+    likelihood term really is part of the score (changing w moves the scores by w · log-likelihood)."""
+    rc = RewardConfig(lm_feature=True)
+    rc.train.steps, rc.train.batch_size, rc.train.lr = 30, 8, 3e-3
+    rc.train.progress, rc.train.eval_every = False, 0
+    rm, summary = train_reward_model(
+        tiny_model(tok), tok, toy_pairs(160, 0), toy_pairs(40, 1), rc, tmp_path / "w", resume=False
+    )
+    assert summary["heldout"]["accuracy"] == 1.0
+    assert float(rm.lm_weight) != pytest.approx(0.1)  # learnt, not left at its start
+    save_reward_model(rm, tmp_path / "rm", tok)
+    again = load_reward_model(tmp_path / "rm")
+    assert float(again.lm_weight) == pytest.approx(float(rm.lm_weight))
+    prompts = [[{"role": "user", "content": "green apple?"}]] * 2
+    replies = ["yes river", "no river"]
+    a = score(rm.eval(), tok, prompts, replies)
+    assert a == pytest.approx(score(again, tok, prompts, replies), abs=1e-5) and a[0] > a[1]
+    with torch.no_grad():
+        again.lm_weight.add_(1.0)
+    b = score(again, tok, prompts, replies)
+    assert all(abs(x - y) > 1e-3 for x, y in zip(a, b))  # the likelihood term moved each score
+    with pytest.raises(ValueError, match="reply_mask"):
+        again(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
 
 
 def test_dpo_loss_starts_at_log2_and_the_margin_grows(tok, tmp_path) -> None:
