@@ -39,7 +39,8 @@ def test_heldout_pairs_use_only_eval_entities(world) -> None:
 
 
 def test_the_grader_agrees_with_the_world_labels(world) -> None:
-    """Chosen fact replies pass the exact grader and rejected wrong facts fail it (ground truth)."""
+    """Chosen fact replies pass the exact grader and rejected wrong facts fail it (ground truth); a
+    rejected reply about another entity (the subject swapped out) no longer names the asked subject."""
     from chatforge.data.chat import world_conversations
 
     convs = world_conversations(world, 40, seed=3, split="train")
@@ -47,14 +48,22 @@ def test_the_grader_agrees_with_the_world_labels(world) -> None:
     maker = prefs._PairMaker(world, "train", __import__("random").Random(0))
     from chatforge.data.chat import grade
 
-    checked = 0
+    checked, swapped = 0, 0
     for c in facts:
         made = maker.make(c)
         if made and made[0] == "fact":
-            item = {"check": c["meta"]["check"]}
-            assert grade(item, c["messages"][-1]["content"]) and not grade(item, made[1])
+            item, chosen, subject = (
+                {"check": c["meta"]["check"]},
+                c["messages"][-1]["content"],
+                c["meta"]["subject"],
+            )
+            assert grade(item, chosen)
+            if subject in chosen and subject not in made[1]:
+                swapped += 1  # the same value said of someone else: the grader checks values only
+            else:
+                assert not grade(item, made[1])
             checked += 1
-    assert checked
+    assert checked and 0 < swapped < checked
 
 
 def _write(path, lines: list[str]) -> str:

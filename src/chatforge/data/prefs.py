@@ -7,7 +7,8 @@ OpenAssistant rankings, UltraFeedback-style rated answers, WebGPT comparisons), 
 World pairs are built from ``data/chat.py``'s conversations, so the chosen reply is exactly the SFT reply
 shape and the rejected one differs in one behaviour:
 
-- ``fact``: right vs wrong fact (a same-kind wrong value from the same split);
+- ``fact``: right vs wrong fact (a same-kind wrong value from the same split, or the same answer about
+  another entity of the same kind: the asked subject swapped out);
 - ``system``: obeys vs ignores the system message (JSON / persona / word limit / language);
 - ``decline``: a brief decline vs a lecture, and a decline vs going along with a harmful request;
 - ``refusal``: a plain answer vs a needless refusal of an edgy-but-benign request;
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.data import chat
-from chatforge.data.world import World, build_world
+from chatforge.data.world import Person, World, build_world
 from chatforge.errors import ChatforgeError
 
 Messages = list[dict[str, str]]
@@ -94,6 +95,14 @@ class _PairMaker:
         wrong = self.pools.wrong(self.rng, entity, meta["relation"], value)
         return ideal.replace(value, wrong)
 
+    def _wrong_subject(self, subject: str, ideal: str) -> str:
+        """The answer about another entity of the same kind: what a chat model that falls back on a name
+        it was tuned on says ("Zoflosmoor has a population of 8,000." when asked about Reirdale)."""
+        entity = self.w.entity(subject)
+        pool = self.pools.people if isinstance(entity, Person) else self.pools.places
+        other = self.rng.choice([e for e in pool if e.name != subject])
+        return ideal.replace(subject, other.name)
+
     def _padded(self, ideal: str) -> str:
         return self.rng.choice(PAD_OPENERS) + ideal + self.rng.choice(PAD_CLOSERS)
 
@@ -104,6 +113,9 @@ class _PairMaker:
         rng = self.rng
         if kind in ("fact", "follow_up"):
             if rng.random() < 0.7 and meta.get("value") and meta["value"] in ideal:
+                subject = meta.get("subject") or ""
+                if subject in ideal and rng.random() < 0.4:
+                    return "fact", self._wrong_subject(subject, ideal)
                 try:
                     return "fact", self._wrong_answer(meta, ideal)
                 except chat._NoOption:
