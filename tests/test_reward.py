@@ -8,11 +8,12 @@ import torch
 
 from chatforge.config import DPOConfig, RewardConfig, load_config
 from chatforge.errors import ChatforgeError
-from chatforge.train.dpo import dpo_batch, dpo_loss_fn, train_dpo
+from chatforge.train.dpo import dpo_loss_fn, train_dpo
 from chatforge.train.loop import read_metrics
 from chatforge.train.reward import (
     calibration,
     load_reward_model,
+    pair_batch,
     save_reward_model,
     score,
     tokenize_pairs,
@@ -101,7 +102,7 @@ def test_dpo_loss_starts_at_log2_and_the_margin_grows(tok, tmp_path) -> None:
     policy = tiny_model(tok, seed=1)
     pairs = toy_pairs(96, 2)
     ref = load_model_copy(policy).eval()
-    b = dpo_batch(tokenize_pairs(pairs[:8], tok, 256), tok.pad_id)
+    b = pair_batch(tokenize_pairs(pairs[:8], tok, 256), tok.pad_id)
     loss, _, _ = dpo_loss_fn(ref, beta=0.1)(policy, b)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
     dc = DPOConfig(beta=0.5)

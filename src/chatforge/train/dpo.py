@@ -22,19 +22,8 @@ from chatforge.data import prefs
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Batch, Trainer
-from chatforge.train.reward import pad, pair_batches, tokenize_pairs
+from chatforge.train.reward import pair_batch, pair_batches, tokenize_pairs
 from chatforge.train.rollout import load_init, save_policy, start, token_logprobs
-
-
-def dpo_batch(examples: list[tuple], pad_id: int) -> Batch:
-    """Chosen rows then rejected rows; ``reply_mask`` [2B, T-1] marks the positions predicting reply tokens."""
-    seqs = [e[0] for e in examples] + [e[2] for e in examples]
-    masks = [e[1] for e in examples] + [e[3] for e in examples]
-    ids, _ = pad(seqs, pad_id)
-    m = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-    for i, mk in enumerate(masks):
-        m[i, : len(mk) - 1] = torch.tensor(mk[1:], dtype=torch.float32)
-    return {"input_ids": ids, "reply_mask": m}
 
 
 def reply_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -75,7 +64,7 @@ def dpo_eval(
     losses, accs, margins = [], [], []
     dev = next(model.parameters()).device
     for i in range(0, len(examples), bs):
-        b = {k: v.to(dev) for k, v in dpo_batch(examples[i : i + bs], pad_id).items()}
+        b = {k: v.to(dev) for k, v in pair_batch(examples[i : i + bs], pad_id).items()}
         pc, pr = reply_logps(model, b).chunk(2)
         rc, rr = reply_logps(ref, b).chunk(2)
         logits = beta * ((pc - rc) - (pr - rr))
@@ -107,7 +96,7 @@ def train_dpo(
     examples = [e for e in tokenize_pairs(train_pairs, tok, tc.seq_len) if any(e[1]) and any(e[3])]
     held = [e for e in tokenize_pairs(heldout, tok, tc.seq_len) if any(e[1]) and any(e[3])]
     held = held[: tc.eval_batches * tc.batch_size]
-    batch_fn = pair_batches(examples, tc, dpo_batch, tok.pad_id, "dpo")
+    batch_fn = pair_batches(examples, tc, pair_batch, tok.pad_id, "dpo")
 
     trainer = Trainer(
         policy,

@@ -56,8 +56,8 @@ class RewardModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, lengths: torch.Tensor, reply_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Raw scores [B] at each sequence's last real token (right padding); ``reply_mask`` [B, T] marks
-        the reply's tokens (needed with ``lm_feature``)."""
+        """Raw scores [B] at each sequence's last real token (right padding); ``reply_mask`` [B, T-1] marks
+        the positions that predict a reply token (``pair_batch``'s; needed with ``lm_feature``)."""
         h = self.backbone.hidden_states(input_ids)
         last = h[torch.arange(len(h), device=h.device), lengths - 1]
         r = self.head(last.float()).squeeze(-1)
@@ -66,7 +66,7 @@ class RewardModel(nn.Module):
         if reply_mask is None:
             raise ValueError("this reward model scores the reply's likelihood: pass reply_mask")
         lp = token_logprobs(self.backbone.lm_head(h), input_ids)  # [B, T-1]: token t+1 given ..t
-        return r + self.lm_weight * (lp * reply_mask[:, 1:].to(lp.dtype)).sum(-1)
+        return r + self.lm_weight * (lp * reply_mask).sum(-1)
 
 
 def save_reward_model(rm: RewardModel, path: str | Path, tok: Tokenizer, **extra: Any) -> Path:
@@ -78,19 +78,14 @@ def save_reward_model(rm: RewardModel, path: str | Path, tok: Tokenizer, **extra
         tensors["lm_weight"] = rm.lm_weight
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, p / HEAD_FILE)
-    cfg = {
-        "offset": rm.offset,
-        "scale": rm.scale,
-        "pooling": "last_token",
-        "lm_feature": rm.lm_weight is not None,
-        **extra,
-    }
+    cfg = {"offset": rm.offset, "scale": rm.scale, "pooling": "last_token", **extra}
     (p / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
     return p
 
 
-def _load_head(rm: RewardModel, path: Path) -> None:
-    tensors = load_file(str(path / HEAD_FILE))
+def _load_head(rm: RewardModel, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """The head (and ``lm_weight``) from ``path``'s head file, or from its already-read ``tensors``."""
+    tensors = dict(tensors if tensors is not None else load_file(str(path / HEAD_FILE)))
     lm_weight = tensors.pop("lm_weight", None)
     if (lm_weight is None) != (rm.lm_weight is None):
         raise ChatforgeError(f"{path}: reward head and model disagree on the likelihood feature")
@@ -110,8 +105,9 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     p = Path(path)
     if not (p / HEAD_FILE).is_file():
         raise ChatforgeError(f"{p}: not a reward model (no {HEAD_FILE}); run `chatforge reward` first")
-    rm = RewardModel(load_model(p), lm_feature="lm_weight" in load_file(str(p / HEAD_FILE)))
-    _load_head(rm, p)
+    head = load_file(str(p / HEAD_FILE))
+    rm = RewardModel(load_model(p), lm_feature="lm_weight" in head)
+    _load_head(rm, p, head)
     if (p / CONFIG_FILE).is_file():
         cfg = json.loads((p / CONFIG_FILE).read_text())
         rm.offset, rm.scale = float(cfg.get("offset", 0.0)), float(cfg.get("scale", 1.0))
@@ -154,10 +150,17 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.tensor([len(s) for s in seqs])
 
 
+def reply_positions(masks: list[list[int]]) -> torch.Tensor:
+    """0/1 reply-token masks (``encode_reply``'s) -> [B, T-1] floats marking the positions whose next
+    token is a reply token: what multiplies ``token_logprobs`` to sum a reply's log-likelihood."""
+    return pad(masks, 0)[0][:, 1:].float()
+
+
 def pair_batch(examples: list[tuple], pad_id: int) -> Batch:
-    """Chosen rows first, then rejected rows, in one padded batch (one forward pass)."""
+    """Chosen rows first, then rejected rows, in one padded batch (one forward pass), with each row's
+    ``reply_mask`` [2B, T-1] (the reward model's likelihood feature and DPO read it)."""
     ids, lengths = pad([e[0] for e in examples] + [e[2] for e in examples], pad_id)
-    mask, _ = pad([e[1] for e in examples] + [e[3] for e in examples], 0)
+    mask = reply_positions([e[1] for e in examples] + [e[3] for e in examples])
     return {"input_ids": ids, "lengths": lengths, "reply_mask": mask}
 
 
@@ -204,7 +207,7 @@ def score_ids(
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
         ids, lengths = pad(seqs[i : i + batch_size], pad_id)
-        mask = pad(masks[i : i + batch_size], 0)[0].to(dev) if masks is not None else None
+        mask = reply_positions(masks[i : i + batch_size]).to(dev) if masks is not None else None
         raw = rm(ids.to(dev), lengths.to(dev), mask)
         out += ((raw - rm.offset) / rm.scale).tolist()
     return out
