@@ -1,6 +1,7 @@
 """chatforge scaling: the fits recover known laws, and a tiny real ladder runs, resumes, predicts, checks."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -58,6 +59,18 @@ def test_loss_law_recovers_known_parameters_and_intervals_cover_them() -> None:
         lo, hi = sf.interval(boot[key])
         assert lo <= value <= hi, (key, lo, value, hi)
         assert hi - lo > 0
+
+
+def test_prediction_noise_grows_with_the_runs_noise() -> None:
+    # The spread a 30x extrapolation gets from noise on the ladder's losses: none without noise, and
+    # several times the runs' own noise with it (the fit magnifies it).
+    true = sf.LossLaw(E=1.7, A=30.0, alpha=0.3, B=60.0, beta=0.3)
+    n, d, _ = _ladder_points(true, noise=0.0, seed=0)
+    at = (4e5, 30 * 4.7e11 / (6 * 4e5))
+    assert sf.prediction_noise(true, n, d, 0.0, at, samples=5) == pytest.approx(0.0, abs=1e-4)
+    small = sf.prediction_noise(true, n, d, 0.002, at, samples=40)
+    large = sf.prediction_noise(true, n, d, 0.01, at, samples=40)
+    assert 0.0 < small < large and large > 0.01
 
 
 def test_compute_optimal_allocation_is_the_constrained_minimum() -> None:
@@ -205,6 +218,8 @@ TINY = [
     "scaling.target_size=1x32",
     "scaling.target_mult=3",
     "scaling.bootstrap=20",
+    "scaling.workers=1",
+    "scaling.seeds=1",
 ]
 
 
@@ -249,6 +264,35 @@ def test_ladder_resumes_where_it_stopped(ladder: dict) -> None:
     # A third run trains nothing.
     again = scaling.run(cfg, until="ladder")
     assert again["rungs_ran"] == 0
+
+
+def test_parallel_workers_and_seed_replicates(ladder: dict, tmp_path: Path) -> None:
+    # Two processes train the ladder, every rung twice (seeds 1337 and 1338). Every rung seeds itself, so
+    # the first replicates equal the sequential run's rungs; the second ones differ, and their spread is
+    # reported as the ladder's seed noise.
+    over = ["scaling.workers=2", "scaling.seeds=2"]
+    cfg = load_config("scaling-world", [f"runs_dir={tmp_path}", "name=tiny", *TINY, *over])
+    scaling.run(cfg, until="predict")
+    summary = json.loads((cfg.run_dir / "scaling" / "scaling.json").read_text())
+    par = {r["name"]: r for r in summary["ladder"]}
+    seq = json.loads((ladder["cfg"].run_dir / "scaling" / "scaling.json").read_text())["ladder"]
+    assert len(par) == 2 * len(seq) and all(r["ran"] for r in par.values())
+    for r in seq:
+        assert par[r["name"]]["val_loss"] == r["val_loss"] and par[r["name"]]["replicate"] == 0
+        twin = par[f"{r['name']}-seed1"]
+        assert twin["replicate"] == 1 and (twin["shape"], twin["budget"]) == (r["shape"], r["budget"])
+        assert twin["val_loss"] != r["val_loss"]
+    noise = summary["prediction"]["seed_noise"]
+    logs = [
+        math.log(par[n]["val_loss"]) - math.log(par[f"{n}-seed1"]["val_loss"])
+        for n in (r["name"] for r in seq)
+    ]
+    # Two replicates each: the pooled variance is the mean of d^2 / 2.
+    assert noise["rungs"] == len(seq)
+    assert noise["relative_sd"] == pytest.approx(math.sqrt(np.mean(np.square(logs)) / 2), abs=1e-5)
+    assert noise["prediction_relative_sd"] > 0
+    assert "seed noise" in (cfg.run_dir / "scaling" / "scaling.md").read_text()
+    assert scaling.run(cfg, until="ladder")["rungs_ran"] == 0  # what the workers trained counts as done
 
 
 def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:

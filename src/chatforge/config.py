@@ -580,6 +580,12 @@ class ScalingConfig:
     bootstrap: int = 200  # resamples of the ladder's runs for the confidence intervals; 0 = none
     interval: float = 0.95
     seed: int = 0  # bootstrap resampling
+    # Rungs trained at once, each in its own process with train.threads threads: the rungs are tiny, so
+    # on a machine with k cores k one-thread rungs finish ~k times sooner than one k-thread rung.
+    workers: int = 1
+    # Each rung trained this many times (training seeds train.seed, +1, ...): the fit sees every replicate,
+    # and the report gives the seed-to-seed spread, which the 30x extrapolation magnifies.
+    seeds: int = 1
 
     def validate(self, key: str) -> None:
         if len(self.budgets) < 3:
@@ -626,6 +632,10 @@ class ScalingConfig:
             raise ConfigError(f"{key}.target_mult: must be at least 1, got {self.target_mult}")
         if self.bootstrap < 0:
             raise ConfigError(f"{key}.bootstrap: must be >= 0, got {self.bootstrap}")
+        if self.workers < 1:
+            raise ConfigError(f"{key}.workers: must be at least 1, got {self.workers}")
+        if self.seeds < 1:
+            raise ConfigError(f"{key}.seeds: must be at least 1, got {self.seeds}")
         _check_range(f"{key}.interval", self.interval, 0.0, 1.0, lo_open=True)
 
 

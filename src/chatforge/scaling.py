@@ -5,7 +5,9 @@
    same schedule shape, decayed to the end of each run, and evaluate on the same fixed held-out tokens.
    Each rung trains on the shared loop core (``train.loop.Trainer`` with pretraining's batches and loss)
    in ``<run>/scaling/<rung>/`` (``metrics.jsonl``, checkpoints) and ends with ``result.json``: finished
-   rungs are skipped on a rerun, an interrupted one resumes from its checkpoint.
+   rungs are skipped on a rerun, an interrupted one resumes from its checkpoint. ``scaling.workers``
+   rungs train at once, in separate processes; ``scaling.seeds`` > 1 trains each rung again with other
+   seeds, which measures the ladder's own noise.
 2. **Predict**: fit L(N, D) and L(C) (``scaling_fit``), bootstrap the rungs for intervals, and write the
    target's predicted loss (and downstream metric) to ``<run>/scaling/prediction.json`` with a timestamp —
    before the target trains. An existing prediction for the same ladder and target is never rewritten.
@@ -19,11 +21,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +63,7 @@ class Rung:
     n_params: int  # non-embedding parameters (output head included)
     steps: int
     tokens: int
+    replicate: int = 0  # > 0: the same run again with training seed train.seed + replicate
 
     @property
     def compute(self) -> float:
@@ -94,7 +99,7 @@ def _budget_tag(c: float) -> str:
 
 def plan_ladder(sc: ScalingConfig, vocab_size: int) -> list[Rung]:
     """Every (budget, size) rung with at least ``min_steps`` steps and ``min_tokens_per_param`` tokens per
-    parameter, smallest budget first."""
+    parameter, smallest budget first, each followed by its ``seeds`` − 1 replicates (``<name>-seed<k>``)."""
     per_step = sc.train.batch_size * sc.train.grad_accum * sc.train.seq_len
     sizes = {s: count_params(shape_config(sc, s, vocab_size)) for s in sc.sizes}
     rungs = []
@@ -111,7 +116,11 @@ def plan_ladder(sc: ScalingConfig, vocab_size: int) -> list[Rung]:
                 f" scaling.min_tokens_per_param ({sc.min_tokens_per_param:g}); raise the budget or add smaller"
                 " sizes"
             )
-        rungs += row
+        for r in row:
+            rungs.append(r)
+            rungs += [
+                dataclasses.replace(r, name=f"{r.name}-seed{k}", replicate=k) for k in range(1, sc.seeds)
+            ]
     return rungs
 
 
@@ -229,8 +238,11 @@ def _prepare_data(cfg: RunConfig) -> None:
 
 def _rung_hash(cfg: RunConfig, rung: Rung) -> str:
     sc = cfg.scaling
+    spec = dataclasses.asdict(rung)
+    if not rung.replicate:  # the hash of a ladder planned before replicates existed stays valid
+        del spec["replicate"]
     blob = {
-        "rung": dataclasses.asdict(rung),
+        "rung": spec,
         "train": to_dict(sc.train),
         "model": [sc.head_dim, sc.ffn_mult],
         "warmup_frac": sc.warmup_frac,
@@ -248,11 +260,22 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def train_rung(cfg: RunConfig, rung: Rung, data: _Data, work_dir: Path, save_dir: Path | None = None) -> dict:
-    """Train one rung on the loop core (resuming its checkpoint if any) and write ``result.json``."""
+def train_rung(
+    cfg: RunConfig,
+    rung: Rung,
+    data: _Data,
+    work_dir: Path,
+    save_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train one rung on the loop core (resuming its checkpoint if any) and write ``result.json``;
+    ``progress=False`` hides the progress bar whatever ``train.progress`` says (not part of the rung's
+    hash: it does not change the result)."""
     sc = cfg.scaling
     tc = dataclasses.replace(
         sc.train,
+        seed=sc.train.seed + rung.replicate,
+        progress=sc.train.progress and progress,
         steps=rung.steps,
         warmup_steps=round(sc.warmup_frac * rung.steps),
         eval_every=0,
@@ -329,29 +352,84 @@ def _prepare_rung_dir(cfg: RunConfig, rung: Rung, work_dir: Path) -> None:
 def run_ladder(
     cfg: RunConfig, data: _Data | None = None, after_rung: Callable[[dict], None] | None = None
 ) -> list[dict]:
-    """Train every rung not finished yet; returns all rungs' results (each with ``"ran"``: whether it
-    trained now)."""
+    """Train every rung not finished yet (``scaling.workers`` at once); returns all rungs' results in plan
+    order (each with ``"ran"``: whether it trained now)."""
     data = data or _Data(cfg)
     out_dir = cfg.run_dir / "scaling"
-    results = []
     rungs = plan_ladder(cfg.scaling, data.tok.vocab_size)
-    for i, rung in enumerate(rungs):
-        work = out_dir / rung.name
-        res = _done(cfg, rung, work)
+    results: dict[str, dict] = {}
+    todo = []
+    for rung in rungs:
+        res = _done(cfg, rung, out_dir / rung.name)
         if res is not None:
-            results.append({**res, "ran": False})
+            results[rung.name] = {**res, "ran": False}
+        else:
+            todo.append(rung)
+    if cfg.scaling.workers > 1 and len(todo) > 1:
+        _run_parallel(cfg, todo, len(rungs), results, after_rung)
+    for rung in todo:
+        if rung.name in results:
             continue
+        i = rungs.index(rung)
         print(
             f"scaling: rung {i + 1}/{len(rungs)} {rung.name}: N={rung.n_params:,} D={rung.tokens:,}"
             f" ({rung.steps} steps, C={rung.compute:.3g})",
             file=sys.stderr,
         )
-        _prepare_rung_dir(cfg, rung, work)
-        res = {**train_rung(cfg, rung, data, work), "ran": True}
-        results.append(res)
+        res = _train_in_dir(cfg, rung, data)
+        results[rung.name] = res
         if after_rung is not None:
             after_rung(res)
-    return results
+    return [results[r.name] for r in rungs]
+
+
+def _train_in_dir(cfg: RunConfig, rung: Rung, data: _Data, progress: bool = True) -> dict:
+    work = cfg.run_dir / "scaling" / rung.name
+    _prepare_rung_dir(cfg, rung, work)
+    return {**train_rung(cfg, rung, data, work, progress=progress), "ran": True}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg: RunConfig) -> None:
+    # One process per worker, spawned (no forked torch state); the data is loaded once per process.
+    _WORKER.update(cfg=cfg, data=_Data(cfg))
+
+
+def _worker_rung(rung: Rung) -> dict:
+    # Progress bars of several processes would garble one terminal: the parent prints a line per rung.
+    return _train_in_dir(_WORKER["cfg"], rung, _WORKER["data"], progress=False)
+
+
+def _run_parallel(
+    cfg: RunConfig,
+    todo: list[Rung],
+    n_rungs: int,
+    results: dict[str, dict],
+    after_rung: Callable[[dict], None] | None,
+) -> None:
+    """Train ``todo`` in ``scaling.workers`` processes. Every rung seeds itself, so its result does not
+    depend on which process trains it or when. Interrupted, the running rungs keep their checkpoints."""
+    workers = min(cfg.scaling.workers, len(todo))
+    print(f"scaling: {len(todo)} rungs in {workers} processes", file=sys.stderr)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg,)) as pool:
+        futures = {pool.submit(_worker_rung, rung): rung for rung in todo}
+        try:
+            for fut in as_completed(futures):
+                res = fut.result()
+                results[res["name"]] = res
+                print(
+                    f"scaling: rung {len(results)}/{n_rungs} {res['name']} done: val loss"
+                    f" {res['val_loss']:.4f} ({res['train_seconds']:.0f} s)",
+                    file=sys.stderr,
+                )
+                if after_rung is not None:
+                    after_rung(res)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # ---------------------------------------------------------------- fits and the prediction
@@ -390,6 +468,19 @@ def backtest(rows: list[dict], form: str = "chinchilla") -> dict | None:
     errs = [o["relative_error"] for o in out]
     return {"budget": top, "fit_rungs": len(fit_rows), "rungs": out, "max_relative_error": max(errs),
             "mean_relative_error": round(float(np.mean(errs)), 5)}  # fmt: skip
+
+
+def seed_noise(rows: list[dict]) -> dict | None:
+    """The seed-to-seed spread of the rungs trained more than once (``scaling.seeds`` > 1): the pooled
+    standard deviation of log val loss within each (budget, shape), i.e. a relative spread. None without
+    replicates."""
+    groups: dict[tuple[float, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["shape"]), []).append(math.log(r["val_loss"]))
+    variances = [float(np.var(v, ddof=1)) for v in groups.values() if len(v) > 1]
+    if not variances:
+        return None
+    return {"rungs": len(variances), "relative_sd": round(math.sqrt(float(np.mean(variances))), 5)}
 
 
 def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float, metric: str | None) -> dict:
@@ -465,6 +556,13 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         mlaw_b = sf.fit_metric_vs_loss(loss[idx], m[idx], chance) if mlaw is not None else None
         return quantities(law_b, claw_b, mlaw_b, front_b)
 
+    noise = seed_noise(rows)
+    if noise is not None:
+        # The floor on the prediction's accuracy that this ladder's own noise sets (the law as the truth).
+        spread = sf.prediction_noise(
+            law, n, d, noise["relative_sd"], (target.n_params, target.tokens), seed=sc.seed
+        )
+        noise["prediction_relative_sd"] = round(spread, 5)
     budgets = [r["budget"] for r in rows]
     boot = sf.bootstrap(len(rows), refit, sc.bootstrap, sc.seed, groups=budgets) if sc.bootstrap else {}
 
@@ -500,6 +598,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
             "isoflop_tokens_per_param_interval": ci("frontier_tokens_per_param"),
         },
         "backtest": {"selected": form, **backtests},
+        "seed_noise": noise,
         "bootstrap_samples": len(boot.get("loss", [])),
         "interval_level": sc.interval,
         "predicted": {

@@ -482,6 +482,35 @@ def bootstrap(
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+@_one_blas_thread
+def prediction_noise(
+    law: LossLaw,
+    n: Sequence[float],
+    d: Sequence[float],
+    relative_sd: float,
+    at: tuple[float, float],
+    samples: int = 100,
+    seed: int = 0,
+) -> float:
+    """How much run-to-run noise alone moves a prediction: refit ``law``'s form on its own losses at the
+    ladder's (N, D) times log-normal noise of ``relative_sd``, and return the relative standard deviation
+    of the refits' predictions at ``at`` = (N, D). A parametric check: the law is taken as the truth."""
+    n_, d_ = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+    rng = np.random.default_rng(seed)
+    clean = law(n_, d_)
+    point = float(law(*at))
+    init = law_init(law)
+    preds = []
+    for _ in range(samples):
+        noisy = clean * np.exp(rng.normal(0.0, relative_sd, len(clean)))
+        try:
+            refit = fit_loss_law(n_, d_, noisy, inits=[init], form=law.form)
+        except FitError:
+            continue
+        preds.append(float(refit(*at)) / point - 1.0)
+    return float(np.std(preds)) if len(preds) > 1 else float("nan")
+
+
 def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """The central percentile interval; (nan, nan) when there are no values."""
     v = np.asarray(values, dtype=float)

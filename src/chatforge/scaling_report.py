@@ -220,6 +220,22 @@ def _backtest_lines(pred: dict) -> list[str]:
     return lines
 
 
+def _noise_lines(pred: dict) -> list[str]:
+    noise = pred.get("seed_noise")
+    if not noise:
+        return []
+    line = (
+        f"- seed noise: {noise['rungs']} rungs trained with other seeds too differ by {noise['relative_sd']:.2%}"
+        " (pooled standard deviation of the log loss)"
+    )
+    if "prediction_relative_sd" in noise:
+        line += (
+            f"; refitting the law's own losses plus noise of that size moves the target's prediction by"
+            f" **{noise['prediction_relative_sd']:.1%}** (sd): no prediction from this ladder is surer than that"
+        )
+    return [line]
+
+
 def markdown(s: dict) -> str:
     rows = s["ladder"]
     lines = [
@@ -249,6 +265,7 @@ def markdown(s: dict) -> str:
             f" ({lvl} {_ci(co['tokens_per_param_interval'], 1)})",
             _frontier_line(pred, lvl),
             *_backtest_lines(pred),
+            *_noise_lines(pred),
             f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
             f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
             f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])}, L(C) says {p['compute_law_val_loss']:.4f}"
