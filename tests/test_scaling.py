@@ -291,6 +291,11 @@ def test_parallel_workers_and_seed_replicates(ladder: dict, tmp_path: Path) -> N
     assert noise["rungs"] == len(seq)
     assert noise["relative_sd"] == pytest.approx(math.sqrt(np.mean(np.square(logs)) / 2), abs=1e-5)
     assert noise["prediction_relative_sd"] > 0
+    # The envelope widens the prediction by the seed noise's spread at least.
+    p = summary["prediction"]["predicted"]
+    z = 1.959964  # the 95% level
+    assert p["val_loss_envelope"][0] <= p["val_loss"] * math.exp(-z * noise["prediction_relative_sd"]) + 1e-4
+    assert p["val_loss_envelope"][1] >= p["val_loss"] * math.exp(z * noise["prediction_relative_sd"]) - 1e-4
     assert "seed noise" in (cfg.run_dir / "scaling" / "scaling.md").read_text()
     assert scaling.run(cfg, until="ladder")["rungs_ran"] == 0  # what the workers trained counts as done
 
@@ -306,6 +311,11 @@ def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
     # The form of L(N, D) was chosen by the ladder's own backtest, and the other form is reported too.
     sel = pred["backtest"]["selected"]
     assert pred["loss_law"]["form"] == sel and set(pred["other_loss_laws"]) == set(sf.FORMS) - {sel}
+    # The envelope holds the bootstrap interval and the other form's prediction.
+    lo, hi = pred["predicted"]["val_loss_envelope"]
+    boot = pred["predicted"]["val_loss_interval"]
+    assert lo <= boot[0] <= boot[1] <= hi
+    assert all(lo <= o["val_loss"] <= hi for o in pred["other_loss_laws"].values())
     chk = json.loads((sdir / "scaling.json").read_text())["check"]
     assert chk["predicted_before_training"] is True
     assert chk["prediction_unchanged"] is True and chk["prediction_sha256"] == pred["sha256"]
@@ -313,6 +323,7 @@ def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
         abs(chk["predicted_val_loss"] - chk["actual_val_loss"]) / chk["actual_val_loss"]
     )
     assert 0.0 <= chk["actual_metric"] <= 1.0
+    assert chk["inside_envelope"] == (lo <= chk["actual_val_loss"] <= hi)
     assert (sdir / "target" / "model" / "config.json").is_file()  # the target is a usable HF model
     # Predicting again for the same ladder and target keeps the original timestamp.
     scaling.run(cfg, until="predict")

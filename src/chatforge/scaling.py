@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -483,6 +484,20 @@ def seed_noise(rows: list[dict]) -> dict | None:
     return {"rungs": len(variances), "relative_sd": round(math.sqrt(float(np.mean(variances))), 5)}
 
 
+def _envelope(
+    sc: ScalingConfig, point: float, boot: list[float] | None, other_forms: list[float], noise: dict | None
+) -> list[float]:
+    """The prediction's error bar with what the bootstrap leaves out: it resamples a few rungs per budget,
+    so it misses much of the seed noise and all of the choice of form. The widest of the bootstrap
+    interval, the other forms' predictions and ±z·(the seed noise's spread of the prediction)."""
+    vals = [point, *(boot or []), *other_forms]
+    spread = (noise or {}).get("prediction_relative_sd")
+    if spread is not None and math.isfinite(spread):
+        z = NormalDist().inv_cdf(0.5 + sc.interval / 2)
+        vals += [point * math.exp(-z * spread), point * math.exp(z * spread)]
+    return [round(min(vals), 5), round(max(vals), 5)]
+
+
 def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float, metric: str | None) -> dict:
     """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values."""
     n = np.array([r["n_params"] for r in rows], dtype=float)
@@ -573,6 +588,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
 
     return {
         "n_definition": "non-embedding parameters (output head included); C = 6·N·D",
+        "envelope_parts": "bootstrap interval, the other forms' predictions, the seed-noise band",
         "loss_law": {**law.to_dict(), "intervals": {k: ci(k) for k in ("alpha", "beta", "E")}},
         "other_loss_laws": {
             f: {
@@ -604,6 +620,13 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         "predicted": {
             "val_loss": round(point["loss"], 5),
             "val_loss_interval": ci("loss"),
+            "val_loss_envelope": _envelope(
+                sc,
+                point["loss"],
+                ci("loss"),
+                [float(o(target.n_params, target.tokens)) for o in others.values()],
+                noise,
+            ),
             "compute_law_val_loss": round(point["loss_compute_law"], 5),
             "compute_law_interval": ci("loss_compute_law"),
             "metric": metric if has_metric else None,
@@ -696,6 +719,9 @@ def check(cfg: RunConfig, pred: dict, data: _Data, train: bool = True) -> dict:
         "relative_error": abs(p["val_loss"] - actual) / actual,
         "interval": ci,
         "inside_interval": bool(ci and ci[0] <= actual <= ci[1]),
+        "envelope": p.get("val_loss_envelope"),
+        "inside_envelope": bool(p.get("val_loss_envelope"))
+        and p["val_loss_envelope"][0] <= actual <= p["val_loss_envelope"][1],
         "compute_law_val_loss": p["compute_law_val_loss"],
         "compute_law_relative_error": abs(p["compute_law_val_loss"] - actual) / actual,
         "predicted_before_training": bool(start) and pred["created_unix"] < min(start),

@@ -268,7 +268,8 @@ def markdown(s: dict) -> str:
             *_noise_lines(pred),
             f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
             f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
-            f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])}, L(C) says {p['compute_law_val_loss']:.4f}"
+            f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])} (envelope with the other form and the"
+            f" seed noise {_ci(p.get('val_loss_envelope'))}), L(C) says {p['compute_law_val_loss']:.4f}"
             f" {_ci(p['compute_law_interval'])}; written {pred['created']}",
         ]
         if p.get("metric"):
@@ -280,6 +281,8 @@ def markdown(s: dict) -> str:
             "|---|---|---|---|---|",
             f"| val loss, L(N, D) | {chk['predicted_val_loss']:.4f} | {_ci(chk['interval'])} |"
             f" {chk['actual_val_loss']:.4f} | {chk['relative_error']:.2%} |",
+            f"| the same, envelope (other form, seed noise) | | {_ci(chk.get('envelope'))} | inside:"
+            f" {('yes' if chk['inside_envelope'] else 'no') if chk.get('envelope') else '–'} | |",
             f"| val loss, L(C) (compute-optimal frontier) | {chk['compute_law_val_loss']:.4f} | {_ci(pred['predicted']['compute_law_interval'])} |"
             f" {chk['actual_val_loss']:.4f} | {chk['compute_law_relative_error']:.2%} |",
         ]
