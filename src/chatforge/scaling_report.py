@@ -242,8 +242,9 @@ def markdown(s: dict) -> str:
         f"## Scaling: {s['name']}",
         "",
         f"Corpus {', '.join(s['corpus'])}; vocab {s['vocab_size']}; {len(rows)} ladder runs over"
-        f" {len({r['budget'] for r in rows})} budgets in {s['ladder_wall_seconds']:.0f} s wall"
-        f" ({s.get('ladder_cpu_seconds', 0):.0f} s CPU; on a shared machine wall time is inflated);"
+        f" {len({r['budget'] for r in rows})} budgets: {s['ladder_wall_seconds']:.0f} s of wall time summed over"
+        f" the runs, {s.get('ladder_cpu_seconds', 0):.0f} s CPU (on a shared machine wall time is inflated;"
+        f" with scaling.workers > 1 the runs overlap — this invocation took {s.get('ladder_ran_seconds', 0):.0f} s);"
         f" every rung {min(r['steps'] for r in rows)}–{max(r['steps'] for r in rows)} steps, at most"
         f" {max(r['epochs'] for r in rows):.2f} epochs; validation on the same {s['val_tokens']:,} held-out tokens.",
         "",
