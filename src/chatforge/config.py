@@ -375,7 +375,9 @@ class RewardConfig:
     pref_files: list[str] = field(default_factory=list)  # extra preference files (any supported format)
     heldout_fraction: float = 0.1  # of each pref file, split by prompt
     margin: float = 0.0  # Bradley–Terry with a margin: -log σ(r_chosen - r_rejected - margin)
-    lm_feature: bool = False  # score += w · the reply's log-likelihood under the backbone (w learnt)
+    # score += w · the reply's summed log-likelihood under the backbone (w learnt). For the world's short
+    # replies; on real pairs (long, chosen mostly the longer) it favours short replies: 38% vs 60% held-out.
+    lm_feature: bool = False
     calibration_bins: int = 10
     train: TrainConfig = field(default_factory=_rl_train(150, 16, 5e-4))
 
