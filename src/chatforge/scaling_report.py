@@ -128,6 +128,9 @@ def plot_prediction(s: dict, out: Path) -> Path:
     cis = [p["val_loss_interval"], p["compute_law_interval"]]
     for i, (v, ci) in enumerate(zip(vals, cis)):
         _predicted(ax, i, v, ci, capsize=5, label="predicted" if i == 0 else None)
+    env = p.get("val_loss_envelope")
+    if env:  # the wider error bar: the other form and the seed noise too
+        ax.plot([0, 0], env, color="C0", lw=6, alpha=0.25, solid_capstyle="butt", label="envelope")
     if chk:
         a = chk["actual_val_loss"]
         ax.axhline(a, color="C2", lw=1.5, label=f"actual {a:.4f} (error {chk['relative_error']:.2%})")
