@@ -368,19 +368,16 @@ def run_ladder(
             todo.append(rung)
     if cfg.scaling.workers > 1 and len(todo) > 1:
         _run_parallel(cfg, todo, len(rungs), results, after_rung)
-    for rung in todo:
-        if rung.name in results:
-            continue
-        i = rungs.index(rung)
-        print(
-            f"scaling: rung {i + 1}/{len(rungs)} {rung.name}: N={rung.n_params:,} D={rung.tokens:,}"
-            f" ({rung.steps} steps, C={rung.compute:.3g})",
-            file=sys.stderr,
-        )
-        res = _train_in_dir(cfg, rung, data)
-        results[rung.name] = res
-        if after_rung is not None:
-            after_rung(res)
+    else:
+        for rung in todo:
+            print(
+                f"scaling: rung {rungs.index(rung) + 1}/{len(rungs)} {rung.name}: N={rung.n_params:,}"
+                f" D={rung.tokens:,} ({rung.steps} steps, C={rung.compute:.3g})",
+                file=sys.stderr,
+            )
+            results[rung.name] = _train_in_dir(cfg, rung, data)
+            if after_rung is not None:
+                after_rung(results[rung.name])
     return [results[r.name] for r in rungs]
 
 
@@ -516,6 +513,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     )
     law = sf.fit_loss_law(n, d, loss, form=form)
     others = {f: sf.fit_loss_law(n, d, loss, form=f) for f in sf.FORMS if f != form}
+    other_preds = {f: float(o(target.n_params, target.tokens)) for f, o in others.items()}
     minima = _frontier(rows)
     claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
     mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
@@ -588,12 +586,11 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
 
     return {
         "n_definition": "non-embedding parameters (output head included); C = 6·N·D",
-        "envelope_parts": "bootstrap interval, the other forms' predictions, the seed-noise band",
         "loss_law": {**law.to_dict(), "intervals": {k: ci(k) for k in ("alpha", "beta", "E")}},
         "other_loss_laws": {
             f: {
                 **o.to_dict(),
-                "val_loss": round(float(o(target.n_params, target.tokens)), 5),
+                "val_loss": round(other_preds[f], 5),
                 "tokens_per_param": (lambda nd: nd[1] / nd[0])(o.compute_optimal(target.compute)),
             }
             for f, o in others.items()
@@ -620,13 +617,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         "predicted": {
             "val_loss": round(point["loss"], 5),
             "val_loss_interval": ci("loss"),
-            "val_loss_envelope": _envelope(
-                sc,
-                point["loss"],
-                ci("loss"),
-                [float(o(target.n_params, target.tokens)) for o in others.values()],
-                noise,
-            ),
+            "val_loss_envelope": _envelope(sc, point["loss"], ci("loss"), list(other_preds.values()), noise),
             "compute_law_val_loss": round(point["loss_compute_law"], 5),
             "compute_law_interval": ci("loss_compute_law"),
             "metric": metric if has_metric else None,
