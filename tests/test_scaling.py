@@ -15,7 +15,9 @@ import pytest
 from chatforge import scaling
 from chatforge import scaling_fit as sf
 from chatforge.config import ConfigError, load_config
+from chatforge.data.world import build_world
 from chatforge.errors import ChatforgeError
+from chatforge.evals.world_cloze import cloze_items
 from chatforge.train.loop import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -200,6 +202,19 @@ def test_fits_refuse_too_few_points() -> None:
         sf.fit_loss_law([1e4] * 6, np.geomspace(1e5, 1e7, 6), np.linspace(3, 2.5, 6))
 
 
+def test_cloze_on_the_most_mentioned_entities() -> None:
+    world = build_world(0, 200, 60)
+    everyone, famous = cloze_items(world, "eval"), cloze_items(world, "eval", top=5)
+    keep = {e.name: e.split for e in world.people[:5] + world.places[:5]}
+    assert everyone and all(world.entity_split(it["subject"]) == "eval" for it in everyone)
+    # only the first (most mentioned) five people and towns, from both splits
+    assert famous and {it["subject"] for it in famous} <= set(keep)
+    assert {keep[it["subject"]] for it in famous} == {"train", "eval"}
+    for it in famous:
+        assert it["answer"] == 0 and len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        assert it["prompt"].startswith(it["subject"])
+
+
 # ---------------------------------------------------------------- a tiny real ladder
 
 TINY = [
@@ -357,6 +372,7 @@ def test_plots_and_summary_exist(ladder: dict) -> None:
         ("scaling.target_mult=0.5", "scaling.target_mult: must be at least 1"),
         ("scaling.train.schedule=linear", "scaling.train.schedule: must be"),
         ("scaling.budgetz=[1]", "scaling.budgetz: unknown key (did you mean 'budgets'?)"),
+        ("scaling.cloze_entities=-1", "scaling.cloze_entities: must be >= 0"),
     ],
 )
 def test_bad_scaling_config_is_a_one_line_error(override: str, message: str) -> None:

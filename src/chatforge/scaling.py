@@ -172,7 +172,9 @@ class _Data:
             from chatforge.evals.world_cloze import cloze_items
 
             src = next(s for s in cfg.data.sources if s.kind == "world")
-            self.cloze = cloze_items(source_world(src), "eval", sc.cloze_choices)
+            self.cloze = cloze_items(source_world(src), "eval", sc.cloze_choices, top=sc.cloze_entities)
+            if not self.cloze:
+                raise ChatforgeError("scaling.downstream: the world has no facts to build cloze items from")
         # Chance level of the downstream metric: the floor of its sigmoid in the loss.
         self.chance = 1.0 / sc.cloze_choices if self.kind == "world_cloze" else 0.0
 
@@ -248,7 +250,8 @@ def _rung_hash(cfg: RunConfig, rung: Rung) -> str:
         "model": [sc.head_dim, sc.ffn_mult],
         "warmup_frac": sc.warmup_frac,
         "val_tokens": sc.val_tokens,
-        "downstream": [sc.downstream, sc.cloze_choices],
+        # cloze_entities joins the hash only when set, so ladders run before it existed keep theirs
+        "downstream": [sc.downstream, sc.cloze_choices] + ([sc.cloze_entities] if sc.cloze_entities else []),
         "data": to_dict(cfg.data),
         "tokenizer": to_dict(cfg.tokenizer),
     }
@@ -756,6 +759,7 @@ def run(cfg: RunConfig, until: str = "check", after_rung: Callable[[dict], None]
         "train_tokens_available": data.train.n_tokens,
         "val_tokens": int(data.val.shape[0] * (data.val.shape[1] - 1)),
         "downstream": data.kind,
+        "downstream_items": len(data.cloze) if data.kind == "world_cloze" else None,
         "ladder": rows,
         "ladder_train_seconds": round(sum(r["train_seconds"] for r in rows), 1),
         "ladder_wall_seconds": round(sum(r["wall_seconds"] for r in rows), 1),
