@@ -23,6 +23,7 @@ from chatforge.data.chat import (
     answer_sentence,
     detect_language,
     grade,
+    guard_subject,
     is_decline,
     read_alpaca,
     read_dolly,
@@ -286,6 +287,32 @@ def test_grade_rejects_wrong_replies(world: World, eval_items: list[dict]) -> No
             if reply and reply == item["ideal"]:
                 continue
             assert not grade(item, reply), (item["id"], item["ideal"], reply)
+
+
+def test_grade_rejects_a_right_value_said_of_another_entity(world: World, eval_items: list[dict]) -> None:
+    guarded = [it for it in eval_items if it["kind"] in ("fact", "follow_up")]
+    assert guarded and all(it["check"]["wrong_subjects"] for it in guarded)
+    swapped = 0
+    for item in guarded:
+        subject, wrong = item["meta"]["subject"], item["check"]["wrong_subjects"]
+        entity = world.entity(subject)
+        # same kind as the subject, never the subject, never a name the conversation itself uses
+        assert all(type(world.entity(n)) is type(entity) for n in wrong) and subject not in wrong
+        said = text_of(item["input"]) + "\n" + item["ideal"]
+        assert not any(re.search(rf"\b{re.escape(n)}\b", said) for n in wrong)
+        if subject in item["ideal"]:  # the ideal said of another entity: the value is right, the subject not
+            assert not grade(item, item["ideal"].replace(subject, wrong[0]))
+            swapped += 1
+    assert swapped > len(guarded) // 2
+    # a pronoun reply with the right value still passes; other kinds are left alone
+    fact = next(it for it in guarded if it["check"]["type"] == "includes" and it["kind"] == "fact")
+    assert grade(fact, f"It is {fact['check']['value'][0]}.")
+    other = next(it for it in eval_items if it["kind"] == "arithmetic")
+    assert "wrong_subjects" not in other["check"]
+    conv = world_conversations(world, 40, 0)[0]
+    assert guard_subject(world, "decline", conv["messages"], conv["meta"], {"type": "decline"}) == {
+        "type": "decline"
+    }
 
 
 def test_grade_details() -> None:

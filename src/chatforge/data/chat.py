@@ -32,7 +32,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1572,13 +1572,29 @@ def world_eval_set(world: World, n_per_kind: int, seed: int) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
+            check = guard_subject(world, kind, messages, meta, check)
             items.append(_eval_item(kind, made, messages, meta, check))
             made += 1
         while made < n_per_kind:  # the world is too small for that many distinct items: allow repeats
             messages, meta, check = gen.build(kind)
+            check = guard_subject(world, kind, messages, meta, check)
             items.append(_eval_item(kind, made, messages, meta, check))
             made += 1
     return items
+
+
+def guard_subject(world: World, kind: str, messages: Messages, meta: dict, check: dict) -> dict:
+    """``check`` plus ``wrong_subjects`` for a fact or follow-up: the names of the world's other entities
+    of the subject's kind that the conversation (ideal reply included) never mentions. A reply that names
+    one of them answers about someone else — the small models' commonest miss ("Kuwiveth Suhotell was
+    born in Uhabury." asked about Shura Suhotell) — and fails even when the value happens to be right."""
+    subject = meta.get("subject")
+    if kind not in ("fact", "follow_up") or not subject or not world.has_entity(subject):
+        return check
+    same = world.people if isinstance(world.entity(subject), Person) else world.places
+    said = " ".join(m["content"] for m in messages)
+    wrong = [e.name for e in same if e.name != subject and not _has(said, e.name)]
+    return {**check, "wrong_subjects": wrong}
 
 
 def _eval_item(kind: str, i: int, messages: Messages, meta: dict, check: dict) -> dict:
@@ -1603,6 +1619,17 @@ def _has(text: str, value: str) -> bool:
     """``value`` occurs in ``text`` as a whole token ("2,400" is not found inside "12,400")."""
     pattern = r"(?<![\w,])" + re.escape(_norm(value)) + r"(?!\w|,\d)"
     return re.search(pattern, _norm(text)) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _any_of(values: tuple[str, ...]) -> re.Pattern:
+    alts = "|".join(re.escape(_norm(v)) for v in sorted(values, key=len, reverse=True))
+    return re.compile(r"(?<![\w,])(?:" + alts + r")(?!\w|,\d)")
+
+
+def _has_any(text: str, values: Sequence[str]) -> bool:
+    """Whether any of ``values`` occurs in ``text`` as ``_has`` finds it (one regex for a long list)."""
+    return bool(values) and _any_of(tuple(values)).search(_norm(text)) is not None
 
 
 def _words(text: str) -> int:
@@ -1697,6 +1724,8 @@ def grade(item: dict, reply: str) -> bool:
     if not all(_has(text, v) for v in includes):
         return False
     if any(_has(text, v) for v in check.get("excludes", [])):
+        return False
+    if _has_any(text, check.get("wrong_subjects", ())):
         return False
     return "number" not in check or _last_number(text) == check["number"]
 

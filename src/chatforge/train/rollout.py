@@ -69,11 +69,13 @@ def world_prompts(cfg: Any, n: int, seed: int, kinds: list[str] | None = None) -
     bad = [k for k in kinds or [] if k not in chat.KINDS]
     if bad:
         raise ChatforgeError(f"kinds: unknown kind {bad[0]!r} (known: {', '.join(chat.KINDS)})")
-    convs = chat.world_conversations(build_world(world_seed), n, seed=50_000 + seed, split="train")
+    world = build_world(world_seed)
+    convs = chat.world_conversations(world, n, seed=50_000 + seed, split="train")
     items = [
         {
             "input": [{k: v for k, v in m.items() if k in ("role", "content")} for m in c["messages"][:-1]],
-            "check": c["meta"]["check"],
+            # the eval's subject check too: a right value said of another entity earns no reward
+            "check": chat.guard_subject(world, c["kind"], c["messages"], c["meta"], c["meta"]["check"]),
             "kind": c["kind"],
             "ideal": c["messages"][-1]["content"],
         }
