@@ -47,11 +47,13 @@ def test_global_bounds_cannot_be_lifted_by_a_deployment(tmp_path: Path, moderato
 def test_users_tighten_but_never_loosen(tmp_path: Path, moderator) -> None:
     dep = load_deployment(_policy_file(tmp_path, "decline_input: [illicit]\nthresholds: {illicit: 0.4}\n"))
     pol = Policy(moderator, dep)
-    eff = pol.effective(UserPrefs(decline={"violence"}, thresholds={"illicit": 0.9, "hate": 0.1}))
+    # the calibrated threshold depends on the trained classifier: the user's is half of it, so stricter
+    strict = round(pol.effective(UserPrefs()).thresholds["hate"] / 2, 6)
+    eff = pol.effective(UserPrefs(decline={"violence"}, thresholds={"illicit": 0.9, "hate": strict}))
     assert "violence" in eff.input and "illicit" in eff.input
     assert eff.thresholds["illicit"] == 0.4  # the looser user value is ignored...
     assert any("ignored" in n for n in eff.notes)  # ...and said so
-    assert eff.thresholds["hate"] == 0.1  # a stricter one applies
+    assert eff.thresholds["hate"] == strict  # a stricter one applies
     prefs = prefs_from_messages([{"role": "system", "content": "Be nice.\nsafety: decline sexual, hate"}])
     assert {"sexual", "sexual/minors", "hate", "hate/threatening"} <= prefs.decline
     assert prefs_from_messages([{"role": "system", "content": "safety: strict"}]).decline == set(CATEGORIES)

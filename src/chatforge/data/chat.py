@@ -91,6 +91,10 @@ Messages = list[dict[str, str]]
 # The one answer sentence per relation ({n} full name, {v} value, {av} value with article, {r} role word).
 # They restate world.py's first prose template for each relation, so SFT asks for sentences the model
 # already saw in pretraining; kinship is uniform ("X's brother is Y.") so one shape covers five relations.
+# Chat replies say them with a pronoun for the asked subject ("She was born in ..."; pretraining's Q&A
+# pages do too): a small SFT model asked about an entity no chat data mentions opens a name-first reply
+# with a name it was tuned on (measured: right value in 46% of replies, 97% once the asked name is given,
+# 83% once "She" is), so the reply should not hinge on copying the name.
 ANSWERS: dict[str, str] = {
     "birth_year": "{n} was born in {v}.",
     "hometown": "{n} was born in the town of {v}.",
@@ -933,9 +937,13 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+_LOWER_OPENERS = ("The ", "She ", "He ", "It ", "Her ", "His ", "Its ")
+
+
 def _lc_start(sentence: str) -> str:
-    """Lower-case an opening "The" so a sentence can follow "Actually, "; names keep their capital."""
-    return "the" + sentence[3:] if sentence.startswith("The ") else sentence
+    """Lower-case an opening "The" or pronoun so a sentence can follow "Actually, "; names keep their
+    capital."""
+    return sentence[0].lower() + sentence[1:] if sentence.startswith(_LOWER_OPENERS) else sentence
 
 
 def _value_phrase(relation: str, value: str) -> str:
@@ -956,13 +964,28 @@ def _role(world: World, entity: Entity, relation: str) -> str:
     return world.role(entity, relation) if relation in KINSHIP and isinstance(entity, Person) else ""
 
 
-def answer_sentence(world: World, entity: Entity, relation: str, value: str | None = None) -> str:
-    """The canonical one-sentence answer; ``value`` overrides the true value (for wrong answers)."""
+def _pronouns(entity: Entity) -> tuple[str, str, str]:
+    """(subject, possessive, object) pronouns: she/her/her, he/his/him, it/its/it."""
+    return PRONOUNS[entity.gender] if isinstance(entity, Person) else ("it", "its", "it")
+
+
+def answer_sentence(
+    world: World, entity: Entity, relation: str, value: str | None = None, pronoun: bool = False
+) -> str:
+    """The canonical one-sentence answer; ``value`` overrides the true value (for wrong answers).
+    ``pronoun``: the subject as she/he/it ("Her brother is ...", "The Ornel River flows through it.")."""
     v = fact_value(entity, relation) if value is None else value
     if v is None:
         raise ChatforgeError(f"{entity.name} has no {relation}")
     r = _role(world, entity, relation)
-    return ANSWERS[relation].format(n=entity.name, v=v, av=_with_article(v), r=r)
+    template = ANSWERS[relation]
+    if pronoun:
+        s, p, o = _pronouns(entity)
+        template = template.replace("{n}'s", _cap(p)) if template.startswith("{n}'s") else template
+        template = (
+            template.replace("{n}", _cap(s)) if template.startswith("{n}") else template.replace("{n}", o)
+        )
+    return template.format(n=entity.name, v=v, av=_with_article(v), r=r)
 
 
 def _question(world: World, rng: random.Random, entity: Entity, relation: str, subject: str = "") -> str:
@@ -1117,6 +1140,10 @@ class _Gen:
         self.w = pools.world
         self.rng = rng
 
+    def _say(self, entity: Entity, relation: str, value: str | None = None) -> str:
+        """A reply's answer sentence: the asked subject as a pronoun (see ANSWERS)."""
+        return answer_sentence(self.w, entity, relation, value, pronoun=True)
+
     def _neutral(self) -> str | None:
         return self.rng.choice(NEUTRAL_SYSTEMS) if self.rng.random() < NEUTRAL_SYSTEM_RATE else None
 
@@ -1138,7 +1165,7 @@ class _Gen:
 
     def _hop_answer(self, person: Person, krel: str, rel_person: Person, rel: str) -> str:
         role = self.w.role(person, krel)
-        return f"{person.name}'s {role} is {rel_person.name}. " + answer_sentence(self.w, rel_person, rel)
+        return f"{_cap(_pronouns(person)[1])} {role} is {rel_person.name}. " + self._say(rel_person, rel)
 
     def fact(self) -> Built:
         rng = self.rng
@@ -1156,7 +1183,7 @@ class _Gen:
         q = _question(self.w, rng, entity, rel)
         meta = {"subject": entity.name, "relation": rel, "value": value}
         check = {"type": "includes", "value": [value]}
-        return _msgs(self._neutral(), [(q, answer_sentence(self.w, entity, rel))]), meta, check
+        return _msgs(self._neutral(), [(q, self._say(entity, rel))]), meta, check
 
     # -- follow-up
     def _pronoun_q(self, entity: Entity, rel: str) -> str:
@@ -1190,7 +1217,7 @@ class _Gen:
             if first is None or not self.p.ok(first):
                 raise _NoOption
             p = PRONOUNS[person.gender][1]
-            turns.append((_question(w, rng, person, rel), answer_sentence(w, person, rel)))
+            turns.append((_question(w, rng, person, rel), self._say(person, rel)))
             q2 = rng.choice(ELLIPSIS_QUESTIONS).format(P=p, r=w.role(person, krel))
             turns.append((q2, self._hop_answer(person, krel, rel_person, rel)))
             target, asked, excludes = rel_person, {rel}, ([first] if first != value else [])
@@ -1200,22 +1227,22 @@ class _Gen:
                 raise _NoOption
             person = rng.choice(options)
             town = w.place(person.hometown)
-            turns.append((_question(w, rng, person, "hometown"), answer_sentence(w, person, "hometown")))
+            turns.append((_question(w, rng, person, "hometown"), self._say(person, "hometown")))
             rel = rng.choice(PLACE_RELATIONS)
             value = fact_value(town, rel) or ""
-            turns.append((self._pronoun_q(town, rel), answer_sentence(w, town, rel)))
+            turns.append((self._pronoun_q(town, rel), self._say(town, rel)))
             target, asked, excludes = town, {rel}, []
         elif mode == "kin_then":  # "Who is X's brother?" ... "Where was he born?" (he = the brother)
             person, krel, rel_person, rel, value = self._hop()
-            turns.append((_question(w, rng, person, krel), answer_sentence(w, person, krel)))
-            turns.append((self._pronoun_q(rel_person, rel), answer_sentence(w, rel_person, rel)))
+            turns.append((_question(w, rng, person, krel), self._say(person, krel)))
+            turns.append((self._pronoun_q(rel_person, rel), self._say(rel_person, rel)))
             own = fact_value(person, rel)
             target, asked, excludes = rel_person, {rel}, ([own] if own and own != value else [])
         else:  # "pronoun" / "town": another fact about the same entity
             entity, rel1, _ = self.p.fact(rng, person=mode == "pronoun")
-            turns.append((_question(w, rng, entity, rel1), answer_sentence(w, entity, rel1)))
+            turns.append((_question(w, rng, entity, rel1), self._say(entity, rel1)))
             rel, value = self._other_relation(entity, {rel1})
-            turns.append((self._pronoun_q(entity, rel), answer_sentence(w, entity, rel)))
+            turns.append((self._pronoun_q(entity, rel), self._say(entity, rel)))
             target, asked, excludes = entity, {rel1, rel}, []
         if rng.random() < 0.2:  # a third turn about the same entity as the second, asking something new
             try:
@@ -1223,7 +1250,7 @@ class _Gen:
             except _NoOption:
                 pass
             else:
-                turns.append((self._pronoun_q(target, rel3), answer_sentence(w, target, rel3)))
+                turns.append((self._pronoun_q(target, rel3), self._say(target, rel3)))
                 rel, value, excludes = rel3, value3, []
         check = {"type": "includes", "value": [value]}
         if excludes:
@@ -1238,9 +1265,9 @@ class _Gen:
         entity, rel, value = self.p.fact(rng)
         wrong = self.p.wrong(rng, entity, rel, value)
         q = _question(w, rng, entity, rel)
-        true_answer = answer_sentence(w, entity, rel)
+        true_answer = self._say(entity, rel)
         if accept:  # the assistant was wrong, the user is right
-            first = answer_sentence(w, entity, rel, wrong)
+            first = self._say(entity, rel, wrong)
             user = rng.choice(CORRECTION_USER).format(vp=_value_phrase(rel, value))
             reply = rng.choice(ACCEPT_PREFIXES) + true_answer
         else:  # the assistant was right, the user insists on a wrong value
@@ -1269,7 +1296,7 @@ class _Gen:
                 role = rng.choice(list(ROLE[rel].values()))
                 job = _with_article(rng.choice(self.p.values("occupation")))
                 q = rng.choice(MISSING_QUESTIONS).format(s=person.name, r=role, job=job)
-                reply = f"Actually, {person.name} doesn't have a {role}."
+                reply = f"Actually, {_pronouns(person)[0]} doesn't have a {role}."
                 meta = {"mode": "missing", "subject": person.name, "relation": rel, "role": role}
                 check = {"type": "challenge_premise", "includes": [f"doesn't have a {role}"]}
                 return _msgs(self._neutral(), [(q, reply)]), meta, check
@@ -1281,7 +1308,7 @@ class _Gen:
         slots = {"s": s, "S": pr[0], "p": pr[1], "w": wp, "wb": wrong, "r": _role(w, entity, rel)}
         q = rng.choice(PREMISE_QUESTIONS[rel]).format(**slots)
         q = _cap(q)
-        reply = "Actually, " + _lc_start(answer_sentence(w, entity, rel))[:-1] + f", not {wp}."
+        reply = "Actually, " + _lc_start(self._say(entity, rel))[:-1] + f", not {wp}."
         meta = {"mode": "value", "subject": s, "relation": rel, "value": value, "wrong": wrong}
         check = {"type": "challenge_premise", "includes": [value]}
         return _msgs(self._neutral(), [(q, reply)]), meta, check
@@ -1362,7 +1389,6 @@ class _Gen:
 
     def system_persona(self) -> Built:
         rng = self.rng
-        w = self.w
         name = rng.choice(sorted(PERSONAS))
         persona = PERSONAS[name]
         system = rng.choice(persona["system"])
@@ -1374,7 +1400,7 @@ class _Gen:
                 meta: dict[str, Any] = {"answer": c}
             else:
                 q, e, rel, v, meta = self._fact_turn()
-                body, extra = answer_sentence(w, e, rel), {"includes": [v]}
+                body, extra = self._say(e, rel), {"includes": [v]}
             body = _lc_start(body) if name == "shakespeare" else body  # "Verily, the Ornel River ..."
             return q, persona["prefix"] + body, extra, meta
 

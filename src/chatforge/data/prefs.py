@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.data import chat
-from chatforge.data.world import Person, World, build_world
+from chatforge.data.world import Person, World, build_world, fact_value
 from chatforge.errors import ChatforgeError
 
 Messages = list[dict[str, str]]
@@ -95,13 +95,20 @@ class _PairMaker:
         wrong = self.pools.wrong(self.rng, entity, meta["relation"], value)
         return ideal.replace(value, wrong)
 
-    def _wrong_subject(self, subject: str, ideal: str) -> str:
+    def _wrong_subject(self, subject: str, relation: str, ideal: str) -> str:
         """The answer about another entity of the same kind: what a chat model that falls back on a name
         it was tuned on says ("Zoflosmoor has a population of 8,000." when asked about Reirdale)."""
         entity = self.w.entity(subject)
         pool = self.pools.people if isinstance(entity, Person) else self.pools.places
-        other = self.rng.choice([e for e in pool if e.name != subject])
-        return ideal.replace(subject, other.name)
+        others = [
+            e
+            for e in pool
+            if e.name != subject and (v := fact_value(e, relation)) is not None and self.pools.ok(v)
+        ]
+        other = self.rng.choice(others)
+        if subject in ideal:
+            return ideal.replace(subject, other.name)
+        return chat.answer_sentence(self.w, other, relation)  # named, where the ideal says "she"
 
     def _padded(self, ideal: str) -> str:
         return self.rng.choice(PAD_OPENERS) + ideal + self.rng.choice(PAD_CLOSERS)
@@ -114,8 +121,8 @@ class _PairMaker:
         if kind in ("fact", "follow_up"):
             if rng.random() < 0.7 and meta.get("value") and meta["value"] in ideal:
                 subject = meta.get("subject") or ""
-                if subject in ideal and rng.random() < 0.4:
-                    return "fact", self._wrong_subject(subject, ideal)
+                if subject and meta.get("relation") and rng.random() < 0.4:
+                    return "fact", self._wrong_subject(subject, meta["relation"], ideal)
                 try:
                     return "fact", self._wrong_answer(meta, ideal)
                 except chat._NoOption:
@@ -137,11 +144,13 @@ class _PairMaker:
         if kind == "system_length":
             body = ideal
             if meta.get("relation") and meta.get("subject"):
-                body = chat.answer_sentence(self.w, self.w.entity(meta["subject"]), meta["relation"])
+                body = chat.answer_sentence(
+                    self.w, self.w.entity(meta["subject"]), meta["relation"], pronoun=True
+                )
             return "system", self._padded(body)
         if kind == "system_language":
             e = self.w.entity(meta["subject"])
-            return "system", chat.answer_sentence(self.w, e, meta["relation"])
+            return "system", chat.answer_sentence(self.w, e, meta["relation"], pronoun=True)
         if kind == "decline":
             if rng.random() < 0.6:
                 return "decline", rng.choice(LECTURES)
@@ -150,7 +159,7 @@ class _PairMaker:
             return "refusal", rng.choice(NEEDLESS_REFUSALS)
         if kind == "correction_hold":  # caving in to a wrong correction
             return "fact", "You're right, I apologize. " + chat.answer_sentence(
-                self.w, self.w.entity(meta["subject"]), meta["relation"], meta["wrong"]
+                self.w, self.w.entity(meta["subject"]), meta["relation"], meta["wrong"], pronoun=True
             )
         return None
 
