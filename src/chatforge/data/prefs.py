@@ -105,6 +105,8 @@ class _PairMaker:
             for e in pool
             if e.name != subject and (v := fact_value(e, relation)) is not None and self.pools.ok(v)
         ]
+        if not others:  # a tiny split: make another kind of pair
+            raise chat._NoOption
         other = self.rng.choice(others)
         if subject in ideal:
             return ideal.replace(subject, other.name)
@@ -121,9 +123,9 @@ class _PairMaker:
         if kind in ("fact", "follow_up"):
             if rng.random() < 0.7 and meta.get("value") and meta["value"] in ideal:
                 subject = meta.get("subject") or ""
-                if subject and meta.get("relation") and rng.random() < 0.4:
-                    return "fact", self._wrong_subject(subject, meta["relation"], ideal)
                 try:
+                    if subject and meta.get("relation") and rng.random() < 0.4:
+                        return "fact", self._wrong_subject(subject, meta["relation"], ideal)
                     return "fact", self._wrong_answer(meta, ideal)
                 except chat._NoOption:
                     pass

@@ -38,7 +38,7 @@ def cloze_items(
     In a Zipfian world most entities are named a few times, so a small model's cloze accuracy over all of
     them sits at chance; over the famous ones it rises with scale."""
     rng = random.Random(f"cloze:{world.seed}:{seed}")
-    keep = {e.name for e in world.people[:top] + world.places[:top]} if top > 0 else None
+    keep = {p.name for p in world.people[:top]} | {t.name for t in world.places[:top]} if top > 0 else None
     items = []
     for fact in world.facts(None if keep else split):
         if keep is not None and fact.subject not in keep:
