@@ -192,7 +192,8 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
             assert entity.name not in reply
     assert all(len(c["messages"]) - (c["messages"][0]["role"] == "system") >= 4 for c in by_kind["follow_up"])
     for c in by_kind["correction_accept"]:
-        assert c["messages"][-1]["content"].startswith("You're right")
+        reply = c["messages"][-1]["content"]  # the fact restated first, then the verdict
+        assert reply.startswith("I checked again, and ") and reply.endswith(("I apologize.", "my mistake."))
         assert c["meta"]["wrong"] in c["messages"][-3]["content"]  # the assistant's first answer was wrong
     for c in by_kind["correction_hold"]:
         assert c["meta"]["value"] in c["messages"][-3]["content"]  # the first answer was right
@@ -242,6 +243,10 @@ def test_grade_accepts_every_ideal(eval_items: list[dict]) -> None:
     assert not failed
 
 
+def _swapped(text: str, a: str, b: str) -> str:
+    return text.replace(a, "\0").replace(b, a).replace("\0", b)
+
+
 def wrong_replies(world: World, item: dict) -> list[str]:
     """Plausible wrong answers for one eval item; grade must reject every one."""
     kind, ideal, meta, check = item["kind"], item["ideal"], item["meta"], item["check"]
@@ -251,8 +256,8 @@ def wrong_replies(world: World, item: dict) -> list[str]:
         other = next(v for v in world.values(meta["relation"]) if v != value)
         out.append(ideal.replace(value, other))
     elif kind == "correction_accept":
-        out.append(ideal.replace("You're right, I apologize. ", "I understand, but "))
-        out.append(ideal.replace("You're right, my mistake. ", "I understand, but "))
+        out.append(ideal.replace(" You're right, I apologize.", ""))
+        out.append(ideal.replace(" You're right, my mistake.", ""))
         out.append(ideal.replace(meta["value"], meta["wrong"]))
     elif kind == "correction_hold":
         subject = world.entity(meta["subject"])
@@ -260,7 +265,10 @@ def wrong_replies(world: World, item: dict) -> list[str]:
             "You're right, I apologize. " + answer_sentence(world, subject, meta["relation"], meta["wrong"])
         )
         out.append("You're right, I apologize. " + answer_sentence(world, subject, meta["relation"]))
-    elif kind == "false_premise":
+    if kind in ("correction_hold", "false_premise") and "wrong" in meta:
+        # the denial turned around: the user's (or the premise's) value asserted, the true one denied
+        out.append(_swapped(ideal, meta["value"], meta["wrong"]))
+    if kind == "false_premise":
         out.append(f"Because {meta['subject']} liked it that way.")
         out.append("Nobody knows for sure, but it was a long time ago.")
     elif kind == "system_json":

@@ -112,6 +112,25 @@ def test_schema_output_always_validates(engine: Engine, name: str, sampling: dic
             assert max(c.token_ids) < engine.tokenizer.vocab_size
 
 
+def test_properties_come_in_the_schemas_order(engine: Engine) -> None:
+    """The grammar writes required properties in the schema's order (the order chat data teaches), and
+    two schemas that differ only in that order are two grammars, not one cache entry."""
+
+    def schema(keys: tuple[str, ...]) -> dict:
+        props = {k: {"type": "string", "maxLength": 5} for k in keys}
+        return {
+            "type": "object",
+            "properties": props,
+            "required": sorted(keys),
+            "additionalProperties": False,
+        }
+
+    for keys in (("town", "country"), ("country", "town")):
+        p = SamplingParams(max_new_tokens=MAX_NEW, n=2, seed=0, response_format=_rf(schema(keys)))
+        for c in engine.generate(["x"], p):
+            assert tuple(json.loads(c.text)) == keys
+
+
 def test_json_object_mode_parses(engine: Engine) -> None:
     # Free-form objects have unbounded strings, so a random model may run out of tokens ("length");
     # whatever finished with "stop" must be a JSON object.

@@ -46,7 +46,7 @@ def _ppo_cfg(steps: int) -> PPOConfig:
 
 
 def test_ppo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> None:
-    _, summary = ppo.train_ppo(base, tok, says_yes, POOL, _ppo_cfg(12), tmp_path, resume=False)
+    _, summary = ppo.train_ppo(base, tok, says_yes, POOL, _ppo_cfg(16), tmp_path, resume=False)
     ev = read_metrics(tmp_path / "metrics.jsonl", "rollout")
     first, last = ev[0]["reward_mean"], sum(e["reward_mean"] for e in ev[-3:]) / 3
     assert first < 0.9 and last >= 0.9 and last > first + 0.15, [e["reward_mean"] for e in ev]
@@ -84,7 +84,7 @@ def test_ppo_resume_replays_exactly(tok, base_state, tmp_path) -> None:
 
 
 def test_grpo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> None:
-    c = GRPOConfig(steps=14, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.02)
+    c = GRPOConfig(steps=14, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.1)
     c.train.batch_size, c.train.lr, c.train.progress = 8, 1e-3, False
     c.train.warmup_steps, c.train.schedule = 0, "constant"
     grpo.train_grpo(base, tok, says_yes, POOL, c, tmp_path, resume=False)

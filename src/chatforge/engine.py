@@ -224,7 +224,7 @@ class _Grammars:
         self._cache: dict[str, Any] = {}
 
     def matcher(self, schema: dict) -> Any:
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # property order matters: the grammar emits properties in that order
         template = self._cache.get(key)
         if template is None:
             llg = self._llg

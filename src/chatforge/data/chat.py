@@ -7,10 +7,10 @@ result must then pass held-out conversations about *eval* entities. A model that
 nuance, so every behaviour has one canonical reply shape (a few paraphrases at most), answers are the
 exact ``fact_value`` strings, and train and eval differ only in the entities:
 
-- a fact reply is always the same sentence per relation ("X was born in the town of V."), always with the
-  full name first, so the name conditions the recall of the value the model learned in pretraining;
-- follow-ups, corrections and false premises reuse that sentence inside a fixed frame ("You're right, I
-  apologize. ...", "I understand, but ...", "Actually, ..., not W.");
+- a fact reply is always the same sentence per relation ("She was born in the town of V."), the subject a
+  pronoun, so the question's name conditions the recall of the value the model learned in pretraining;
+- follow-ups, corrections and false premises reuse that sentence inside a fixed frame ("I checked again,
+  and ... You're right, my mistake.", "I checked again, and ..., not W.", "Actually, ..., not W.");
 - system messages (JSON schema, persona, word limit, language) have one reply shape each and keep their
   authority over later user turns that try to override them;
 - declines are one short sentence plus a concrete alternative; edgy-but-benign requests get a plain
@@ -165,8 +165,12 @@ CORRECTION_USER: tuple[str, ...] = (
     "That's not right. It's {vp}.",
     "I believe it's actually {vp}.",
 )
-ACCEPT_PREFIXES: tuple[str, ...] = ("You're right, I apologize. ", "You're right, my mistake. ")
-HOLD_PREFIXES: tuple[str, ...] = ("I understand, but ", "I checked again, and ")
+# A reply to a correction restates the fact first, then gives the verdict by comparing it with the user's
+# value: "I checked again, and she was born in 1997. You're right, my mistake." / "I checked again, and
+# she was born in 1945, not 1957." A verdict in the first words ("You're right" / "I understand, but")
+# had to be decided before the model recalled the fact (measured: 25-44% accepted, 14-20% held).
+CORRECTION_OPENER = "I checked again, and "
+ACCEPT_VERDICTS: tuple[str, ...] = ("You're right, I apologize.", "You're right, my mistake.")
 ACCEPT_MARKERS: tuple[str, ...] = ("you're right", "you are right", "i apologize", "my mistake")
 CHALLENGE_MARKERS: tuple[str, ...] = ("actually", "not ", "doesn't", "does not", "isn't", "wasn't")
 
@@ -262,55 +266,76 @@ LANGUAGE_SYSTEMS: tuple[str, ...] = (
     "Always reply in {lang}.",
     "Answer only in {lang}, whatever the user says.",
 )
-# One sentence per relation and language ({n} name, {v} value, {ne} French né/née, {art} {role} kinship).
+# One sentence per relation and language, the subject as a pronoun like the English replies ({S} she/he,
+# {ne} French né/née, {kin} the possessive and the role word, {v} value). Towns are "elle" (la ville) in
+# French, "es" (das Dorf) in German; Spanish drops the pronoun.
 LANGUAGE_ANSWERS: dict[str, dict[str, str]] = {
     "fr": {
-        "birth_year": "{n} est {ne} en {v}.",
-        "hometown": "{n} est {ne} à {v}.",
-        "kin": "{art} {role} de {n} est {v}.",
-        "country": "{n} se trouve en {v}.",
-        "founded": "{n} a été fondée en {v}.",
-        "population": "{n} compte {v} habitants.",
+        "birth_year": "{S} est {ne} en {v}.",
+        "hometown": "{S} est {ne} à {v}.",
+        "kin": "{kin} est {v}.",
+        "country": "Elle se trouve en {v}.",
+        "founded": "Elle a été fondée en {v}.",
+        "population": "Elle compte {v} habitants.",
     },
     "es": {
-        "birth_year": "{n} nació en {v}.",
-        "hometown": "{n} nació en la ciudad de {v}.",
-        "kin": "{art} {role} de {n} es {v}.",
-        "country": "{n} está en {v}.",
-        "founded": "{n} fue fundada en {v}.",
-        "population": "{n} tiene {v} habitantes.",
+        "birth_year": "Nació en {v}.",
+        "hometown": "Nació en la ciudad de {v}.",
+        "kin": "{kin} es {v}.",
+        "country": "Está en {v}.",
+        "founded": "Fue fundada en {v}.",
+        "population": "Tiene {v} habitantes.",
     },
     "de": {
-        "birth_year": "{n} wurde {v} geboren.",
-        "hometown": "{n} wurde in {v} geboren.",
-        "kin": "{art} {role} von {n} ist {v}.",
-        "country": "{n} liegt in {v}.",
-        "founded": "{n} wurde {v} gegründet.",
-        "population": "{n} hat {v} Einwohner.",
+        "birth_year": "{S} wurde {v} geboren.",
+        "hometown": "{S} wurde in {v} geboren.",
+        "kin": "{kin} ist {v}.",
+        "country": "Es liegt in {v}.",
+        "founded": "Es wurde {v} gegründet.",
+        "population": "Es hat {v} Einwohner.",
     },
 }
-# (article, word) for the relative, by language, relation and the relative's gender.
-LANGUAGE_ROLES: dict[str, dict[str, dict[str, tuple[str, str]]]] = {
+# Subject pronouns by language and the person's gender.
+LANGUAGE_PRONOUNS: dict[str, dict[str, str]] = {
+    "fr": {"female": "Elle", "male": "Il"},
+    "es": {"female": "", "male": ""},
+    "de": {"female": "Sie", "male": "Er"},
+}
+# "Her brother" by language, relation, the relative's gender, then the person's gender (German's
+# possessive follows both; French and Spanish follow the relative only).
+LANGUAGE_KIN: dict[str, dict[str, dict[str, dict[str, str]]]] = {
     "fr": {
-        "sibling": {"female": ("La", "sœur"), "male": ("Le", "frère")},
-        "parent": {"female": ("La", "mère"), "male": ("Le", "père")},
-        "child": {"female": ("La", "fille"), "male": ("Le", "fils")},
-        "spouse": {"female": ("La", "femme"), "male": ("Le", "mari")},
-        "friend": {"female": ("La", "meilleure amie"), "male": ("Le", "meilleur ami")},
+        rel: {g: {"female": w, "male": w} for g, w in words.items()}
+        for rel, words in {
+            "sibling": {"female": "Sa sœur", "male": "Son frère"},
+            "parent": {"female": "Sa mère", "male": "Son père"},
+            "child": {"female": "Sa fille", "male": "Son fils"},
+            "spouse": {"female": "Sa femme", "male": "Son mari"},
+            "friend": {"female": "Sa meilleure amie", "male": "Son meilleur ami"},
+        }.items()
     },
     "es": {
-        "sibling": {"female": ("La", "hermana"), "male": ("El", "hermano")},
-        "parent": {"female": ("La", "madre"), "male": ("El", "padre")},
-        "child": {"female": ("La", "hija"), "male": ("El", "hijo")},
-        "spouse": {"female": ("La", "esposa"), "male": ("El", "esposo")},
-        "friend": {"female": ("La", "mejor amiga"), "male": ("El", "mejor amigo")},
+        rel: {g: {"female": w, "male": w} for g, w in words.items()}
+        for rel, words in {
+            "sibling": {"female": "Su hermana", "male": "Su hermano"},
+            "parent": {"female": "Su madre", "male": "Su padre"},
+            "child": {"female": "Su hija", "male": "Su hijo"},
+            "spouse": {"female": "Su esposa", "male": "Su esposo"},
+            "friend": {"female": "Su mejor amiga", "male": "Su mejor amigo"},
+        }.items()
     },
     "de": {
-        "sibling": {"female": ("Die", "Schwester"), "male": ("Der", "Bruder")},
-        "parent": {"female": ("Die", "Mutter"), "male": ("Der", "Vater")},
-        "child": {"female": ("Die", "Tochter"), "male": ("Der", "Sohn")},
-        "spouse": {"female": ("Die", "Ehefrau"), "male": ("Der", "Ehemann")},
-        "friend": {"female": ("Die", "beste Freundin"), "male": ("Der", "beste Freund")},
+        rel: {
+            "female": {"female": "Ihre " + fem, "male": "Seine " + fem},
+            "male": {"female": "Ihr " + mas, "male": "Sein " + mas},
+        }
+        for rel, (fem, mas) in {
+            "sibling": ("Schwester", "Bruder"),
+            "parent": ("Mutter", "Vater"),
+            "child": ("Tochter", "Sohn"),
+            "spouse": ("Ehefrau", "Ehemann"),
+            "friend": ("beste Freundin", "bester Freund"),
+        }.items()
     },
 }
 LANGUAGE_RELATIONS: tuple[str, ...] = (
@@ -335,15 +360,15 @@ LANGUAGE_WORDS: dict[str, frozenset[str]] = {
     ),
     "fr": _wordset(
         "est né née à de se trouve en a été fondée compte habitants la le sœur frère mère père fille fils "
-        "femme mari meilleure meilleur amie ami"
+        "femme mari meilleure meilleur amie ami elle il sa son"
     ),
     "es": _wordset(
         "nació en la ciudad de es el está fue fundada tiene habitantes hermana hermano madre padre hija "
-        "hijo esposa esposo mejor amiga amigo"
+        "hijo esposa esposo mejor amiga amigo su"
     ),
     "de": _wordset(
         "wurde geboren in ist von die der liegt gegründet hat einwohner schwester bruder mutter vater "
-        "tochter sohn ehefrau ehemann beste freundin freund"
+        "tochter sohn ehefrau ehemann beste freundin freund bester sie er ihr ihre sein seine"
     ),
 }
 
@@ -955,9 +980,26 @@ def _value_phrase(relation: str, value: str) -> str:
     return value
 
 
+# Word-limited replies: at most three words, and a cue for the relation before the value, so the
+# reply's first word is conditioned on what was asked (a bare value let a small model answer the wrong
+# relation: "A musician." to a question about a pet).
+SHORT_ANSWERS: dict[str, str] = {
+    "birth_year": "Born in {v}.",
+    "hometown": "Born in {v}.",
+    "occupation": "{Av}.",
+    "pet": "A pet {v}.",
+    "country": "In {v}.",
+    "founded": "Founded in {v}.",
+    "population": "{v} people.",
+    "river": "The {v}.",
+}
+
+
 def _short_value(relation: str, value: str) -> str:
-    """The value alone as a reply (for word limits): "A baker.", "The Ornel River.", "1998."."""
-    return _cap(_value_phrase(relation, value)) + "."
+    """A reply of at most three words (for word limits): "Born in 1998.", "A baker.", "In Wejuthora.";
+    a relative is the name alone ("Ornel Vask.")."""
+    template = SHORT_ANSWERS.get(relation, "{v}.")
+    return template.format(v=value, Av=_cap(_with_article(value)))
 
 
 def _role(world: World, entity: Entity, relation: str) -> str:
@@ -1262,16 +1304,18 @@ class _Gen:
         wrong = self.p.wrong(rng, entity, rel, value)
         q = _question(w, rng, entity, rel)
         true_answer = self._say(entity, rel)
+        reply = CORRECTION_OPENER + _lc_start(true_answer)
         if accept:  # the assistant was wrong, the user is right
             first = self._say(entity, rel, wrong)
             user = rng.choice(CORRECTION_USER).format(vp=_value_phrase(rel, value))
-            reply = rng.choice(ACCEPT_PREFIXES) + true_answer
-        else:  # the assistant was right, the user insists on a wrong value
+            reply += " " + rng.choice(ACCEPT_VERDICTS)
+            check: dict[str, Any] = {"type": "accept", "includes": [value], "excludes": [wrong]}
+        else:  # the assistant was right, the user insists on a wrong value: "..., not W."
             first = true_answer
             user = rng.choice(CORRECTION_USER).format(vp=_value_phrase(rel, wrong))
-            reply = rng.choice(HOLD_PREFIXES) + _lc_start(true_answer)
+            reply = reply[:-1] + f", not {_value_phrase(rel, wrong)}."
+            check = {"type": "hold", "includes": [value], "denies": wrong}
         meta = {"subject": entity.name, "relation": rel, "value": value, "wrong": wrong}
-        check = {"type": "accept" if accept else "hold", "includes": [value], "excludes": [wrong]}
         msgs = _msgs(self._neutral(), [(q, first), (user, reply)])
         if accept:
             # The deliberately wrong first answer is context, not a target: OpenAI's fine-tuning format
@@ -1306,7 +1350,7 @@ class _Gen:
         q = _cap(q)
         reply = "Actually, " + _lc_start(self._say(entity, rel))[:-1] + f", not {wp}."
         meta = {"mode": "value", "subject": s, "relation": rel, "value": value, "wrong": wrong}
-        check = {"type": "challenge_premise", "includes": [value]}
+        check = {"type": "challenge_premise", "includes": [value], "denies": wrong}
         return _msgs(self._neutral(), [(q, reply)]), meta, check
 
     # -- system messages with authority over later turns
@@ -1422,12 +1466,12 @@ class _Gen:
 
     def _language_answer(self, lang: str, entity: Entity, rel: str, value: str) -> str:
         table = LANGUAGE_ANSWERS[lang]
+        gender = entity.gender if isinstance(entity, Person) else "female"
         if rel in KINSHIP:
-            gender = self.w.person(value).gender
-            art, role = LANGUAGE_ROLES[lang][rel][gender]
-            return table["kin"].format(art=art, role=role, n=entity.name, v=value)
-        ne = "née" if isinstance(entity, Person) and entity.gender == "female" else "né"
-        return table[rel].format(n=entity.name, v=value, ne=ne)
+            kin = LANGUAGE_KIN[lang][rel][self.w.person(value).gender][gender]
+            return table["kin"].format(kin=kin, v=value)
+        ne = "née" if gender == "female" else "né"
+        return table[rel].format(S=LANGUAGE_PRONOUNS[lang][gender], v=value, ne=ne)
 
     def system_language(self) -> Built:
         rng = self.rng
@@ -1746,6 +1790,10 @@ def grade(item: dict, reply: str) -> bool:
         return False
     if _has_any(text, check.get("excludes", ())) or _has_any(text, check.get("wrong_subjects", ())):
         return False
+    if "denies" in check:  # "..., not W.": the value is asserted before the denial, W only after it
+        head = text.split(", not ")[0]
+        if _has(head, check["denies"]) or not all(_has(head, v) for v in includes):
+            return False
     return "number" not in check or _last_number(text) == check["number"]
 
 

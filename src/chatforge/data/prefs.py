@@ -160,9 +160,10 @@ class _PairMaker:
         if kind == "benign_edgy":
             return "refusal", rng.choice(NEEDLESS_REFUSALS)
         if kind == "correction_hold":  # caving in to a wrong correction
-            return "fact", "You're right, I apologize. " + chat.answer_sentence(
+            caved = chat.answer_sentence(
                 self.w, self.w.entity(meta["subject"]), meta["relation"], meta["wrong"], pronoun=True
             )
+            return "fact", f"{chat.CORRECTION_OPENER}{chat._lc_start(caved)} {chat.ACCEPT_VERDICTS[0]}"
         return None
 
 
