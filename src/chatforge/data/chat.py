@@ -301,41 +301,29 @@ LANGUAGE_PRONOUNS: dict[str, dict[str, str]] = {
     "es": {"female": "", "male": ""},
     "de": {"female": "Sie", "male": "Er"},
 }
-# "Her brother" by language, relation, the relative's gender, then the person's gender (German's
-# possessive follows both; French and Spanish follow the relative only).
-LANGUAGE_KIN: dict[str, dict[str, dict[str, dict[str, str]]]] = {
+# "Her brother" by language and relation: (a female relative, a male one). German's possessive also
+# follows the person (Ihr/Sein), added by _Gen._language_answer.
+LANGUAGE_KIN: dict[str, dict[str, tuple[str, str]]] = {
     "fr": {
-        rel: {g: {"female": w, "male": w} for g, w in words.items()}
-        for rel, words in {
-            "sibling": {"female": "Sa sœur", "male": "Son frère"},
-            "parent": {"female": "Sa mère", "male": "Son père"},
-            "child": {"female": "Sa fille", "male": "Son fils"},
-            "spouse": {"female": "Sa femme", "male": "Son mari"},
-            "friend": {"female": "Sa meilleure amie", "male": "Son meilleur ami"},
-        }.items()
+        "sibling": ("Sa sœur", "Son frère"),
+        "parent": ("Sa mère", "Son père"),
+        "child": ("Sa fille", "Son fils"),
+        "spouse": ("Sa femme", "Son mari"),
+        "friend": ("Sa meilleure amie", "Son meilleur ami"),
     },
     "es": {
-        rel: {g: {"female": w, "male": w} for g, w in words.items()}
-        for rel, words in {
-            "sibling": {"female": "Su hermana", "male": "Su hermano"},
-            "parent": {"female": "Su madre", "male": "Su padre"},
-            "child": {"female": "Su hija", "male": "Su hijo"},
-            "spouse": {"female": "Su esposa", "male": "Su esposo"},
-            "friend": {"female": "Su mejor amiga", "male": "Su mejor amigo"},
-        }.items()
+        "sibling": ("Su hermana", "Su hermano"),
+        "parent": ("Su madre", "Su padre"),
+        "child": ("Su hija", "Su hijo"),
+        "spouse": ("Su esposa", "Su esposo"),
+        "friend": ("Su mejor amiga", "Su mejor amigo"),
     },
     "de": {
-        rel: {
-            "female": {"female": "Ihre " + fem, "male": "Seine " + fem},
-            "male": {"female": "Ihr " + mas, "male": "Sein " + mas},
-        }
-        for rel, (fem, mas) in {
-            "sibling": ("Schwester", "Bruder"),
-            "parent": ("Mutter", "Vater"),
-            "child": ("Tochter", "Sohn"),
-            "spouse": ("Ehefrau", "Ehemann"),
-            "friend": ("beste Freundin", "bester Freund"),
-        }.items()
+        "sibling": ("Schwester", "Bruder"),
+        "parent": ("Mutter", "Vater"),
+        "child": ("Tochter", "Sohn"),
+        "spouse": ("Ehefrau", "Ehemann"),
+        "friend": ("beste Freundin", "bester Freund"),
     },
 }
 LANGUAGE_RELATIONS: tuple[str, ...] = (
@@ -1468,7 +1456,10 @@ class _Gen:
         table = LANGUAGE_ANSWERS[lang]
         gender = entity.gender if isinstance(entity, Person) else "female"
         if rel in KINSHIP:
-            kin = LANGUAGE_KIN[lang][rel][self.w.person(value).gender][gender]
+            relative_female = self.w.person(value).gender == "female"
+            kin = LANGUAGE_KIN[lang][rel][0 if relative_female else 1]
+            if lang == "de":  # Ihre Schwester, Ihr Bruder, Seine Schwester, Sein Bruder
+                kin = ("Ihr" if gender == "female" else "Sein") + ("e " if relative_female else " ") + kin
             return table["kin"].format(kin=kin, v=value)
         ne = "née" if gender == "female" else "né"
         return table[rel].format(S=LANGUAGE_PRONOUNS[lang][gender], v=value, ne=ne)
