@@ -163,7 +163,7 @@ class _PairMaker:
             caved = chat.answer_sentence(
                 self.w, self.w.entity(meta["subject"]), meta["relation"], meta["wrong"], pronoun=True
             )
-            return "fact", f"{chat.CORRECTION_OPENER}{chat._lc_start(caved)} {chat.ACCEPT_VERDICTS[0]}"
+            return "fact", chat.recheck_reply(caved, chat.ACCEPT_VERDICTS[0])
         return None
 
 

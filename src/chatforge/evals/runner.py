@@ -162,15 +162,14 @@ def _constrained_json(
     json_items = [it for it in items if it.get("check", {}).get("type") == "json_schema"]
     if not json_items:
         return
-    # Grouped by the sorted schema text, but the grammar gets the item's own schema: its property order
-    # is the order the grammar forces, and the model was tuned on that order.
-    by_schema: dict[str, tuple[dict, list[dict]]] = {}
+    # Keyed by the schema text as written (like the engine's grammar cache): the property order is the
+    # order the grammar forces, and the model was tuned on that order.
+    by_schema: dict[str, list[dict]] = {}
     for it in json_items:
-        key = json.dumps(it["check"]["schema"], sort_keys=True)
-        by_schema.setdefault(key, (it["check"]["schema"], []))[1].append(it)
+        by_schema.setdefault(json.dumps(it["check"]["schema"]), []).append(it)
     constrained: list[dict] = []
-    for schema, group in by_schema.values():
-        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    for schema, group in by_schema.items():
+        fmt = {"type": "json_schema", "json_schema": {"schema": json.loads(schema)}}
         p = dataclasses.replace(params, response_format=fmt)
         res = evaluate(target, [{**it, "kind": "system_json_constrained"} for it in group], grader, p)
         constrained += res["samples"]
