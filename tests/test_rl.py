@@ -2,12 +2,13 @@
 dozen updates while the KL to the frozen start stays bounded; PPO resumes exactly; bad configs are
 one-line errors."""
 
+import numpy as np
 import pytest
 import torch
 
 from chatforge.config import GRPOConfig, PPOConfig, load_config
 from chatforge.errors import ChatforgeError
-from chatforge.evals.rlhf import behaviour_rates, composite
+from chatforge.evals.rlhf import behaviour_rates, composite, paired_delta_ci, table_markdown
 from chatforge.train import grpo, ppo
 from chatforge.train.loop import read_metrics
 from chatforge.train.rollout import Rollout, pack
@@ -131,6 +132,27 @@ def test_composite_counts_over_refusal_inverted() -> None:
         "over_refusal": 1.0,
     }
     assert composite(rates) == 0.75
+
+
+def test_paired_interval_separates_a_real_gain_from_noise() -> None:
+    kinds = ["fact"] * 30 + ["system_json"] * 30 + ["decline"] * 30 + ["benign_edgy"] * 30
+    items = [{"kind": k} for k in kinds]
+    rng = np.random.default_rng(0)
+    ref = (rng.random(120) < 0.6).astype(float)
+    assert paired_delta_ci(items, ref, ref) == (0.0, 0.0)
+    better = ref.copy()
+    better[:60] = 1.0  # every fact and system item right: a large, real gain
+    lo, hi = paired_delta_ci(items, better, ref)
+    assert 0 < lo < hi
+    noisy = ref.copy()
+    noisy[[0, 31]] = 1 - noisy[[0, 31]]  # two items flipped: noise the table cannot tell apart
+    lo, hi = paired_delta_ci(items, noisy, ref)
+    assert lo <= 0 <= hi
+    fewer_refusals = ref.copy()
+    fewer_refusals[90:] = 0.0  # benign_edgy scores count refusals: fewer is better
+    assert paired_delta_ci(items, fewer_refusals, ref)[0] > 0
+    row = {"composite": 0.8, "composite_delta": 0.05, "composite_delta_ci": [0.01, 0.09]}
+    assert "+0.050 [+0.010, +0.090]" in table_markdown({"ppo": row})
 
 
 def test_rl_configs_reject_bad_values_in_one_line() -> None:

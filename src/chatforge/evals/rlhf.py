@@ -2,7 +2,9 @@
 
 Per policy: fact accuracy, system-message adherence, correct (brief) declines, over-refusal, the mean
 reward-model score of its replies and its KL to the SFT model; and the composite score (``composite``,
-defined once here). Best-of-n samples ``n`` replies and keeps the one the reward model scores highest: the
+defined once here), with each policy's difference from SFT and its 95% paired-bootstrap interval
+(``composite_delta_ci``: the items resampled within each kind, the same draws for both policies), since a
+table of 30 items per kind moves a composite by a couple of points on its own. Best-of-n samples ``n`` replies and keeps the one the reward model scores highest: the
 baseline every RL method must beat. Its KL to SFT is the analytic bound log n − (n−1)/n (Stiennon et al.).
 ``chatforge rlhf-eval`` writes ``<run>/evals/rlhf.json`` and ``<run>/evals/rlhf.md``.
 """
@@ -32,25 +34,36 @@ SYSTEM_KINDS = ("system_json", "system_persona", "system_length", "system_langua
 TABLE_KINDS = (*FACT_KINDS, *SYSTEM_KINDS, "decline", "benign_edgy")
 
 
+RATES = ("fact_accuracy", "system_adherence", "correct_declines", "over_refusal")
+_RATE_OF_KIND = {
+    **dict.fromkeys(FACT_KINDS, 0),
+    **dict.fromkeys(SYSTEM_KINDS, 1),
+    "decline": 2,
+    "benign_edgy": 3,  # counted by whether the reply refuses
+}
+
+
+def item_scores(items: list[dict], replies: list[str]) -> np.ndarray:
+    """Per item: the 0/1 score that its rate counts (``RATES[_RATE_OF_KIND[kind]]``)."""
+    return np.array(
+        [
+            float(is_decline(r)) if it["kind"] == "benign_edgy" else float(grade(it, r))
+            for it, r in zip(items, replies, strict=True)
+        ]
+    )
+
+
+def rates_from_scores(items: list[dict], scores: np.ndarray) -> dict[str, float]:
+    groups = np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])
+    return {
+        name: round(float(scores[groups == g].mean()), 4) if (groups == g).any() else float("nan")
+        for g, name in enumerate(RATES)
+    }
+
+
 def behaviour_rates(items: list[dict], replies: list[str]) -> dict[str, float]:
     """The four behaviour rates of the table from graded replies (one per item)."""
-    by: dict[str, list[float]] = {}
-    for it, r in zip(items, replies, strict=True):
-        k = it["kind"]
-        by.setdefault(k, []).append(float(grade(it, r)))
-        if k == "benign_edgy":
-            by.setdefault("_refused", []).append(float(is_decline(r)))
-
-    def mean(kinds: tuple[str, ...]) -> float:
-        xs = [x for k in kinds for x in by.get(k, [])]
-        return round(float(np.mean(xs)), 4) if xs else float("nan")
-
-    return {
-        "fact_accuracy": mean(FACT_KINDS),
-        "system_adherence": mean(SYSTEM_KINDS),
-        "correct_declines": mean(("decline",)),
-        "over_refusal": mean(("_refused",)),
-    }
+    return rates_from_scores(items, item_scores(items, replies))
 
 
 def composite(rates: dict[str, float]) -> float:
@@ -62,6 +75,31 @@ def composite(rates: dict[str, float]) -> float:
         1 - rates["over_refusal"],
     ]
     return round(float(np.nanmean(parts)), 4)
+
+
+def paired_delta_ci(
+    items: list[dict], scores: np.ndarray, ref_scores: np.ndarray, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of composite(scores) − composite(ref_scores) over bootstrap resamples of the items,
+    drawn within each kind (so every rate keeps its item count) and shared by both policies (paired)."""
+    rng = np.random.default_rng(seed)
+    kinds = sorted({it["kind"] for it in items})
+    idx = np.concatenate(
+        [rng.choice(ix, size=(draws, len(ix))) for k in kinds if len(ix := _indices(items, k))], axis=1
+    )
+    groups = np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])[idx[0]]
+    deltas = []
+    for d in (scores[idx], ref_scores[idx]):
+        parts = [d[:, groups == g].mean(1) for g in range(len(RATES)) if (groups == g).any()]
+        if (groups == 3).any():
+            parts[-1] = 1 - parts[-1]  # over-refusal counts inverted, as in composite()
+        deltas.append(np.mean(parts, axis=0))
+    lo, hi = np.percentile(deltas[0] - deltas[1], [2.5, 97.5])
+    return round(float(lo), 4), round(float(hi), 4)
+
+
+def _indices(items: list[dict], kind: str) -> np.ndarray:
+    return np.array([i for i, it in enumerate(items) if it["kind"] == kind], dtype=int)
 
 
 def best_of_n(
@@ -107,8 +145,10 @@ def evaluate_policy(
     engine = Engine(load_model(model_dir), Tokenizer.load(model_dir))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     replies = [r[0] for r in generate_replies(engine, items, params)]
-    row: dict[str, Any] = behaviour_rates(items, replies)
+    scores = item_scores(items, replies)
+    row: dict[str, Any] = rates_from_scores(items, scores)
     row["composite"] = composite(row)
+    row["_scores"] = scores
     if rm is not None:
         row["rm_score"] = round(
             float(np.mean(score(rm, engine.tokenizer, [it["input"] for it in items], replies))), 4
@@ -138,12 +178,20 @@ def run(cfg: Any) -> dict[str, Any]:
         rows[name] = evaluate_policy(ro.resolve(run_dir, name), items, rm, ref, bc, mnt)
         if name == "sft" and rm is not None:
             engine = Engine(ref, Tokenizer.load(sft_dir))  # the frozen SFT copy: sampling only reads it
-            replies, scores = best_of_n(engine, rm, items, bc.n, bc.temperature, mnt)
-            bon: dict[str, Any] = behaviour_rates(items, replies)
+            replies, rm_scores = best_of_n(engine, rm, items, bc.n, bc.temperature, mnt)
+            scores = item_scores(items, replies)
+            bon: dict[str, Any] = rates_from_scores(items, scores)
             bon["composite"] = composite(bon)
-            bon["rm_score"] = round(float(np.mean(scores)), 4)
+            bon["_scores"] = scores
+            bon["rm_score"] = round(float(np.mean(rm_scores)), 4)
             bon["kl_to_sft"] = round(math.log(bc.n) - (bc.n - 1) / bc.n, 4)  # analytic bound
             rows[f"best-of-{bc.n}"] = bon
+    ref_scores = rows["sft"]["_scores"] if "sft" in rows else None
+    for name, row in rows.items():
+        scores = row.pop("_scores")
+        if ref_scores is not None and name != "sft":
+            row["composite_delta"] = round(row["composite"] - rows["sft"]["composite"], 4)
+            row["composite_delta_ci"] = list(paired_delta_ci(items, scores, ref_scores))
     out = {"items": len(items), "rows": rows}
     dest = run_dir / "evals"
     dest.mkdir(parents=True, exist_ok=True)
@@ -162,7 +210,14 @@ def table_markdown(rows: dict[str, dict[str, Any]]) -> str:
         "rm_score",
         "kl_to_sft",
     )
-    lines = ["| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = [
+        "| policy | " + " | ".join(cols) + " | composite − SFT [95%] |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [f"{r.get(c, float('nan')):.3f}" for c in cols]
+        lo, hi = r.get("composite_delta_ci") or (float("nan"), float("nan"))
+        delta = f"{r['composite_delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if "composite_delta" in r else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} |")
+    notes = "Intervals: paired bootstrap over the items (resampled within each kind, the same draws for SFT)."
+    return "\n".join(lines) + "\n\n" + notes + "\n"
