@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from chatforge.data import prefs
+from chatforge.data import chat, prefs
 from chatforge.data.world import build_world
 
 
@@ -139,6 +139,22 @@ def test_webgpt_and_oasst_formats(tmp_path) -> None:
     pairs, st = prefs.read_pairs(f2)
     assert st["format"] == "oasst_messages" and st["pairs"] == 3
     assert ("Best", "Worst") in {(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs}
+
+
+def test_our_own_format_reads_back_with_every_prompt_whole(world, tmp_path) -> None:
+    """The pairs a run writes (and `chatforge feedback export` writes) train the RM via reward.pref_files:
+    the prompt must come back ending with the user turn the replies answer, single-turn ones included."""
+    pairs = prefs.world_pairs(world, 300, 0, "train")
+    assert any(len(p["messages"]) == 1 for p in pairs) and any(len(p["messages"]) > 2 for p in pairs)
+    f = tmp_path / "ours.jsonl"
+    chat.write_jsonl(pairs, f)
+    back, st = prefs.read_pairs(f)
+    assert st["malformed"] == 0 and st["pairs"] == len(pairs)
+    assert [p["messages"] for p in back] == [p["messages"] for p in pairs]
+    assert [p["chosen"] for p in back] == [p["chosen"] for p in pairs]
+    bad = {**pairs[0], "messages": [*pairs[0]["messages"], {"role": "assistant", "content": "Hi."}]}
+    chat.write_jsonl([bad], f)
+    assert "does not end with a user turn" in prefs.read_pairs(f)[1]["errors"][0]
 
 
 def test_split_by_prompt_keeps_prompts_on_one_side(world) -> None:

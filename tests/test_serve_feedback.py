@@ -15,6 +15,7 @@ import pytest
 
 from chatforge.cli import main as cli
 from chatforge.config import ServeConfig
+from chatforge.data.prefs import read_pairs
 from chatforge.serve.api import create_app
 from chatforge.serve.db import Database
 from chatforge.serve.feedback import Pair, leaderboard, rater_stats
@@ -105,6 +106,8 @@ def test_export_round_trips_to_the_preference_format(db_url: str, tmp_path: Path
     assert recs[0]["rejected"] == {"role": "assistant", "content": "Bob."}
     assert recs[1]["chosen"]["content"] == "B2" and recs[1]["rejected"]["content"] == "A2"
     assert {r["source"] for r in recs} == {"ui-vote"} and all(len(r["rater"]) == 16 for r in recs)
+    pairs, stats = read_pairs(out)  # what `chatforge reward` reads from reward.pref_files
+    assert stats["malformed"] == 0 and [p["messages"] for p in pairs] == [PROMPT, PROMPT]
 
 
 def test_concurrent_votes_through_the_server_all_land(db_url: str) -> None:

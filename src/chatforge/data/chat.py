@@ -1821,9 +1821,10 @@ class _Bad(Exception):
     """One record cannot be converted; the message is the reason reported with file:line."""
 
 
-def _check_messages(messages: Any) -> Messages:
+def _check_messages(messages: Any, prompt: bool = False) -> Messages:
     """Normalize and validate: optional system first, then user/assistant alternating, ending with the
-    assistant. A trailing unanswered user turn is dropped (common in ShareGPT dumps)."""
+    assistant. A trailing unanswered user turn is dropped (common in ShareGPT dumps). With ``prompt`` the
+    messages are a prompt to be answered (a preference pair's): they must end with that user turn, kept."""
     if not isinstance(messages, list) or not messages:
         raise _Bad("no messages")
     out: Messages = []
@@ -1841,15 +1842,17 @@ def _check_messages(messages: Any) -> Messages:
                 raise _Bad(f"message {i} has weight {m['weight']!r} (must be 0 or 1)")
             msg["weight"] = m["weight"]
         out.append(msg)
-    while out and out[-1]["role"] == "user":
+    while not prompt and out and out[-1]["role"] == "user":
         out.pop()
     body = out[1:] if out and out[0]["role"] == "system" else out
     if not body:
-        raise _Bad("no assistant reply")
+        raise _Bad("no user turn" if prompt else "no assistant reply")
     for i, m in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
             raise _Bad(f"roles do not alternate user/assistant (got {m['role']} where {want} belongs)")
+    if prompt and body[-1]["role"] != "user":
+        raise _Bad("the prompt does not end with a user turn")
     return out
 
 

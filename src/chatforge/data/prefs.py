@@ -321,7 +321,7 @@ def _from_oasst_pair(rec: dict) -> dict:
 def _from_ranked(rec: dict) -> list[dict]:
     """UltraFeedback-style: a prompt and k answers each with a score (or an OASST-style rank)."""
     if isinstance(rec.get("messages"), list):
-        prompt = chat._check_messages(rec["messages"])
+        prompt = chat._check_messages(rec["messages"], prompt=True)
     else:
         q = rec.get("prompt", rec.get("instruction", rec.get("question")))
         prompt = [{"role": "user", "content": _text(q, "prompt")}]
@@ -407,7 +407,7 @@ def detect_format(rec: dict) -> str:
 
 
 def _from_prefs(rec: dict) -> dict:
-    prompt = chat._check_messages(rec.get("messages"))
+    prompt = chat._check_messages(rec.get("messages"), prompt=True)
     out = {"messages": prompt}
     for side in ("chosen", "rejected"):
         m = rec.get(side)
