@@ -4,8 +4,9 @@ Per policy: fact accuracy, system-message adherence, correct (brief) declines, o
 reward-model score of its replies and its KL to the SFT model; and the composite score (``composite``,
 defined once here), with each policy's difference from SFT and its 95% paired-bootstrap interval
 (``composite_delta_ci``: the items resampled within each kind, the same draws for both policies), since a
-table of 30 items per kind moves a composite by a couple of points on its own. Best-of-n samples ``n`` replies and keeps the one the reward model scores highest: the
-baseline every RL method must beat. Its KL to SFT is the analytic bound log n − (n−1)/n (Stiennon et al.).
+table of 30 items per kind moves a composite by a couple of points on its own. Best-of-n samples ``n``
+replies and keeps the one the reward model scores highest: the baseline every RL method must beat. Its KL
+to SFT is the analytic bound log n − (n−1)/n (Stiennon et al.).
 ``chatforge rlhf-eval`` writes ``<run>/evals/rlhf.json`` and ``<run>/evals/rlhf.md``.
 """
 
@@ -83,9 +84,11 @@ def paired_delta_ci(
     """95% interval of composite(scores) − composite(ref_scores) over bootstrap resamples of the items,
     drawn within each kind (so every rate keeps its item count) and shared by both policies (paired)."""
     rng = np.random.default_rng(seed)
-    kinds = sorted({it["kind"] for it in items})
+    by_kind: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_kind.setdefault(it["kind"], []).append(i)
     idx = np.concatenate(
-        [rng.choice(ix, size=(draws, len(ix))) for k in kinds if len(ix := _indices(items, k))], axis=1
+        [rng.choice(by_kind[k], size=(draws, len(by_kind[k]))) for k in sorted(by_kind)], axis=1
     )
     groups = np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])[idx[0]]
     deltas = []
@@ -96,10 +99,6 @@ def paired_delta_ci(
         deltas.append(np.mean(parts, axis=0))
     lo, hi = np.percentile(deltas[0] - deltas[1], [2.5, 97.5])
     return round(float(lo), 4), round(float(hi), 4)
-
-
-def _indices(items: list[dict], kind: str) -> np.ndarray:
-    return np.array([i for i, it in enumerate(items) if it["kind"] == kind], dtype=int)
 
 
 def best_of_n(
