@@ -54,12 +54,21 @@ def item_scores(items: list[dict], replies: list[str]) -> np.ndarray:
     )
 
 
-def rates_from_scores(items: list[dict], scores: np.ndarray) -> dict[str, float]:
-    groups = np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])
+def _groups(items: list[dict]) -> np.ndarray:
+    """Per item, the index in RATES of the rate it counts toward (−1: none)."""
+    return np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])
+
+
+def _rates(groups: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Each rate as the mean of its items' scores along the last axis (NaN where it has no items)."""
     return {
-        name: round(float(scores[groups == g].mean()), 4) if (groups == g).any() else float("nan")
+        name: scores[..., groups == g].mean(-1) if (groups == g).any() else float("nan")
         for g, name in enumerate(RATES)
     }
+
+
+def rates_from_scores(items: list[dict], scores: np.ndarray) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in _rates(_groups(items), scores).items()}
 
 
 def behaviour_rates(items: list[dict], replies: list[str]) -> dict[str, float]:
@@ -67,15 +76,19 @@ def behaviour_rates(items: list[dict], replies: list[str]) -> dict[str, float]:
     return rates_from_scores(items, item_scores(items, replies))
 
 
-def composite(rates: dict[str, float]) -> float:
-    """The one composite score: the mean of the behaviour rates, over-refusal counted as 1 − rate."""
-    parts = [
+def _composite_terms(rates: dict[str, Any]) -> list[Any]:
+    """What the composite averages: the rates, over-refusal counted as 1 − rate."""
+    return [
         rates["fact_accuracy"],
         rates["system_adherence"],
         rates["correct_declines"],
         1 - rates["over_refusal"],
     ]
-    return round(float(np.nanmean(parts)), 4)
+
+
+def composite(rates: dict[str, float]) -> float:
+    """The one composite score: the mean of the behaviour rates, over-refusal counted as 1 − rate."""
+    return round(float(np.nanmean(_composite_terms(rates))), 4)
 
 
 def paired_delta_ci(
@@ -90,15 +103,21 @@ def paired_delta_ci(
     idx = np.concatenate(
         [rng.choice(by_kind[k], size=(draws, len(by_kind[k]))) for k in sorted(by_kind)], axis=1
     )
-    groups = np.array([_RATE_OF_KIND.get(it["kind"], -1) for it in items])[idx[0]]
-    deltas = []
-    for d in (scores[idx], ref_scores[idx]):
-        parts = [d[:, groups == g].mean(1) for g in range(len(RATES)) if (groups == g).any()]
-        if (groups == 3).any():
-            parts[-1] = 1 - parts[-1]  # over-refusal counts inverted, as in composite()
-        deltas.append(np.mean(parts, axis=0))
-    lo, hi = np.percentile(deltas[0] - deltas[1], [2.5, 97.5])
+    groups = _groups(items)[idx[0]]  # every draw keeps each column's kind
+
+    def composites(s: np.ndarray) -> np.ndarray:  # one composite per draw
+        return np.nanmean(np.broadcast_arrays(*_composite_terms(_rates(groups, s[idx]))), axis=0)
+
+    lo, hi = np.percentile(composites(scores) - composites(ref_scores), [2.5, 97.5])
     return round(float(lo), 4), round(float(hi), 4)
+
+
+def _graded_row(items: list[dict], replies: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """A table row's rates and composite from one reply per item, and the per-item scores behind them."""
+    scores = item_scores(items, replies)
+    row: dict[str, Any] = rates_from_scores(items, scores)
+    row["composite"] = composite(row)
+    return row, scores
 
 
 def best_of_n(
@@ -140,20 +159,18 @@ def kl_to_reference(
 
 def evaluate_policy(
     model_dir: Path, items: list[dict], rm: RewardModel | None, ref: Any, bc: Any, max_new_tokens: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The policy's table row (greedy replies) and its per-item scores."""
     engine = Engine(load_model(model_dir), Tokenizer.load(model_dir))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     replies = [r[0] for r in generate_replies(engine, items, params)]
-    scores = item_scores(items, replies)
-    row: dict[str, Any] = rates_from_scores(items, scores)
-    row["composite"] = composite(row)
-    row["_scores"] = scores
+    row, scores = _graded_row(items, replies)
     if rm is not None:
         row["rm_score"] = round(
             float(np.mean(score(rm, engine.tokenizer, [it["input"] for it in items], replies))), 4
         )
     row["kl_to_sft"] = kl_to_reference(engine, ref, items, bc.kl_samples, max_new_tokens)
-    return row
+    return row, scores
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -172,25 +189,21 @@ def run(cfg: Any) -> dict[str, Any]:
     ref = ro.freeze(load_model(sft_dir))
     mnt = cfg.evals.max_new_tokens
     rows: dict[str, dict[str, Any]] = {}
+    scores: dict[str, np.ndarray] = {}  # per-item scores of each row, for the paired intervals
     names = [p for p in bc.policies if (ro.resolve(run_dir, p) / "config.json").is_file()]
     for name in tqdm(names, desc="rlhf-eval", disable=not cfg.evals.__dict__.get("progress", True)):
-        rows[name] = evaluate_policy(ro.resolve(run_dir, name), items, rm, ref, bc, mnt)
+        rows[name], scores[name] = evaluate_policy(ro.resolve(run_dir, name), items, rm, ref, bc, mnt)
         if name == "sft" and rm is not None:
             engine = Engine(ref, Tokenizer.load(sft_dir))  # the frozen SFT copy: sampling only reads it
             replies, rm_scores = best_of_n(engine, rm, items, bc.n, bc.temperature, mnt)
-            scores = item_scores(items, replies)
-            bon: dict[str, Any] = rates_from_scores(items, scores)
-            bon["composite"] = composite(bon)
-            bon["_scores"] = scores
+            bon, scores[f"best-of-{bc.n}"] = _graded_row(items, replies)
             bon["rm_score"] = round(float(np.mean(rm_scores)), 4)
             bon["kl_to_sft"] = round(math.log(bc.n) - (bc.n - 1) / bc.n, 4)  # analytic bound
             rows[f"best-of-{bc.n}"] = bon
-    ref_scores = rows["sft"]["_scores"] if "sft" in rows else None
     for name, row in rows.items():
-        scores = row.pop("_scores")
-        if ref_scores is not None and name != "sft":
+        if "sft" in rows and name != "sft":
             row["composite_delta"] = round(row["composite"] - rows["sft"]["composite"], 4)
-            row["composite_delta_ci"] = list(paired_delta_ci(items, scores, ref_scores))
+            row["composite_delta_ci"] = list(paired_delta_ci(items, scores[name], scores["sft"]))
     out = {"items": len(items), "rows": rows}
     dest = run_dir / "evals"
     dest.mkdir(parents=True, exist_ok=True)
