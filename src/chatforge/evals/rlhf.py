@@ -200,10 +200,10 @@ def run(cfg: Any) -> dict[str, Any]:
             bon["rm_score"] = round(float(np.mean(rm_scores)), 4)
             bon["kl_to_sft"] = round(math.log(bc.n) - (bc.n - 1) / bc.n, 4)  # analytic bound
             rows[f"best-of-{bc.n}"] = bon
-    for name, row in rows.items():
-        if "sft" in rows and name != "sft":
-            row["composite_delta"] = round(row["composite"] - rows["sft"]["composite"], 4)
-            row["composite_delta_ci"] = list(paired_delta_ci(items, scores[name], scores["sft"]))
+    if "sft" in rows:
+        for name in rows.keys() - {"sft"}:
+            rows[name]["composite_delta"] = round(rows[name]["composite"] - rows["sft"]["composite"], 4)
+            rows[name]["composite_delta_ci"] = list(paired_delta_ci(items, scores[name], scores["sft"]))
     out = {"items": len(items), "rows": rows}
     dest = run_dir / "evals"
     dest.mkdir(parents=True, exist_ok=True)
