@@ -44,6 +44,7 @@ def test_list_elements_can_be_overridden() -> None:
         ("data.sources=[{kind: csv}]", r"data.sources\[0\].kind: must be one of"),
         ("data.sources=[{kind: text}]", r"data.sources\[0\].path: required"),
         ("data.sources[0].zipf=-1", r"data.sources\[0\].zipf: must be in \[0.0, 10.0\], got -1"),
+        ("data.sources[0].records=1", r"data.sources\[0\].records: must be in \[0.0, 0.9\], got 1"),
         ("data.sources[0].places=5000", r"data.sources\[0\].places: must be in \[2, 1000\]"),
         ("nosuch.key=1", r"nosuch: unknown key"),
         ("pretrain=3", r"pretrain.steps|pretrain: expected a mapping"),

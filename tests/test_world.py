@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 import time
@@ -18,6 +19,7 @@ from chatforge.data.world import (
     PERSON_TEMPLATES,
     PETS,
     PLACE_TEMPLATES,
+    RECORD_FIELDS,
     RELATIONS,
     RESERVED_WORDS,
     ROLE,
@@ -430,3 +432,56 @@ def test_zipf_mentions_favour_famous_entities(world: World) -> None:
     assert max(flat) < 4 * (sum(flat) / len(flat))  # equal turns: nobody is much more famous
     with pytest.raises(WorldError, match="zipf"):
         pretrain_documents(world, 10, 0, -1.0)
+
+
+def test_records_state_world_facts_as_json_lines_lookups_and_csv(world: World) -> None:
+    docs = pretrain_documents(world, 600, 0, records=0.3)
+    # records=0 is the corpus as it was before records existed, byte for byte
+    assert pretrain_documents(world, 200, 0, records=0.0) == pretrain_documents(world, 200, 0)
+    by_name = {p.name: p for p in world.people} | {t.name: t for t in world.places}
+    fields = {**RECORD_FIELDS["person"], **RECORD_FIELDS["place"]}
+
+    def expected(entity_name: str, field_name: str) -> str | int | None:
+        entity = by_name[entity_name]
+        if field_name == "population":
+            return entity.population
+        value = fact_value(entity, fields[field_name])
+        return int(value) if value and field_name in ("birth_year", "founded") else value
+
+    n_json = n_lookup = n_csv = held_out = 0
+    for d in docs:
+        lines = d.split("\n")
+        if lines[0] in ("Query log", "Lookup session", "Registry lookups"):
+            queries, lines = lines[1::2], ["", *lines[2::2]]  # the JSON lines are checked below
+            assert len(queries) == len(lines) - 1
+            for q, line in zip(queries, lines[1:], strict=True):
+                obj = json.loads(line)
+                name = obj.get("name", obj.get("town"))
+                assert re.fullmatch(r"> (find|lookup|get) " + re.escape(name), q), (q, line)
+                n_lookup += 1
+        if lines[0] in ("people.jsonl", "towns.jsonl", "") or (
+            lines[0] in ("Export", "Data") and lines[1].startswith("{")
+        ):
+            for line in lines[1:]:
+                obj = json.loads(line)
+                key = "name" if "name" in obj else "town"
+                assert len(obj) >= 2 and next(iter(obj)) == key
+                for f, v in list(obj.items())[1:]:
+                    assert v == expected(obj[key], f), (line, f)
+                held_out += world.entity_split(obj[key]) == "eval"
+                n_json += 1
+        elif lines[0] in ("people.csv", "towns.csv", "Table"):
+            header = lines[1].split(",")
+            assert header[0] in ("name", "town") and len(header) >= 2
+            for row in lines[2:]:
+                cells = row.split(",")
+                assert len(cells) == len(header), row
+                for f, v in zip(header[1:], cells[1:], strict=True):
+                    want = expected(cells[0], f)
+                    assert v == ("" if want is None else str(want)), (row, f)
+                n_csv += 1
+    assert n_json > 100 and n_lookup > 50 and n_csv > 50
+    assert held_out > 0  # records describe every entity, like entries and stories do
+    assert all(MIN_DOC_CHARS <= len(d) <= MAX_DOC_CHARS for d in docs)
+    with pytest.raises(WorldError, match="records"):
+        pretrain_documents(world, 10, 0, records=1.0)

@@ -57,6 +57,7 @@ class SourceConfig:
     people: int = 120
     places: int = 40
     zipf: float = 0.0  # > 0: documents pick their main entity with weight 1/rank^zipf (0 = equal turns)
+    records: float = 0.0  # world only: share of documents that are data records (JSON lines, CSV)
     split_on_blank_lines: bool = False  # text only: one document per paragraph block
 
     def validate(self, key: str) -> None:
@@ -65,6 +66,7 @@ class SourceConfig:
             _check_range(f"{key}.people", self.people, 2, 100_000)
             _check_range(f"{key}.places", self.places, 2, 1000)
             _check_range(f"{key}.zipf", self.zipf, 0.0, 10.0)
+            _check_range(f"{key}.records", self.records, 0.0, 0.9)
 
 
 @dataclass

@@ -371,7 +371,7 @@ def _read_world(src: SourceConfig, report: ReadReport) -> Iterator[str]:
 
     world = source_world(src)
     report.files += 1
-    yield from pretrain_documents(world, src.n_docs, src.seed, src.zipf)
+    yield from pretrain_documents(world, src.n_docs, src.seed, src.zipf, src.records)
 
 
 def source_label(src: SourceConfig) -> str:

@@ -21,6 +21,7 @@ Design:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import re
@@ -447,6 +448,28 @@ def fact_value(entity: Person | Place, relation: str) -> str | None:
     if relation in PLACE_RELATIONS:
         return getattr(entity, relation)
     return None
+
+
+# The fields of a data record (``_Prose.records``) and the relation each holds: the names a JSON reply
+# uses (data/chat.py), plus population and kin (a short reply starts with the relative's name, no space).
+RECORD_FIELDS: dict[str, dict[str, str]] = {
+    "person": {
+        "hometown": "hometown",
+        "occupation": "occupation",
+        "birth_year": "birth_year",
+        "pet": "pet",
+        **{rel: rel for rel in KINSHIP},
+    },
+    "place": {"country": "country", "river": "river", "founded": "founded", "population": "population"},
+}
+
+
+def _record_value(entity: Person | Place, relation: str) -> str | int | None:
+    """A record field: years and populations as plain integers, else ``fact_value`` (None: no such kin)."""
+    if isinstance(entity, Place) and relation == "population":
+        return entity.population
+    value = fact_value(entity, relation)
+    return int(value) if value is not None and relation in ("birth_year", "founded") else value
 
 
 @dataclass
@@ -1193,6 +1216,50 @@ class _Prose:
                     return doc.text
         return doc.text
 
+    # -- data records
+    def records(self) -> str:
+        """A data dump: JSON lines, a lookup log (a query line, then the JSON record) or a CSV table of
+        entities, every field a fact of the world.
+
+        Prose puts a value after a space (" ferret"); a JSON or CSV field puts it after a quote or comma
+        ("ferret"), which BPE encodes with other tokens. Seeing every entity's facts in that form too is
+        what lets a chat model recall a held-out entity's facts inside a JSON reply, and the lookup log
+        pairs a name's two spellings (" Shura" then "Shura"), which a JSON reply to a question must copy.
+        """
+        rng = self.rng
+        doc = _Doc()
+        people_side = rng.random() < 0.7
+        key, side = ("name", "person") if people_side else ("town", "place")
+        rels = RECORD_FIELDS[side]
+        entities: Sequence[Person | Place] = self.w.people if people_side else self.w.places
+        plural = "people" if people_side else "towns"
+        fmt = rng.choices(("json", "lookup", "csv"), weights=(0.35, 0.35, 0.3))[0]
+        heading = {
+            "json": (f"{plural}.jsonl", "Export", "Data"),
+            "lookup": ("Query log", "Lookup session", "Registry lookups"),
+            "csv": (f"{plural}.csv", "Table"),
+        }[fmt]
+        doc.add(rng.choice(heading))
+        verb = rng.choice(("find", "lookup", "get"))
+        cols = rng.sample(list(rels), rng.randint(1, len(rels)))
+        if fmt == "csv":
+            doc.add(",".join([key, *cols]), "\n")
+        target = rng.randint(MIN_DOC_CHARS + 40, 1200)
+        while len(doc) < target:
+            entity = self._next(f"record-{side}", entities)
+            values = {f: _record_value(entity, rel) for f, rel in rels.items()}
+            if fmt != "csv":  # each line its own fields, in its own order
+                has = [f for f, v in values.items() if v is not None]
+                picked = rng.sample(has, rng.randint(1, len(has)))
+                line = json.dumps({key: entity.name} | {f: values[f] for f in picked}, separators=(",", ":"))
+                if fmt == "lookup":  # the name asked for as prose writes it (" Name"), then as JSON does
+                    line = f"> {verb} {entity.name}\n{line}"
+            else:  # an entity without that relative leaves its cell empty
+                line = ",".join([entity.name, *("" if values[c] is None else str(values[c]) for c in cols)])
+            if not doc.add(line, "\n"):
+                break
+        return doc.text
+
     # -- arithmetic
     def arithmetic(self) -> str:
         rng = self.rng
@@ -1424,14 +1491,20 @@ DOC_KINDS: dict[str, float] = {
 }
 
 
-def pretrain_documents(world: World, n_docs: int, seed: int, zipf: float = 0.0) -> list[str]:
+def pretrain_documents(
+    world: World, n_docs: int, seed: int, zipf: float = 0.0, records: float = 0.0
+) -> list[str]:
     """``n_docs`` plain-English documents (MIN_DOC_CHARS..MAX_DOC_CHARS characters) about ``world``.
 
-    Deterministic in (world, n_docs, seed, zipf). Every fact is stated exactly as ``world.facts()`` has it.
-    ``zipf`` > 0 draws the documents' main entities by fame (weight 1/k^zipf) instead of in equal turns.
+    Deterministic in (world, n_docs, seed, zipf, records). Every fact is stated exactly as
+    ``world.facts()`` has it. ``zipf`` > 0 draws the documents' main entities by fame (weight 1/k^zipf)
+    instead of in equal turns. ``records`` is the share of data records (JSON lines, CSV tables) among
+    the documents; the other kinds keep their proportions (0: the corpus is exactly as without records).
     """
     if zipf < 0:
         raise WorldError(f"zipf must be >= 0, got {zipf}")
+    if not 0 <= records < 1:
+        raise WorldError(f"records must be in [0, 1), got {records}")
     rng = random.Random(f"chatforge-pretrain:{world.seed}:{seed}")  # str seeds are hashed stably
     prose = _Prose(world, rng, zipf)
     makers: dict[str, Callable[[], str]] = {
@@ -1442,6 +1515,11 @@ def pretrain_documents(world: World, n_docs: int, seed: int, zipf: float = 0.0) 
         "arithmetic": prose.arithmetic,
         "counting": prose.counting,
         "qa_page": prose.qa_page,
+        "records": prose.records,
     }
-    kinds = rng.choices(list(DOC_KINDS), weights=list(DOC_KINDS.values()), k=n_docs)
+    shares = dict(DOC_KINDS)
+    if records:  # only then: a records-free corpus stays byte-identical to the one before records existed
+        shares = {k: v * (1 - records) / sum(DOC_KINDS.values()) for k, v in DOC_KINDS.items()}
+        shares["records"] = records
+    kinds = rng.choices(list(shares), weights=list(shares.values()), k=n_docs)
     return [makers[kind]() for kind in kinds]
