@@ -57,7 +57,7 @@ class SourceConfig:
     people: int = 120
     places: int = 40
     zipf: float = 0.0  # > 0: documents pick their main entity with weight 1/rank^zipf (0 = equal turns)
-    records: float = 0.0  # world only: share of documents that are data records (JSON lines, CSV)
+    records: float = 0.0  # world only: share of documents that are data records (JSON, lookups, CSV)
     split_on_blank_lines: bool = False  # text only: one document per paragraph block
 
     def validate(self, key: str) -> None:

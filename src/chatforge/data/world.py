@@ -450,17 +450,11 @@ def fact_value(entity: Person | Place, relation: str) -> str | None:
     return None
 
 
-# The fields of a data record (``_Prose.records``) and the relation each holds: the names a JSON reply
+# The fields of a data record (``_Prose.records``), each named after its relation: the names a JSON reply
 # uses (data/chat.py), plus population and kin (a short reply starts with the relative's name, no space).
-RECORD_FIELDS: dict[str, dict[str, str]] = {
-    "person": {
-        "hometown": "hometown",
-        "occupation": "occupation",
-        "birth_year": "birth_year",
-        "pet": "pet",
-        **{rel: rel for rel in KINSHIP},
-    },
-    "place": {"country": "country", "river": "river", "founded": "founded", "population": "population"},
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "person": ("hometown", "occupation", "birth_year", "pet", *KINSHIP),
+    "place": ("country", "river", "founded", "population"),
 }
 
 
@@ -1241,13 +1235,13 @@ class _Prose:
         }[fmt]
         doc.add(rng.choice(heading))
         verb = rng.choice(("find", "lookup", "get"))
-        cols = rng.sample(list(rels), rng.randint(1, len(rels)))
+        cols = rng.sample(rels, rng.randint(1, len(rels)))
         if fmt == "csv":
             doc.add(",".join([key, *cols]), "\n")
         target = rng.randint(MIN_DOC_CHARS + 40, 1200)
         while len(doc) < target:
             entity = self._next(f"record-{side}", entities)
-            values = {f: _record_value(entity, rel) for f, rel in rels.items()}
+            values = {rel: _record_value(entity, rel) for rel in rels}
             if fmt != "csv":  # each line its own fields, in its own order
                 has = [f for f, v in values.items() if v is not None]
                 picked = rng.sample(has, rng.randint(1, len(has)))
@@ -1498,8 +1492,8 @@ def pretrain_documents(
 
     Deterministic in (world, n_docs, seed, zipf, records). Every fact is stated exactly as
     ``world.facts()`` has it. ``zipf`` > 0 draws the documents' main entities by fame (weight 1/k^zipf)
-    instead of in equal turns. ``records`` is the share of data records (JSON lines, CSV tables) among
-    the documents; the other kinds keep their proportions (0: the corpus is exactly as without records).
+    instead of in equal turns. ``records`` is the share of data records (JSON lines, lookup logs, CSV
+    tables) among the documents; the other kinds keep their proportions (0: the corpus is exactly as without records).
     """
     if zipf < 0:
         raise WorldError(f"zipf must be >= 0, got {zipf}")
