@@ -34,17 +34,17 @@ TINY = [
     "sft.eval_every=5",
     "sft.progress=false",
     "evals.max_new_tokens=16",
-    # The later stages, each a few seconds: reward model, PPO (the recipe's RL stage), the RLHF table,
-    # moderation, red team.
+    # The later stages, each a few seconds: reward model, GRPO, the RLHF table, moderation, red team.
     "reward.world_pairs=64",
     "reward.train.steps=4",
     "reward.train.batch_size=8",
     "reward.train.progress=false",
-    "ppo.steps=2",
-    "ppo.prompts_per_step=4",
-    "ppo.max_new_tokens=12",
-    "ppo.train.batch_size=4",
-    "ppo.train.progress=false",
+    "grpo.steps=2",
+    "grpo.prompts_per_step=4",
+    "grpo.samples_per_prompt=2",
+    "grpo.max_new_tokens=12",
+    "grpo.train.batch_size=8",
+    "grpo.train.progress=false",
     "bestofn.n=2",
     "moderation.world_n=64",
     "moderation.world_eval_n=32",
@@ -95,16 +95,16 @@ def test_speedrun_writes_report_with_plot_and_learns(run_dir: Path) -> None:
         # JSON-schema items also ran with the schema enforced.
         assert set(res["json_valid"]) == {"unconstrained", "constrained"}
         assert "system_json_constrained" in res["per_kind"]
-    # RLHF and safety: a reward model, a PPO policy evaluated like the others, the comparison table, and
+    # RLHF and safety: a reward model, a GRPO policy evaluated like the others, the comparison table, and
     # the red-team suite on every checkpoint, all in the report card.
     assert (run_dir / "rm" / "reward_head.safetensors").is_file()
-    assert (run_dir / "rlhf" / "ppo" / "config.json").is_file()
-    assert json.loads((run_dir / "evals" / "world_rlhf-ppo.json").read_text())["overall"]["items"] == n_items
+    assert (run_dir / "rlhf" / "grpo" / "config.json").is_file()
+    assert json.loads((run_dir / "evals" / "world_rlhf-grpo.json").read_text())["overall"]["items"] == n_items
     rows = json.loads((run_dir / "evals" / "rlhf.json").read_text())["rows"]
-    assert {"sft", "rlhf/ppo", "best-of-2"} <= set(rows)
-    assert set(report["redteam"]) >= {"base", "sft", "ppo"}
+    assert {"sft", "rlhf/grpo", "best-of-2"} <= set(rows)
+    assert set(report["redteam"]) >= {"base", "sft", "grpo"}
     md = (run_dir / "report.md").read_text()
-    assert "## Reward model" in md and "## RLHF (ppo)" in md and "## Red team" in md
+    assert "## Reward model" in md and "## RLHF (grpo)" in md and "## Red team" in md
     assert "## Moderation classifier" in md and report["moderation"]["world"] is not None
     assert (run_dir / "rl_curves.png").read_bytes()[:4] == b"\x89PNG"
 
