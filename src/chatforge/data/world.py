@@ -450,20 +450,13 @@ def fact_value(entity: Person | Place, relation: str) -> str | None:
     return None
 
 
-# The fields of a data record (``_Prose.records``), each named after its relation: the names a JSON reply
-# uses (data/chat.py), plus population and kin (a short reply starts with the relative's name, no space).
+# The fields of a data record (``_Prose.records``), each an attribute of Person / Place named after its
+# relation, written as stored (years and populations as integers, a missing relative as None): the names
+# a JSON reply uses (data/chat.py), plus population and kin (a short reply starts with the relative's name).
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "person": ("hometown", "occupation", "birth_year", "pet", *KINSHIP),
     "place": ("country", "river", "founded", "population"),
 }
-
-
-def _record_value(entity: Person | Place, relation: str) -> str | int | None:
-    """A record field: years and populations as plain integers, else ``fact_value`` (None: no such kin)."""
-    if isinstance(entity, Place) and relation == "population":
-        return entity.population
-    value = fact_value(entity, relation)
-    return int(value) if value is not None and relation in ("birth_year", "founded") else value
 
 
 @dataclass
@@ -1241,7 +1234,7 @@ class _Prose:
         target = rng.randint(MIN_DOC_CHARS + 40, 1200)
         while len(doc) < target:
             entity = self._next(f"record-{side}", entities)
-            values = {rel: _record_value(entity, rel) for rel in rels}
+            values = {rel: getattr(entity, rel) for rel in rels}
             if fmt != "csv":  # each line its own fields, in its own order
                 has = [f for f, v in values.items() if v is not None]
                 picked = rng.sample(has, rng.randint(1, len(has)))
@@ -1493,7 +1486,8 @@ def pretrain_documents(
     Deterministic in (world, n_docs, seed, zipf, records). Every fact is stated exactly as
     ``world.facts()`` has it. ``zipf`` > 0 draws the documents' main entities by fame (weight 1/k^zipf)
     instead of in equal turns. ``records`` is the share of data records (JSON lines, lookup logs, CSV
-    tables) among the documents; the other kinds keep their proportions (0: the corpus is exactly as without records).
+    tables) among the documents; the other kinds keep their proportions (0: exactly the corpus from before
+    records existed).
     """
     if zipf < 0:
         raise WorldError(f"zipf must be >= 0, got {zipf}")
