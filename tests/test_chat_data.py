@@ -25,6 +25,7 @@ from chatforge.data.chat import (
     grade,
     guard_subject,
     is_decline,
+    obeys_system_rule,
     read_alpaca,
     read_dolly,
     read_hf_chat,
@@ -76,6 +77,17 @@ def test_kinds_weights_and_mix(train_convs: list[dict]) -> None:
     for kind in KINDS:  # exact quotas, not a noisy draw
         assert abs(counts[kind] - 3000 * KIND_WEIGHTS[kind]) <= 1, kind
     assert world_conversations(build_world(0), 0, 0) == []
+
+
+def test_conversations_of_chosen_kinds(world: World) -> None:
+    # n conversations of only the asked kinds, in their KIND_WEIGHTS proportions (an RL prompt pool)
+    convs = world_conversations(world, 700, 0, kinds=["arithmetic", "system_json"])
+    counts = Counter(c["kind"] for c in convs)
+    assert set(counts) == {"arithmetic", "system_json"} and sum(counts.values()) == 700
+    share = KIND_WEIGHTS["arithmetic"] / (KIND_WEIGHTS["arithmetic"] + KIND_WEIGHTS["system_json"])
+    assert abs(counts["arithmetic"] - 700 * share) <= 1
+    with pytest.raises(ChatforgeError, match="unknown chat kind 'poetry'"):
+        world_conversations(world, 5, 0, kinds=["poetry"])
 
 
 def test_deterministic(world: World, train_convs: list[dict]) -> None:
@@ -345,6 +357,25 @@ def test_grade_details() -> None:
     assert grade(words, "In Dunmere.") and not grade(words, "She was born in Dunmere.")
     with pytest.raises(ChatforgeError, match="unknown check type"):
         grade({"check": {"type": "vibes"}}, "ok")
+
+
+def test_obeys_system_rule_ignores_the_facts(eval_items: list[dict]) -> None:
+    rule_items = [i for i in eval_items if i["kind"].startswith("system_")]
+    assert rule_items and all(obeys_system_rule(i, i["ideal"]) for i in rule_items)
+    assert all(obeys_system_rule(i, i["ideal"]) is None for i in eval_items if i not in rule_items)
+    for item in rule_items:
+        values = item["check"].get("includes") or list(item["check"].get("fields", {}).values())[1:]
+        if not values:
+            continue
+        wrong = item["ideal"].replace(str(values[0]), "Zzyzx" if isinstance(values[0], str) else "1")
+        # a wrong fact inside an obeyed rule: the rule holds, the pass (fact too) does not
+        assert obeys_system_rule(item, wrong) and not grade(item, wrong), (item["id"], wrong)
+    by_kind = {i["kind"]: i for i in rule_items}
+    assert not obeys_system_rule(by_kind["system_json"], "The name is Zzyzx.")
+    assert not obeys_system_rule(by_kind["system_persona"], "Plain words, no persona here.")
+    limit = by_kind["system_length"]["check"]["value"]
+    assert not obeys_system_rule(by_kind["system_length"], "word " * (limit + 1))
+    assert not obeys_system_rule(by_kind["system_language"], "The answer is in English, sorry.")
 
 
 def test_is_decline() -> None:

@@ -434,7 +434,7 @@ class RLConfig:
     kl_coef: float = 0.05  # β in reward − β·KL (PPO) or the loss's KL term (GRPO)
     clip_range: float = 0.2
     kinds: list[str] = field(default_factory=list)  # world prompt kinds to train on; [] = all
-    prompt_pool: int = 2000  # world train-split prompts to draw from
+    prompt_pool: int = 2000  # world train-split prompts to draw from (all of `kinds` when set)
     prompt_seed: int = 0
     train: TrainConfig = field(default_factory=_rl_train(1, 16, 1e-4))
 

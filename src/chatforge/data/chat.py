@@ -1592,28 +1592,36 @@ class _Gen:
 
 def _quotas(n: int, weights: dict[str, float]) -> list[str]:
     """Exactly n kinds in the given proportions (largest remainder), in KINDS order."""
+    order = [k for k in KINDS if k in weights]
     total = sum(weights.values())
-    raw = {k: n * weights[k] / total for k in KINDS}
-    counts = {k: int(raw[k]) for k in KINDS}
-    for k in sorted(KINDS, key=lambda k: counts[k] - raw[k])[: n - sum(counts.values())]:
+    raw = {k: n * weights[k] / total for k in order}
+    counts = {k: int(raw[k]) for k in order}
+    for k in sorted(order, key=lambda k: counts[k] - raw[k])[: n - sum(counts.values())]:
         counts[k] += 1
-    return [k for k in KINDS for _ in range(counts[k])]
+    return [k for k in order for _ in range(counts[k])]
 
 
-def world_conversations(world: World, n: int, seed: int, split: str = "train") -> list[dict]:
-    """``n`` chat conversations about ``world``'s ``split`` entities, mixed by KIND_WEIGHTS.
+def world_conversations(
+    world: World, n: int, seed: int, split: str = "train", kinds: Sequence[str] | None = None
+) -> list[dict]:
+    """``n`` chat conversations about ``world``'s ``split`` entities, mixed by KIND_WEIGHTS (only
+    ``kinds``, in their KIND_WEIGHTS proportions, when given).
 
     Each is ``{"messages": [...], "kind": str, "meta": {...}}``; ``meta["check"]`` says how the last
-    assistant turn would be graded. Deterministic in (world, n, seed, split).
+    assistant turn would be graded. Deterministic in (world, n, seed, split, kinds).
     """
     if n < 0:
         raise ChatforgeError(f"n must be >= 0, got {n}")
+    bad = [k for k in kinds or () if k not in KIND_WEIGHTS]
+    if bad:
+        raise ChatforgeError(f"unknown chat kind {bad[0]!r}; expected one of {KINDS}")
+    weights = {k: w for k, w in KIND_WEIGHTS.items() if not kinds or k in kinds}
     rng = random.Random(f"chatforge-chat:{world.seed}:{seed}:{split}")
     gen = _Gen(_Pools(world, split), rng)
-    kinds = _quotas(n, KIND_WEIGHTS)
-    rng.shuffle(kinds)
+    order = _quotas(n, weights)
+    rng.shuffle(order)
     out = []
-    for kind in kinds:
+    for kind in order:
         messages, meta, check = gen.build(kind)
         out.append({"messages": messages, "kind": kind, "meta": {**meta, "split": split, "check": check}})
     return out
@@ -1799,6 +1807,21 @@ def grade(item: dict, reply: str) -> bool:
         if _has(head, check["denies"]) or not all(_has(head, v) for v in includes):
             return False
     return "number" not in check or _last_number(text) == check["number"]
+
+
+SYSTEM_RULE_CHECKS = ("json_schema", "persona", "max_words", "language")
+
+
+def obeys_system_rule(item: dict, reply: str) -> bool | None:
+    """Whether ``reply`` obeys the item's system-message rule alone, whatever its facts: schema-shaped
+    JSON, the persona's marker, the word limit, the reply language (None for items without such a rule).
+    ``grade`` also asks for the right fact; this separates "ignored the rule" from "got the fact wrong"."""
+    check = item["check"]
+    if check["type"] not in SYSTEM_RULE_CHECKS:
+        return None
+    return grade(
+        {"check": {k: v for k, v in check.items() if k in ("type", "value", "markers", "schema")}}, reply
+    )
 
 
 # ---------------------------------------------------------------- real chat data

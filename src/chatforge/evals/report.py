@@ -119,7 +119,7 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
             m: {
                 "overall": e["overall"],
                 "per_kind": e["per_kind"],
-                **{k: e[k] for k in ("refusal", "json_valid", "distribution", "n") if k in e},
+                **{k: e[k] for k in ("refusal", "json_valid", "system_rule", "distribution", "n") if k in e},
             }
             for m, e in evals.items()
         }
@@ -368,6 +368,20 @@ def _eval_section(evals: dict[str, dict], png: Path | None, dist_png: Path | Non
             lines.append(
                 f"| {m} | {'—' if h is None else f'{h * 100:.0f}%'} | {'—' if b is None else f'{b * 100:.0f}%'} |"
             )
+    rules = {m: e["system_rule"] for m, e in evals.items() if e.get("system_rule")}
+    if rules:
+        rule_kinds = sorted({k for r in rules.values() for k in r})
+        lines += [
+            "",
+            "System messages, the rule alone (JSON shape, persona marker, word limit, reply language;"
+            " the facts in the reply not checked — the table above asks for both):",
+            "",
+            "| checkpoint | " + " | ".join(rule_kinds) + " |",
+            "|---" * (len(rule_kinds) + 1) + "|",
+        ]
+        for m, r in rules.items():
+            vals = ["—" if r.get(k) is None else f"{r[k] * 100:.0f}%" for k in rule_kinds]
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
     if png:
         lines += ["", f"![world eval]({png.name})"]
     if dist_png:

@@ -74,6 +74,21 @@ def refusal_rates(samples: list[dict]) -> dict[str, float]:
     return out
 
 
+def system_rule_rates(items: Sequence[dict], replies: list[list[str]]) -> dict[str, float]:
+    """World suite: per system-message kind, the share of replies that obey the rule alone (right facts
+    or not), next to the pass rate that also asks for the right fact."""
+    from chatforge.data.chat import obeys_system_rule
+
+    flags: dict[str, list[bool]] = {}
+    for it, rs in zip(items, replies, strict=True):
+        if isinstance(it.get("check"), dict) and "type" in it["check"]:
+            for r in rs:
+                ok = obeys_system_rule(it, r)
+                if ok is not None:
+                    flags.setdefault(it["kind"], []).append(ok)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(flags.items())}
+
+
 def evaluate(
     target: Target,
     items: Sequence[dict],
@@ -119,6 +134,8 @@ def evaluate(
     }
     if any(it.get("kind") in ("decline", "benign_edgy") for it in items):
         out["refusal"] = refusal_rates(out["samples"])
+    if grader.mode == "generate" and (rules := system_rule_rates(items, replies)):
+        out["system_rule"] = rules
     if constrained_json:
         _constrained_json(target, items, grader, params, out)
     return out

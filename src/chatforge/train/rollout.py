@@ -70,7 +70,9 @@ def world_prompts(cfg: Any, n: int, seed: int, kinds: list[str] | None = None) -
     if bad:
         raise ChatforgeError(f"kinds: unknown kind {bad[0]!r} (known: {', '.join(chat.KINDS)})")
     world = build_world(world_seed)
-    convs = chat.world_conversations(world, n, seed=50_000 + seed, split="train")
+    # Only the asked kinds, n of them: filtering a mixed pool left ~80 arithmetic prompts of 2000, which
+    # GRPO learnt by heart (train reward 0.26 -> 0.54, held-out arithmetic 42% -> 35%).
+    convs = chat.world_conversations(world, n, seed=50_000 + seed, split="train", kinds=kinds)
     items = [
         {
             "input": [{k: v for k, v in m.items() if k in ("role", "content")} for m in c["messages"][:-1]],
@@ -80,7 +82,6 @@ def world_prompts(cfg: Any, n: int, seed: int, kinds: list[str] | None = None) -
             "ideal": c["messages"][-1]["content"],
         }
         for c in convs
-        if not kinds or c["kind"] in kinds
     ]
     if not items:
         raise ChatforgeError("no world prompts of the requested kinds")
