@@ -133,6 +133,13 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> N
     assert res.returncode == 0, res.stderr[-2000:]
     for stage in ("data", "tokenizer", "pretrain", "sample", "sft", "reward", "rlhf", "eval", "redteam"):
         assert f"[{stage}] up to date" in res.stdout
+    # A changed RL setting re-runs the RL stage and what reads its policy, not the moderation classifier.
+    res = _speedrun(run_dir.parent, "grpo.kl_coef=0.2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("sft", "reward", "moderation"):
+        assert f"[{stage}] up to date" in res.stdout
+    for stage in ("rlhf", "eval", "rlhf_eval", "redteam"):
+        assert f"[{stage}] running" in res.stdout
     res = _speedrun(run_dir.parent, "pretrain.steps=20")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[tokenizer] up to date" in res.stdout and "[pretrain] running" in res.stdout

@@ -111,7 +111,7 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     book: dict[str, Any] = {} if fresh or not book_path.exists() else json.loads(book_path.read_text())
     fns = _stage_fns(cfg)
     t_start = time.perf_counter()
-    stale = fresh
+    ran: list[set[str]] = []  # the config sections of each stage that ran this time
     results: dict[str, Any] = {}
     for name in enabled_stages(cfg):
         sections, outputs = STAGES[name]
@@ -120,11 +120,14 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
         outputs = tuple(o.format(rl=cfg.speedrun.rl) for o in outputs)
         h = _hash(cfg, sections)
         done = all((run_dir / o).exists() for o in outputs) and book.get(name, {}).get("hash") == h
-        if done and not stale:
+        # A stage that ran feeds every later stage whose sections include all of its own (its outputs are
+        # their inputs), and only those: new RL policies re-run the evals, not the moderation classifier.
+        upstream_ran = any(r <= set(sections) for r in ran)
+        if done and not fresh and not upstream_ran:
             log(f"[{name}] up to date, skipped ({book[name]['seconds']:.1f}s when it ran)")
             results[name] = book[name].get("result", {})
             continue
-        stale = True  # everything after a stage that runs must run too
+        ran.append(set(sections))
         if fresh and name in ("pretrain", "sft", "reward", "rlhf", "moderation"):
             _drop(run_dir / "train" / (cfg.speedrun.rl if name == "rlhf" else name))
         log(f"[{name}] running")
