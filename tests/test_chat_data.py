@@ -90,6 +90,26 @@ def test_conversations_of_chosen_kinds(world: World) -> None:
         world_conversations(world, 5, 0, kinds=["poetry"])
 
 
+def test_prepare_adds_a_world_source_of_chosen_kinds(tmp_path: Path) -> None:
+    from chatforge.config import load_config
+    from chatforge.data.chat import prepare, read_jsonl
+
+    extra = "{kind: world, seed: 0, sample_seed: 1, n: 40, kinds: [system_json]}"
+    cfg = load_config(
+        "cpu-demo",
+        [
+            f"runs_dir={tmp_path}",
+            f"chat_data.sources=[{{kind: world, n: 60}}, {extra}]",
+        ],
+    )
+    stats = prepare(cfg)
+    assert [s["conversations"] for s in stats["sources"]] == [60, 40]
+    convs = read_jsonl(tmp_path / "cpu-demo" / "chat" / "train.jsonl")
+    convs += read_jsonl(tmp_path / "cpu-demo" / "chat" / "val.jsonl")
+    base = Counter(c["kind"] for c in world_conversations(build_world(0), 60, 0))
+    assert Counter(c["kind"] for c in convs) == base + Counter({"system_json": 40})
+
+
 def test_deterministic(world: World, train_convs: list[dict]) -> None:
     assert world_conversations(build_world(0), 3000, 0) == train_convs
     assert world_conversations(world, 50, 1) != world_conversations(world, 50, 0)

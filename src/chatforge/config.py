@@ -231,6 +231,7 @@ class ChatSourceConfig:
     n: int = 3000  # world only: conversations to generate
     seed: int = 0  # world only: which world (must match data.sources' world seed)
     sample_seed: int = 0  # world only: which conversations
+    kinds: list[str] = field(default_factory=list)  # world only: just these kinds ([] = the usual mix)
     max_convs: int = 0  # 0 = all
     split: str = "train"  # hf only
     fmt: str = "auto"  # hf only: auto | openai | sharegpt | alpaca | dolly | oasst
@@ -239,6 +240,13 @@ class ChatSourceConfig:
         _check_source(
             key, self.kind, self.path, ("world", "openai", "alpaca", "dolly", "sharegpt", "oasst", "hf")
         )
+        if self.kinds and self.kind != "world":
+            raise ConfigError(f"{key}.kinds: only a world source has kinds")
+        from chatforge.data.chat import KINDS
+
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ConfigError(f"{key}.kinds: unknown kind {bad[0]!r} (known: {', '.join(KINDS)})")
 
 
 @dataclass
