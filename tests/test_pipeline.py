@@ -147,6 +147,18 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> N
     assert json.loads((run_dir / "report.json").read_text())["pretrain"]["steps"] == 20
 
 
+def test_stage_hash_ignores_unset_new_keys_but_not_set_ones() -> None:
+    from chatforge import speedrun
+    from chatforge.config import load_config, to_dict
+
+    sections = speedrun.STAGES["sft"][0]
+    plain = load_config("cpu-demo")
+    blob = speedrun._effective(to_dict(plain.chat_data))
+    assert "kinds" not in blob["sources"][0]  # an unset new key: old runs keep their hashes
+    chosen = load_config("cpu-demo", ["chat_data.sources[0].kinds=[fact]"])
+    assert speedrun._hash(chosen, sections) != speedrun._hash(plain, sections)
+
+
 def test_pretrain_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     res = subprocess.run(
         [

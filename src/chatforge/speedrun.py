@@ -64,11 +64,19 @@ def rl_model_dirs(cfg: RunConfig) -> list[str]:
 _NO_EFFECT = frozenset({"threads", "progress", "log_every"})
 
 
-def _effective(x: Any) -> Any:
+# Keys added after runs existed, left out of the hash while unset, so that pulling them in re-runs nothing.
+_NEW_UNSET = {"kinds": []}
+
+
+def _effective(x: Any, in_sources: bool = False) -> Any:
     if isinstance(x, dict):
-        return {k: _effective(v) for k, v in x.items() if k not in _NO_EFFECT}
+        return {
+            k: _effective(v, k == "sources")
+            for k, v in x.items()
+            if k not in _NO_EFFECT and not (in_sources and k in _NEW_UNSET and v == _NEW_UNSET[k])
+        }
     if isinstance(x, list):
-        return [_effective(v) for v in x]
+        return [_effective(v, in_sources) for v in x]
     return x
 
 
