@@ -2247,7 +2247,7 @@ def prepare(cfg: Any) -> dict:
     for src in cd.sources:
         if src.kind == "world":
             world = build_world(src.seed)
-            got = world_conversations(world, src.n, src.sample_seed, split="train", kinds=src.kinds or None)
+            got = world_conversations(world, src.n, src.sample_seed, split="train", kinds=src.kinds)
             errors: list[str] = []
             if not eval_items:
                 eval_items = world_eval_set(world, cd.eval_per_kind, cd.eval_seed)
