@@ -47,6 +47,7 @@ def test_list_elements_can_be_overridden() -> None:
         ("data.sources[0].records=1", r"data.sources\[0\].records: must be in \[0.0, 0.9\], got 1"),
         ("data.sources[0].places=5000", r"data.sources\[0\].places: must be in \[2, 1000\]"),
         ("chat_data.sources[0].kinds=[poetry]", r"chat_data.sources\[0\].kinds: unknown kind 'poetry'"),
+        ("grpo.kinds=[fact, poetry]", r"grpo.kinds: unknown kind 'poetry' \(known: fact, "),
         (
             "chat_data.sources=[{kind: openai, path: x.jsonl, kinds: [fact]}]",
             r"chat_data.sources\[0\].kinds: only a world source has kinds",

@@ -242,11 +242,7 @@ class ChatSourceConfig:
         )
         if self.kinds and self.kind != "world":
             raise ConfigError(f"{key}.kinds: only a world source has kinds")
-        from chatforge.data.chat import KINDS
-
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad:
-            raise ConfigError(f"{key}.kinds: unknown kind {bad[0]!r} (known: {', '.join(KINDS)})")
+        _check_kinds(f"{key}.kinds", self.kinds)
 
 
 @dataclass
@@ -463,6 +459,7 @@ class RLConfig:
         if self.kl_coef < 0:
             raise ConfigError(f"{key}.kl_coef: must be >= 0, got {self.kl_coef}")
         _check_range(f"{key}.clip_range", self.clip_range, 0.0, 1.0, lo_open=True)
+        _check_kinds(f"{key}.kinds", self.kinds)
         if (self.prompts_per_step * self.samples_per_prompt) % self.train.batch_size:
             raise ConfigError(
                 f"{key}.train.batch_size: must divide prompts_per_step × samples_per_prompt"
@@ -727,6 +724,16 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------- loading
+
+
+def _check_kinds(key: str, kinds: list[str]) -> None:
+    """World behaviour kinds (``fact``, ``system_json``, ...): a typo is a config error at load time, not a
+    failure minutes into a run."""
+    from chatforge.data.chat import KINDS
+
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"{key}: unknown kind {bad[0]!r} (known: {', '.join(KINDS)})")
 
 
 def _check_source(key: str, kind: str, path: str, kinds: tuple[str, ...]) -> None:
