@@ -33,6 +33,7 @@ from chatforge.data.chat import (
     read_oasst_threads,
     read_openai_jsonl,
     read_sharegpt,
+    schema_valid,
     shared_data_dir,
     world_conversations,
     world_eval_set,
@@ -396,6 +397,30 @@ def test_obeys_system_rule_ignores_the_facts(eval_items: list[dict]) -> None:
     limit = by_kind["system_length"]["check"]["value"]
     assert not obeys_system_rule(by_kind["system_length"], "word " * (limit + 1))
     assert not obeys_system_rule(by_kind["system_language"], "The answer is in English, sorry.")
+
+
+def test_one_valid_json_for_grade_rule_and_json_rate(eval_items: list[dict]) -> None:
+    from chatforge.evals.runner import json_valid
+
+    item = next(i for i in eval_items if i["kind"] == "system_json")
+    schema, ideal = item["check"]["schema"], json.loads(item["ideal"])
+    key, spec = next(iter(schema["properties"].items()))
+    too_big = -5 if spec["type"] == "integer" else "x" * (spec["maxLength"] + 1)
+    replies = {
+        "ideal": (json.dumps(ideal), True),
+        "extra key": (json.dumps({**ideal, "extra": "x"}), False),
+        "missing key": (json.dumps({k: v for k, v in ideal.items() if k != key}), False),
+        "wrong type": (json.dumps({**ideal, key: [ideal[key]]}), False),
+        "out of range": (json.dumps({**ideal, key: too_big}), False),
+        "not an object": (json.dumps([ideal]), False),
+        "not JSON": ("name: x", False),
+    }
+    for what, (reply, ok) in replies.items():
+        # the suite's valid-JSON rate and the system-rule rate agree on every reply
+        assert schema_valid(reply, schema) is ok, what
+        assert json_valid(item, reply) is ok and obeys_system_rule(item, reply) is ok, what
+        # the pass needs the right values as well
+        assert grade(item, reply) is (ok and what == "ideal"), what
 
 
 def test_is_decline() -> None:

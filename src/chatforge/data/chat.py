@@ -1738,29 +1738,28 @@ def detect_language(reply: str) -> str | None:
     return winners[0] if best > 0 and len(winners) == 1 else None
 
 
+@functools.lru_cache(maxsize=256)
+def _schema_validator(schema_text: str) -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(schema_text))
+
+
+def schema_valid(reply: str, schema: dict) -> bool:
+    """``reply`` parses as JSON valid against ``schema`` (JSON Schema 2020-12, checked by jsonschema): the
+    one "valid JSON" of the suite, its system-rule rate and GRPO's rewards."""
+    return _json_ok(reply, {"schema": schema})
+
+
 def _json_ok(reply: str, check: dict) -> bool:
     try:
         obj = json.loads(reply)
     except ValueError:
         return False
-    schema = check["schema"]
-    props: dict[str, dict] = schema.get("properties", {})
-    if not isinstance(obj, dict):
+    if not _schema_validator(json.dumps(check["schema"], sort_keys=True)).is_valid(obj):
         return False
-    if schema.get("additionalProperties") is False and set(obj) - set(props):
-        return False
-    for key in schema.get("required", []):
-        if key not in obj:
-            return False
-    for key, spec in props.items():
-        if key not in obj:
-            continue
-        value, want = obj[key], spec.get("type")
-        if want == "integer" and (not isinstance(value, int) or isinstance(value, bool)):
-            return False
-        if want == "string" and not isinstance(value, str):
-            return False
-    return all(obj.get(k) == v for k, v in check.get("fields", {}).items())
+    fields = check.get("fields", {})
+    return not fields or (isinstance(obj, dict) and all(obj.get(k) == v for k, v in fields.items()))
 
 
 def grade(item: dict, reply: str) -> bool:

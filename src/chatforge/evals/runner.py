@@ -162,13 +162,10 @@ def run_items(
 
 
 def json_valid(item: dict, reply: str) -> bool:
-    """The reply parses as a JSON object with exactly the schema's required keys (values not checked)."""
-    try:
-        obj = json.loads(reply)
-    except json.JSONDecodeError:
-        return False
-    schema = item["check"]["schema"]
-    return isinstance(obj, dict) and set(obj) == set(schema.get("required", obj))
+    """The reply is JSON valid against the item's schema (keys, types and ranges; values not checked)."""
+    from chatforge.data.chat import schema_valid
+
+    return schema_valid(reply, item["check"]["schema"])
 
 
 def _constrained_json(
