@@ -248,10 +248,18 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
     for c in by_kind["decline"] + by_kind["benign_edgy"]:
         users = [m["content"] for m in c["messages"] if m["role"] == "user"]
         assert len(users) == (2 if c["meta"]["framing"] == "split" else 1)
+    worked = 0
     for c in by_kind["arithmetic"]:
-        a, op, b, _, ans = c["messages"][-1]["content"].rstrip(".").split()
+        reply = c["messages"][-1]["content"]
+        a, op, b, ans = re.search(r"(\d+) ([-+x/]) (\d+) = (\d+)\.$", reply).groups()
         x, y, z = int(a), int(b), int(ans)
         assert {"+": z == x + y, "-": z == x - y, "x": z == x * y, "/": x == y * z}[op], c["messages"]
+        if op in "+-" and max(x, y) >= 10:  # worked column by column, ones first
+            ones = re.match(r"(\d+) [-+] (\d+) = (\d+): write (\d+)", reply)
+            assert ones and int(ones[2]) == y % 10 and int(ones[1]) % 10 == x % 10, reply
+            assert z % 10 == int(ones[4]), reply
+            worked += 1
+    assert worked > 0
 
 
 def test_answer_sentence_with_a_pronoun(world: World) -> None:

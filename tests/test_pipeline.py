@@ -147,16 +147,22 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> N
     assert json.loads((run_dir / "report.json").read_text())["pretrain"]["steps"] == 20
 
 
-def test_stage_hash_ignores_unset_new_keys_but_not_set_ones() -> None:
+def test_stage_hash_follows_config_and_generator_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     from chatforge import speedrun
-    from chatforge.config import load_config, to_dict
+    from chatforge.config import load_config
+    from chatforge.data import chat, world
 
-    sections = speedrun.STAGES["sft"][0]
     plain = load_config("cpu-demo")
-    blob = speedrun._effective(to_dict(plain.chat_data))
-    assert "kinds" not in blob["sources"][0]  # an unset new key: old runs keep their hashes
-    chosen = load_config("cpu-demo", ["chat_data.sources[0].kinds=[fact]"])
-    assert speedrun._hash(chosen, sections) != speedrun._hash(plain, sections)
+    chosen = load_config("cpu-demo", ["chat_data.sources[0].kinds=[fact]", "pretrain.threads=1"])
+    sft, pre = speedrun.STAGES["sft"][0], speedrun.STAGES["pretrain"][0]
+    assert speedrun._hash(chosen, sft) != speedrun._hash(plain, sft)
+    assert speedrun._hash(chosen, pre) == speedrun._hash(plain, pre)  # threads change nothing written
+    before = {s: speedrun._hash(plain, speedrun.STAGES[s][0]) for s in ("pretrain", "sft")}
+    # new chat text re-runs SFT, not pretraining; new pretraining text re-runs both
+    monkeypatch.setattr(chat, "CHAT_VERSION", chat.CHAT_VERSION + 1)
+    assert speedrun._hash(plain, pre) == before["pretrain"] and speedrun._hash(plain, sft) != before["sft"]
+    monkeypatch.setattr(world, "TEXT_VERSION", world.TEXT_VERSION + 1)
+    assert speedrun._hash(plain, pre) != before["pretrain"]
 
 
 def test_pretrain_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:

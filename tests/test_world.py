@@ -360,17 +360,24 @@ OPS = {
 
 def test_arithmetic_is_correct(world: World, docs: list[str]) -> None:
     patterns = [
-        re.compile(r"(?<![\d,])(\d+) ([-+x/]) (\d+) = (\d+)(?![\d,])"),
+        # not the tail of a worked step's three terms ("5 + 8 + 1 = 14"), checked below
+        re.compile(r"(?<![\d,])(?<![-+] )(\d+) ([-+x/]) (\d+) = (\d+)(?![\d,])"),
         re.compile(r"(?<![\d,])(\d+) (plus|minus|times|divided by) (\d+) (?:equals|is) (\d+)"),
         re.compile(r"What is (\d+) (plus|minus|times|divided by) (\d+)\? (?:The answer is|It is) (\d+)\."),
         re.compile(r"Q: (\d+) ([-+x/]) (\d+) = \?\nA: (\d+)"),
     ]
-    checked = 0
+    checked = worked = 0
     for d in docs:
         for pattern in patterns:
             for a, op, b, c in pattern.findall(d):
                 assert OPS[op](int(a), int(b)) == int(c), (a, op, b, c)
                 checked += 1
+        for a, op, b, c in re.findall(r"(\d+) ([-+]) (\d+) [-+] 1 = (\d+)", d):  # a column with its carry
+            assert OPS[op](int(a), int(b)) + (1 if op == "+" else -1) == int(c), (a, op, b, c)
+            checked += 1
+        for a, op, b, c in re.findall(r"(\d+) (plus|minus) (\d+): .*? So \1 [-+] \3 = (\d+)\.", d):
+            worked += 1
+            assert OPS[op](int(a), int(b)) == int(c), (a, op, b, c)
         for a, c in re.findall(r"Double (\d+) is (\d+)\.", d):
             assert 2 * int(a) == int(c)
         for a, c in re.findall(r"Half of (\d+) is (\d+)\.", d):
@@ -379,7 +386,7 @@ def test_arithmetic_is_correct(world: World, docs: list[str]) -> None:
             r"([A-Z]\w+ [A-Z]\w+) was born in (\d+)\. In (\d+), \w+ turned (\d+),", d
         ):
             assert int(y2) - int(y) == int(k) and world.person(name).birth_year == int(y)
-    assert checked > 1000
+    assert checked > 1000 and worked > 50
 
 
 def test_counting_and_ordering_are_correct(world: World, docs: list[str]) -> None:

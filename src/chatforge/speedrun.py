@@ -64,24 +64,23 @@ def rl_model_dirs(cfg: RunConfig) -> list[str]:
 _NO_EFFECT = frozenset({"threads", "progress", "log_every"})
 
 
-# Keys added after runs existed, left out of the hash while unset, so that pulling them in re-runs nothing.
-_NEW_UNSET = {"kinds": []}
-
-
-def _effective(x: Any, in_sources: bool = False) -> Any:
+def _effective(x: Any) -> Any:
     if isinstance(x, dict):
-        return {
-            k: _effective(v, k == "sources")
-            for k, v in x.items()
-            if k not in _NO_EFFECT and not (in_sources and k in _NEW_UNSET and v == _NEW_UNSET[k])
-        }
+        return {k: _effective(v) for k, v in x.items() if k not in _NO_EFFECT}
     if isinstance(x, list):
-        return [_effective(v, in_sources) for v in x]
+        return [_effective(v) for v in x]
     return x
 
 
 def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
-    blob = json.dumps({s: _effective(to_dict(getattr(cfg, s))) for s in sections}, sort_keys=True)
+    from chatforge.data.chat import CHAT_VERSION
+    from chatforge.data.world import TEXT_VERSION
+
+    parts: dict[str, Any] = {s: _effective(to_dict(getattr(cfg, s))) for s in sections}
+    # The built-in generators' own versions: a change to the text they write re-runs what reads it.
+    generators = {"data": ("world_text", TEXT_VERSION), "chat_data": ("world_chat", CHAT_VERSION)}
+    parts.update(generators[s] for s in sections if s in generators)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -48,8 +48,13 @@ from chatforge.data.world import (
     World,
     build_world,
     fact_value,
+    worked_answer,
 )
 from chatforge.errors import ChatforgeError
+
+# Bumped whenever world_conversations / world_eval_set write different conversations for the same config
+# (the speedrun's stage hash includes it, like world.TEXT_VERSION). 2: worked two-digit sums.
+CHAT_VERSION = 2
 
 KINDS: tuple[str, ...] = (
     "fact",
@@ -1397,7 +1402,7 @@ class _Gen:
             b, c = rng.randint(1, 12), rng.randint(1, 12)
             a = b * c
         # answers write "x" like the pretraining prose, whatever sign the question used
-        return rng.choice(ARITHMETIC_QUESTIONS[op]).format(a=a, b=b), f"{a} {op} {b} = {c}.", c
+        return rng.choice(ARITHMETIC_QUESTIONS[op]).format(a=a, b=b), worked_answer(a, op, b), c
 
     def system_json(self) -> Built:
         rng = self.rng

@@ -547,6 +547,33 @@ class World:
 # ---------------------------------------------------------------- building the world
 
 
+def worked_answer(a: int, op: str, b: int) -> str:
+    """An arithmetic answer, in the chat replies and some pretraining lines. Sums and differences of
+    two-digit numbers are worked column by column, ones first ("7 + 7 = 14: write 4, carry 1; 5 + 8 + 1 =
+    14. So 57 + 87 = 144."): said in one go the model must write the tens digit before it has worked out
+    the carry (held-out two-digit sums: 0% right). Each step is a one-digit fact, and the answer copies the
+    last step's result and the written digit. Single-digit sums, times tables and divisions are answered
+    directly ("5 x 10 = 50.")."""
+    if op not in "+-":
+        c = a * b if op == "x" else a // b
+        return f"{a} {op} {b} = {c}."
+    c = a + b if op == "+" else a - b
+    if a < 10 and b < 10:
+        return f"{a} {op} {b} = {c}."
+    a1, b1, a10, b10 = a % 10, b % 10, a // 10, b // 10
+    if op == "+":
+        ones = f"{a1} + {b1} = {a1 + b1}"
+        carry = (a1 + b1) // 10
+        step1 = f"{ones}: write {(a1 + b1) % 10}, carry 1" if carry else f"{ones}: write {a1 + b1}"
+        step2 = f"{a10} + {b10}" + (" + 1" if carry else "") + f" = {a10 + b10 + carry}"
+    else:
+        borrow = int(a1 < b1)
+        ones = f"{a1 + 10 * borrow} - {b1} = {a1 + 10 * borrow - b1}"
+        step1 = f"{ones}: write {a1 + 10 * borrow - b1}" + (", borrow 1" if borrow else "")
+        step2 = f"{a10} - {b10}" + (" - 1" if borrow else "") + f" = {a10 - b10 - borrow}"
+    return f"{step1}; {step2}. So {a} {op} {b} = {c}."
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -1280,7 +1307,11 @@ class _Prose:
         else:
             b, c = rng.randint(1, 12), rng.randint(1, 12)
             a, word = b * c, "divided by"
-        form = rng.randrange(6)
+        form = rng.randrange(8)
+        if form >= 6:
+            # Worked sums teach the one-digit facts and the column steps that SFT's worked replies use:
+            # SFT alone taught the steps but not the facts ("7 + 7 = 12: write 2, carry 1; ...").
+            return f"{a} {word} {b}: {worked_answer(a, op, b)}"
         if form == 5 and op in "+-":
             return f"Double {a} is {2 * a}." if op == "+" else f"Half of {2 * a} is {a}."
         if form in (0, 5):
@@ -1467,6 +1498,11 @@ class _Prose:
 
 
 # Share of each kind of document; entries and stories carry the facts, the rest teaches skills.
+# Bumped whenever pretrain_documents writes different text for the same config: the speedrun's stage
+# hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
+# 2: worked two-digit sums in the arithmetic documents.
+TEXT_VERSION = 2
+
 DOC_KINDS: dict[str, float] = {
     "person_entry": 0.22,
     "place_entry": 0.08,
