@@ -315,7 +315,9 @@ def test_parallel_workers_and_seed_replicates(ladder: dict, tmp_path: Path) -> N
     assert scaling.run(cfg, until="ladder")["rungs_ran"] == 0  # what the workers trained counts as done
 
 
-def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
+def test_prediction_is_written_before_the_target_trains(
+    ladder: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = ladder["cfg"]
     sdir = cfg.run_dir / "scaling"
     pred = json.loads((sdir / "prediction.json").read_text())
@@ -349,6 +351,12 @@ def test_prediction_is_written_before_the_target_trains(ladder: dict) -> None:
     )
     with pytest.raises(ChatforgeError, match="another data or tokenizer config"):
         scaling.run(other, until="ladder")
+    # So are shards of an older world text (a generator change with the same config).
+    from chatforge.data import world
+
+    monkeypatch.setattr(world, "TEXT_VERSION", world.TEXT_VERSION + 1)
+    with pytest.raises(ChatforgeError, match="another data or tokenizer config"):
+        scaling.run(cfg, until="ladder")
 
 
 def test_plots_and_summary_exist(ladder: dict) -> None:
