@@ -432,7 +432,7 @@ class RLConfig:
     prompts_per_step: int = 16
     samples_per_prompt: int = 1  # GRPO's group size
     epochs: int = 2
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64  # a worked sum in a persona's voice is up to 55 tokens
     temperature: float = 1.0
     top_k: int = 0
     kl_coef: float = 0.05  # β in reward − β·KL (PPO) or the loss's KL term (GRPO)
