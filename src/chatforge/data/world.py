@@ -1509,12 +1509,12 @@ class _Prose:
         )
 
 
-# Share of each kind of document; entries and stories carry the facts, the rest teaches skills.
 # Bumped whenever pretrain_documents writes different text for the same config: the speedrun's stage
 # hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
 # 2: worked two-digit sums and one-column facts in the arithmetic documents.
 TEXT_VERSION = 2
 
+# Share of each kind of document; entries and stories carry the facts, the rest teaches skills.
 DOC_KINDS: dict[str, float] = {
     "person_entry": 0.22,
     "place_entry": 0.08,
