@@ -42,6 +42,7 @@ from chatforge import scaling_fit as sf
 from chatforge.checkpoint import load_weights, save_model
 from chatforge.config import ModelConfig, RunConfig, ScalingConfig, parse_model_shape, to_dict
 from chatforge.data.corpus import TokenShards
+from chatforge.data.world import text_version
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, lm_loss
 from chatforge.tokenizer import Tokenizer
@@ -210,19 +211,11 @@ def _downstream_kind(cfg: RunConfig) -> str:
     return kind
 
 
-def _world_text(cfg: RunConfig) -> dict[str, int]:
-    """The built-in world generator's text version, for a corpus that uses it: its shards and rungs are
-    stale when the generator writes other text for the same config."""
-    from chatforge.data.world import TEXT_VERSION
-
-    return {"world_text": TEXT_VERSION} if any(s.kind == "world" for s in cfg.data.sources) else {}
-
-
 def _check_data_stamp(cfg: RunConfig) -> None:
     """Refuse shards built for another ``data``/``tokenizer`` config (or world text version): the rungs
     would silently train on the old corpus (``_prepare_data`` only runs when there are no shards)."""
     stamp = cfg.run_dir / "scaling" / "data_config.json"
-    want = {"data": to_dict(cfg.data), "tokenizer": to_dict(cfg.tokenizer), **_world_text(cfg)}
+    want = {"data": to_dict(cfg.data), "tokenizer": to_dict(cfg.tokenizer), **text_version(cfg.data.sources)}
     if stamp.is_file():
         if json.loads(stamp.read_text()) != json.loads(json.dumps(want)):
             raise ChatforgeError(
@@ -263,7 +256,7 @@ def _rung_hash(cfg: RunConfig, rung: Rung) -> str:
         "downstream": [sc.downstream, sc.cloze_choices] + ([sc.cloze_entities] if sc.cloze_entities else []),
         "data": to_dict(cfg.data),
         "tokenizer": to_dict(cfg.tokenizer),
-        **_world_text(cfg),
+        **text_version(cfg.data.sources),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -73,13 +73,15 @@ def _effective(x: Any) -> Any:
 
 
 def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
-    from chatforge.data.chat import CHAT_VERSION
-    from chatforge.data.world import TEXT_VERSION
+    from chatforge.data.chat import chat_version
+    from chatforge.data.world import text_version
 
     parts: dict[str, Any] = {s: _effective(to_dict(getattr(cfg, s))) for s in sections}
     # The built-in generators' own versions: a change to the text they write re-runs what reads it.
-    generators = {"data": ("world_text", TEXT_VERSION), "chat_data": ("world_chat", CHAT_VERSION)}
-    parts.update(generators[s] for s in sections if s in generators)
+    if "data" in sections:
+        parts.update(text_version(cfg.data.sources))
+    if "chat_data" in sections:
+        parts.update(chat_version(cfg.chat_data.sources))
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -56,6 +56,12 @@ from chatforge.errors import ChatforgeError
 # (the speedrun's stage hash includes it, like world.TEXT_VERSION). 2: worked two-digit sums.
 CHAT_VERSION = 2
 
+
+def chat_version(sources: Iterable[Any]) -> dict[str, int]:
+    """``{"world_chat": CHAT_VERSION}`` for chat sources that include the built-in world, else ``{}``."""
+    return {"world_chat": CHAT_VERSION} if any(s.kind == "world" for s in sources) else {}
+
+
 KINDS: tuple[str, ...] = (
     "fact",
     "follow_up",
@@ -1744,10 +1750,16 @@ def detect_language(reply: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _schema_validator(schema_text: str) -> Any:
+def _validator(schema_text: str) -> Any:
     import jsonschema
 
     return jsonschema.Draft202012Validator(json.loads(schema_text))
+
+
+def schema_validator(schema: dict) -> Any:
+    """A JSON Schema 2020-12 validator for ``schema``, built once per distinct schema (graders call this
+    for every sampled reply)."""
+    return _validator(json.dumps(schema, sort_keys=True))
 
 
 def schema_valid(reply: str, schema: dict) -> bool:
@@ -1761,7 +1773,7 @@ def _json_ok(reply: str, check: dict) -> bool:
         obj = json.loads(reply)
     except ValueError:
         return False
-    if not _schema_validator(json.dumps(check["schema"], sort_keys=True)).is_valid(obj):
+    if not schema_validator(check["schema"]).is_valid(obj):
         return False
     fields = check.get("fields", {})
     return not fields or (isinstance(obj, dict) and all(obj.get(k) == v for k, v in fields.items()))

@@ -25,9 +25,9 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from chatforge.errors import ChatforgeError
 
@@ -1513,6 +1513,13 @@ class _Prose:
 # hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
 # 2: worked two-digit sums and one-column facts in the arithmetic documents.
 TEXT_VERSION = 2
+
+
+def text_version(sources: Iterable[Any]) -> dict[str, int]:
+    """``{"world_text": TEXT_VERSION}`` for data sources that include the built-in world, else ``{}``:
+    what a stage or scaling-run hash adds so that other text for the same config re-runs it."""
+    return {"world_text": TEXT_VERSION} if any(s.kind == "world" for s in sources) else {}
+
 
 # Share of each kind of document; entries and stories carry the facts, the rest teaches skills.
 DOC_KINDS: dict[str, float] = {

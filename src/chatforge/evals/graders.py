@@ -236,13 +236,13 @@ class JsonSchemaValid(Grader):
                 raise GraderError(f"grader 'json_schema': invalid schema ({e.message})") from None
 
     def grade(self, item: dict, reply: str) -> float:
-        import jsonschema
+        from chatforge.data.chat import schema_validator
 
         schema = self.opts["schema"] or item.get("schema") or item.get("check", {}).get("schema")
         if schema is None:
             raise ChatforgeError(f"item {item.get('id', '?')}: json_schema grader needs a schema")
         ok, obj = _parse_json(reply)
-        return float(ok and jsonschema.Draft202012Validator(schema).is_valid(obj))
+        return float(ok and schema_validator(schema).is_valid(obj))
 
 
 # ---------------------------------------------------------------- system-message rules and refusals
