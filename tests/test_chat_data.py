@@ -87,7 +87,7 @@ def test_conversations_of_chosen_kinds(world: World) -> None:
     assert set(counts) == {"arithmetic", "system_json"} and sum(counts.values()) == 700
     share = KIND_WEIGHTS["arithmetic"] / (KIND_WEIGHTS["arithmetic"] + KIND_WEIGHTS["system_json"])
     assert abs(counts["arithmetic"] - 700 * share) <= 1
-    with pytest.raises(ChatforgeError, match="unknown chat kind 'poetry'"):
+    with pytest.raises(ChatforgeError, match="kinds: unknown kind 'poetry'"):
         world_conversations(world, 5, 0, kinds=["poetry"])
 
 

@@ -192,6 +192,10 @@ def test_registry_errors_name_file_and_line(tmp_path: Path) -> None:
     assert msg.startswith(f"{f}:3:") and "threshold" in msg
     msg = _error(tmp_path, "ev:\n  loader: gsm9k\n  grader: number\n")
     assert msg.startswith(f"{f}:2:") and "unknown loader" in msg
+    msg = _error(
+        tmp_path, "ev:\n  loader: world\n  loader_args: {kinds: [poetry]}\n  grader: world\n", load=True
+    )
+    assert msg.startswith("world loader: kinds: unknown kind 'poetry' (known: fact, ")
     msg = _error(tmp_path, "ev: [1, 2\n")
     assert str(f) in msg and "not valid YAML" in msg
     good = '{"input": [{"role": "user", "content": "hi"}], "ideal": "x"}\n'

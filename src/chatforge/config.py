@@ -729,11 +729,9 @@ class RunConfig:
 def _check_kinds(key: str, kinds: list[str]) -> None:
     """World behaviour kinds (``fact``, ``system_json``, ...): a typo is a config error at load time, not a
     failure minutes into a run."""
-    from chatforge.data.chat import KINDS
+    from chatforge.data.chat import check_kinds
 
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ConfigError(f"{key}: unknown kind {bad[0]!r} (known: {', '.join(KINDS)})")
+    check_kinds(key, kinds, ConfigError)
 
 
 def _check_source(key: str, kind: str, path: str, kinds: tuple[str, ...]) -> None:

@@ -1612,6 +1612,14 @@ def _quotas(n: int, weights: dict[str, float]) -> list[str]:
     return [k for k in order for _ in range(counts[k])]
 
 
+def check_kinds(key: str, kinds: Iterable[str], error: type[ChatforgeError] = ChatforgeError) -> None:
+    """Raise ``error`` naming ``key`` for the first of ``kinds`` that is not a world behaviour kind: the one
+    check behind recipes (``grpo.kinds``), eval specs and this module's generators."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise error(f"{key}: unknown kind {bad[0]!r} (known: {', '.join(KINDS)})")
+
+
 def world_conversations(
     world: World, n: int, seed: int, split: str = "train", kinds: Sequence[str] | None = None
 ) -> list[dict]:
@@ -1623,9 +1631,7 @@ def world_conversations(
     """
     if n < 0:
         raise ChatforgeError(f"n must be >= 0, got {n}")
-    bad = [k for k in kinds or () if k not in KIND_WEIGHTS]
-    if bad:
-        raise ChatforgeError(f"unknown chat kind {bad[0]!r}; expected one of {KINDS}")
+    check_kinds("kinds", kinds or ())
     weights = {k: w for k, w in KIND_WEIGHTS.items() if not kinds or k in kinds}
     rng = random.Random(f"chatforge-chat:{world.seed}:{seed}:{split}")
     gen = _Gen(_Pools(world, split), rng)

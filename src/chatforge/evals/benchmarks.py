@@ -127,12 +127,10 @@ def world(
 ) -> list[dict]:
     """The held-out world behaviour suite. Inside a run (``context["run_dir"]``) it is the run's own
     ``chat/eval.jsonl`` (the world the model was trained on); otherwise it is generated from ``seed``."""
-    from chatforge.data.chat import KINDS, read_jsonl, world_eval_set
+    from chatforge.data.chat import check_kinds, read_jsonl, world_eval_set
     from chatforge.data.world import build_world
 
-    bad = set(kinds or []) - set(KINDS)
-    if bad:
-        raise ChatforgeError(f"world loader: unknown kinds {sorted(bad)} (known: {', '.join(KINDS)})")
+    check_kinds("world loader: kinds", kinds or [])
     run_eval = Path(context["run_dir"]) / "chat" / "eval.jsonl" if context.get("run_dir") else None
     if run_eval is not None and run_eval.is_file():
         items = read_jsonl(run_eval)
