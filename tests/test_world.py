@@ -389,17 +389,6 @@ def test_arithmetic_is_correct(world: World, docs: list[str]) -> None:
     assert checked > 1000 and worked > 50
 
 
-def test_every_column_fact_is_taught(docs: list[str]) -> None:
-    # The one-digit facts a worked sum is made of, in the very form its steps write them: every one of
-    # them (right ones are checked above), many times over.
-    text = "\n".join(docs)
-    sums = re.findall(r"(?<![-+] )(?<![\d,])(\d) \+ (\d) = ", text)
-    carried = re.findall(r"(?<![\d,])(\d) \+ (\d) \+ 1 = ", text)
-    borrowed = re.findall(r"(?<![\d,])(\d) - (\d) - 1 = ", text)
-    assert len(set(sums)) == len(set(carried)) == 100 and len(set(borrowed)) == 45
-    assert len(sums) > 10 * 100 and len(carried) > 10 * 100
-
-
 def test_counting_and_ordering_are_correct(world: World, docs: list[str]) -> None:
     words = {v: k for k, v in STEP_WORDS.items()}
     checked = 0

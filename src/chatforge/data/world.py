@@ -1291,35 +1291,9 @@ class _Prose:
                 break
         return doc.text
 
-    def _drill(self) -> str:
-        """A drill line of one-column facts, exactly as the steps of a worked sum write them ("7 + 6 = 13;
-        4 + 8 + 1 = 13; 12 - 7 = 5; 6 - 2 - 1 = 3."). Scattered among the equations they were too rare:
-        a base pretrained on them got 10 of the 100 one-digit sums right, and its SFT wrote "2 + 7 = 10"
-        inside otherwise right worked replies (ones column right 49%, tens 31%)."""
-        rng = self.rng
-        facts = []
-        for _ in range(rng.randint(5, 8)):
-            kind = rng.randrange(4)
-            if kind == 0:  # ones column of a sum
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-                facts.append(f"{a} + {b} = {a + b}")
-            elif kind == 1:  # tens column with the carry
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-                facts.append(f"{a} + {b} + 1 = {a + b + 1}")
-            elif kind == 2:  # ones column of a difference, borrowed ten included
-                b, c = rng.randint(0, 9), rng.randint(0, 9)
-                facts.append(f"{b + c} - {b} = {c}")
-            else:  # tens column after a borrow
-                a = rng.randint(1, 9)
-                b = rng.randint(0, a - 1)
-                facts.append(f"{a} - {b} - 1 = {a - b - 1}")
-        return "; ".join(facts) + "."
-
     def _equation(self) -> str:
         rng = self.rng
         op = rng.choice("+-x/")
-        if op in "+-" and rng.random() < 0.5:
-            return self._drill()
         # A third of the sums and differences are one column's ("8 + 6 = 14", "12 - 7 = 5"): the facts a
         # worked sum is made of, which random two-digit operands hardly ever show (a base trained without
         # them wrote "9 + 1 = 14: write 4, carry 1; ...": 3 of 100 worked sums right).
@@ -1537,8 +1511,8 @@ class _Prose:
 
 # Bumped whenever pretrain_documents writes different text for the same config: the speedrun's stage
 # hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
-# 2: worked two-digit sums and one-column facts in the arithmetic documents. 3: drill lines of one-column facts.
-TEXT_VERSION = 3
+# 2: worked two-digit sums and one-column facts in the arithmetic documents.
+TEXT_VERSION = 2
 
 
 def text_version(sources: Iterable[Any]) -> dict[str, int]:
