@@ -250,15 +250,26 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
         assert len(users) == (2 if c["meta"]["framing"] == "split" else 1)
     worked = 0
     for c in by_kind["arithmetic"]:
-        reply = c["messages"][-1]["content"]
-        a, op, b, ans = re.search(r"(\d+) ([-+x/]) (\d+) = (\d+)\.$", reply).groups()
-        x, y, z = int(a), int(b), int(ans)
-        assert {"+": z == x + y, "-": z == x - y, "x": z == x * y, "/": x == y * z}[op], c["messages"]
-        if op in "+-" and max(x, y) >= 10:  # worked column by column, ones first
-            ones = re.match(r"(\d+) [-+] (\d+) = (\d+): write (\d+)", reply)
-            assert ones and int(ones[2]) == y % 10 and int(ones[1]) % 10 == x % 10, reply
-            assert z % 10 == int(ones[4]), reply
-            worked += 1
+        question, reply = c["messages"][-2]["content"], c["messages"][-1]["content"]
+        m = re.fullmatch(r"(?:What is|Add|Multiply|Divide) (\d+) (?:[-+x×/]|plus|minus|times|divided by|and|by) "
+                         r"(\d+)[.?]", question) or re.fullmatch(r"Subtract (\d+) from (\d+)\.", question)  # fmt: skip
+        assert m, question
+        x, y = (int(m[2]), int(m[1])) if question.startswith("Subtract") else (int(m[1]), int(m[2]))
+        z = int(re.search(r"(\d+)\.$", reply)[1])  # the grader reads the last number
+        direct = re.fullmatch(r"(\d+) ([-+x/]) (\d+) = (\d+)\.", reply)
+        if direct:
+            assert (int(direct[1]), int(direct[3]), int(direct[4])) == (x, y, z), (question, reply)
+            op = direct[2]
+            assert {"+": z == x + y, "-": z == x - y, "x": z == x * y, "/": x == y * z}[op], (question, reply)
+            assert not (op in "+-" and max(x, y) >= 10), reply  # two-digit sums are worked
+            continue
+        # worked column by column, ones first, closing with the answer the steps give
+        w = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+): write (\d)(, (?:carry|borrow) 1)?; (\d+) [-+] (\d+)"
+                         r"(?: [-+] 1)? = (-?\d+)\. So the answer is (\d+)\.", reply)  # fmt: skip
+        assert w and int(w[3]) == y % 10 and int(w[1]) % 10 == x % 10, (question, reply)
+        assert (int(w[7]), int(w[8])) == (x // 10, y // 10), reply
+        assert z == (x + y if w[2] == "+" else x - y) == int(w[9]) * 10 + int(w[5]), reply
+        worked += 1
     assert worked > 0
 
 

@@ -550,10 +550,11 @@ class World:
 def worked_answer(a: int, op: str, b: int) -> str:
     """An arithmetic answer, in the chat replies and some pretraining lines. Sums and differences of
     two-digit numbers are worked column by column, ones first ("7 + 7 = 14: write 4, carry 1; 5 + 8 + 1 =
-    14. So 57 + 87 = 144."): said in one go the model must write the tens digit before it has worked out
-    the carry (held-out two-digit sums: 0% right). Each step is a one-digit fact, and the answer copies the
-    last step's result and the written digit. Single-digit sums, times tables and divisions are answered
-    directly ("5 x 10 = 50.")."""
+    14. So the answer is 144."): said in one go the model must write the tens digit before it has worked
+    out the carry (held-out two-digit sums: 0% right). Each step is a one-digit fact, and the answer copies
+    the last step's result and the written digit. It is not an equation ("So 57 + 87 = 144."): a base
+    drilled on one-digit equations computed there instead of copying (13 of 145 sums assembled right).
+    Single-digit sums, times tables and divisions are answered directly ("5 x 10 = 50.")."""
     if op not in "+-":
         c = a * b if op == "x" else a // b
         return f"{a} {op} {b} = {c}."
@@ -571,7 +572,7 @@ def worked_answer(a: int, op: str, b: int) -> str:
         ones = f"{a1 + 10 * borrow} - {b1} = {a1 + 10 * borrow - b1}"
         step1 = f"{ones}: write {a1 + 10 * borrow - b1}" + (", borrow 1" if borrow else "")
         step2 = f"{a10} - {b10}" + (" - 1" if borrow else "") + f" = {a10 - b10 - borrow}"
-    return f"{step1}; {step2}. So {a} {op} {b} = {c}."
+    return f"{step1}; {step2}. So the answer is {c}."
 
 
 def _cap(text: str) -> str:
@@ -1291,9 +1292,39 @@ class _Prose:
                 break
         return doc.text
 
+    def _drill(self) -> str:
+        """A drill line of one-column facts, exactly as the steps of a worked sum write them, and times
+        tables ("7 + 6 = 13; 4 + 8 + 1 = 13; 12 - 7 = 5; 6 - 2 - 1 = 3; 7 x 8 = 56."). Scattered among the
+        equations they were too rare: a base pretrained on them got 10 of the 100 one-digit sums right,
+        and its SFT wrote "2 + 7 = 10" inside otherwise right worked replies (ones column right 49%, tens
+        31%)."""
+        rng = self.rng
+        facts = []
+        for _ in range(rng.randint(5, 8)):
+            kind = rng.randrange(5)
+            if kind == 4:
+                a, b = rng.randint(1, 12), rng.randint(1, 12)
+                facts.append(f"{a} x {b} = {a * b}")
+            elif kind == 0:  # ones column of a sum
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                facts.append(f"{a} + {b} = {a + b}")
+            elif kind == 1:  # tens column with the carry
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                facts.append(f"{a} + {b} + 1 = {a + b + 1}")
+            elif kind == 2:  # ones column of a difference, borrowed ten included
+                b, c = rng.randint(0, 9), rng.randint(0, 9)
+                facts.append(f"{b + c} - {b} = {c}")
+            else:  # tens column after a borrow
+                a = rng.randint(1, 9)
+                b = rng.randint(0, a - 1)
+                facts.append(f"{a} - {b} - 1 = {a - b - 1}")
+        return "; ".join(facts) + "."
+
     def _equation(self) -> str:
         rng = self.rng
         op = rng.choice("+-x/")
+        if rng.random() < 1 / 3:  # times tables too: drilled sums alone crowded them out (SFT 69% -> 38%)
+            return self._drill()
         # A third of the sums and differences are one column's ("8 + 6 = 14", "12 - 7 = 5"): the facts a
         # worked sum is made of, which random two-digit operands hardly ever show (a base trained without
         # them wrote "9 + 1 = 14: write 4, carry 1; ...": 3 of 100 worked sums right).
@@ -1511,8 +1542,9 @@ class _Prose:
 
 # Bumped whenever pretrain_documents writes different text for the same config: the speedrun's stage
 # hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
-# 2: worked two-digit sums and one-column facts in the arithmetic documents.
-TEXT_VERSION = 2
+# 2: worked two-digit sums and one-column facts in the arithmetic documents. 3: drill lines of one-column
+# facts and times tables; worked sums close with "So the answer is N."
+TEXT_VERSION = 3
 
 
 def text_version(sources: Iterable[Any]) -> dict[str, int]:
