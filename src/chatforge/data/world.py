@@ -1302,10 +1302,7 @@ class _Prose:
         facts = []
         for _ in range(rng.randint(5, 8)):
             kind = rng.randrange(5)
-            if kind == 4:
-                a, b = rng.randint(1, 12), rng.randint(1, 12)
-                facts.append(f"{a} x {b} = {a * b}")
-            elif kind == 0:  # ones column of a sum
+            if kind == 0:  # ones column of a sum
                 a, b = rng.randint(0, 9), rng.randint(0, 9)
                 facts.append(f"{a} + {b} = {a + b}")
             elif kind == 1:  # tens column with the carry
@@ -1314,10 +1311,13 @@ class _Prose:
             elif kind == 2:  # ones column of a difference, borrowed ten included
                 b, c = rng.randint(0, 9), rng.randint(0, 9)
                 facts.append(f"{b + c} - {b} = {c}")
-            else:  # tens column after a borrow
+            elif kind == 3:  # tens column after a borrow
                 a = rng.randint(1, 9)
                 b = rng.randint(0, a - 1)
                 facts.append(f"{a} - {b} - 1 = {a - b - 1}")
+            else:  # times tables, which the drilled sums would otherwise crowd out
+                a, b = rng.randint(1, 12), rng.randint(1, 12)
+                facts.append(f"{a} x {b} = {a * b}")
         return "; ".join(facts) + "."
 
     def _equation(self) -> str:
