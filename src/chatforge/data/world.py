@@ -562,16 +562,17 @@ def worked_answer(a: int, op: str, b: int) -> str:
     if a < 10 and b < 10:
         return f"{a} {op} {b} = {c}."
     a1, b1, a10, b10 = a % 10, b % 10, a // 10, b // 10
+    # One shape for both: the ones column (its top digit takes the borrowed ten), then the tens column
+    # with the carry or borrow as "+ 1" / "- 1".
     if op == "+":
-        ones = f"{a1} + {b1} = {a1 + b1}"
-        carry = (a1 + b1) // 10
-        step1 = f"{ones}: write {(a1 + b1) % 10}, carry 1" if carry else f"{ones}: write {a1 + b1}"
-        step2 = f"{a10} + {b10}" + (" + 1" if carry else "") + f" = {a10 + b10 + carry}"
+        flag, word = int(a1 + b1 >= 10), "carry"
+        top, ones, tens = a1, a1 + b1, a10 + b10 + flag
     else:
-        borrow = int(a1 < b1)
-        ones = f"{a1 + 10 * borrow} - {b1} = {a1 + 10 * borrow - b1}"
-        step1 = f"{ones}: write {a1 + 10 * borrow - b1}" + (", borrow 1" if borrow else "")
-        step2 = f"{a10} - {b10}" + (" - 1" if borrow else "") + f" = {a10 - b10 - borrow}"
+        flag, word = int(a1 < b1), "borrow"
+        top = a1 + 10 * flag
+        ones, tens = top - b1, a10 - b10 - flag
+    step1 = f"{top} {op} {b1} = {ones}: write {ones % 10}" + (f", {word} 1" if flag else "")
+    step2 = f"{a10} {op} {b10}" + (f" {op} 1" if flag else "") + f" = {tens}"
     return f"{step1}; {step2}. So the answer is {c}."
 
 
