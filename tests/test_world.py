@@ -499,6 +499,7 @@ def test_records_state_world_facts_as_json_lines_lookups_and_csv(world: World) -
                     assert v == ("" if want is None else str(want)), (row, f)
                 n_csv += 1
     assert n_json > 100 and n_lookup > 50 and n_csv > 50
+    assert n_lookup > n_csv  # lookup logs, the only pairing of a name's two spellings, are the most common
     assert held_out > 0  # records describe every entity, like entries and stories do
     assert all(MIN_DOC_CHARS <= len(d) <= MAX_DOC_CHARS for d in docs)
     with pytest.raises(WorldError, match="records"):

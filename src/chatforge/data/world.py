@@ -1249,7 +1249,10 @@ class _Prose:
         rels = RECORD_FIELDS[side]
         entities: Sequence[Person | Place] = self.w.people if people_side else self.w.places
         plural = "people" if people_side else "towns"
-        fmt = rng.choices(("json", "lookup", "csv"), weights=(0.35, 0.35, 0.3))[0]
+        # Mostly lookup logs: a held-out name's two spellings are paired nowhere else. With a third of them
+        # the base copied " Name" to "Name" for 83 of 120 people, and the SFT's JSON replies named someone
+        # else in 37% of held-out samples; with 0.65: 107 of 120, JSON rule and fact 55% -> 82.5%.
+        fmt = rng.choices(("json", "lookup", "csv"), weights=(0.15, 0.65, 0.2))[0]
         heading = {
             "json": (f"{plural}.jsonl", "Export", "Data"),
             "lookup": ("Query log", "Lookup session", "Registry lookups"),
@@ -1544,8 +1547,8 @@ class _Prose:
 # Bumped whenever pretrain_documents writes different text for the same config: the speedrun's stage
 # hash includes it, so pulling such a change re-runs the stages built on the text instead of keeping them.
 # 2: worked two-digit sums and one-column facts in the arithmetic documents. 3: drill lines of one-column
-# facts and times tables; worked sums close with "So the answer is N."
-TEXT_VERSION = 3
+# facts and times tables; worked sums close with "So the answer is N." 4: most data records are lookup logs.
+TEXT_VERSION = 4
 
 
 def text_version(sources: Iterable[Any]) -> dict[str, int]:
