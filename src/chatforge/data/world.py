@@ -1251,8 +1251,8 @@ class _Prose:
         plural = "people" if people_side else "towns"
         # Mostly lookup logs: a held-out name's two spellings are paired nowhere else. With a third of them
         # the base copied " Name" to "Name" for 83 of 120 people, and the SFT's JSON replies named someone
-        # else in 37% of held-out samples; with 0.65: 103-107 of 120, 13-16% named someone else, JSON rule
-        # and fact 55% -> 70-83% (two runs).
+        # else in 37% of held-out samples; with 0.65: 103-107 of 120, 13-21% named someone else, JSON rule
+        # and fact 55% -> 67-83% (three SFT runs).
         fmt = rng.choices(("json", "lookup", "csv"), weights=(0.15, 0.65, 0.2))[0]
         heading = {
             "json": (f"{plural}.jsonl", "Export", "Data"),
