@@ -457,6 +457,11 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "person": ("hometown", "occupation", "birth_year", "pet", *KINSHIP),
     "place": ("country", "river", "founded", "population"),
 }
+# Share of each record format. Mostly lookup logs: a held-out name's two spellings (" Name" in the query,
+# "Name" in the JSON) are paired nowhere else. With a third of them the base copied the name for 83 of 120
+# people and the SFT's JSON replies named someone else in 37% of held-out samples; with 0.65: 103-107 of
+# 120, 13-21% named someone else, JSON rule and fact 55% -> 67-83% (three SFT runs).
+RECORD_FORMATS: dict[str, float] = {"json": 0.15, "lookup": 0.65, "csv": 0.2}
 
 
 @dataclass
@@ -1249,11 +1254,7 @@ class _Prose:
         rels = RECORD_FIELDS[side]
         entities: Sequence[Person | Place] = self.w.people if people_side else self.w.places
         plural = "people" if people_side else "towns"
-        # Mostly lookup logs: a held-out name's two spellings are paired nowhere else. With a third of them
-        # the base copied " Name" to "Name" for 83 of 120 people, and the SFT's JSON replies named someone
-        # else in 37% of held-out samples; with 0.65: 103-107 of 120, 13-21% named someone else, JSON rule
-        # and fact 55% -> 67-83% (three SFT runs).
-        fmt = rng.choices(("json", "lookup", "csv"), weights=(0.15, 0.65, 0.2))[0]
+        fmt = rng.choices(list(RECORD_FORMATS), weights=list(RECORD_FORMATS.values()))[0]
         heading = {
             "json": (f"{plural}.jsonl", "Export", "Data"),
             "lookup": ("Query log", "Lookup session", "Registry lookups"),
