@@ -182,6 +182,45 @@ def test_backtest_predicts_the_top_budget_from_the_others() -> None:
     assert scaling.backtest(rows[:4] + [r for r in rows if r["budget"] == bt["budget"]]) is None
 
 
+def test_effective_tokens_discount_repeats() -> None:
+    u, rstar = 1e6, 15.4
+    d = np.array([2e5, 1e6, 2e6, 5e6, 1.6e7, 1e9])
+    eff = sf.effective_tokens(d, u, rstar)
+    assert eff[:2] == pytest.approx(d[:2])  # the first epoch is all fresh
+    assert eff[2] == pytest.approx(u + u * rstar * (1 - math.exp(-1 / rstar)))
+    assert np.all(np.diff(eff) > 0) and np.all(eff[2:] < d[2:])  # each epoch adds less, but adds
+    assert eff[-1] == pytest.approx(u * (1 + rstar), rel=1e-3)  # the most a corpus is ever worth
+    assert sf.effective_tokens(d, u, 0.0) == pytest.approx(d)
+
+
+def test_a_ladder_that_repeats_its_data_is_fitted_on_effective_tokens() -> None:
+    # Losses that follow a known law in effective tokens, of a corpus the top rungs repeat ~4x and the
+    # target ~14x: counting every repeated token as fresh under-predicts the target's loss.
+    true = sf.LossLaw(E=1.7, A=30.0, alpha=0.3, B=60.0, beta=0.3)
+    n, d, _ = _ladder_points(true, noise=0.0, seed=0)
+    u, sc = 4e5, load_config("scaling-shakespeare", ["scaling.bootstrap=0"]).scaling
+    rows = [
+        {"name": f"r{i}", "budget": round(6 * a * b, -9), "shape": f"3x{i}", "n_params": a, "tokens": b,
+         "val_loss": float(true(a, sf.effective_tokens(b, u, sc.repeat_rstar)))}
+        for i, (a, b) in enumerate(zip(n, d))
+    ]  # fmt: skip
+    target = scaling.Rung("target", 30 * 4.7e11, "3x64", 400_000, 1, round(30 * 4.7e11 / 2.4e6))
+    actual = float(true(target.n_params, sf.effective_tokens(target.tokens, u, sc.repeat_rstar)))
+    fresh = scaling.fit_ladder(sc, rows, target, 0.0, None)
+    fit = scaling.fit_ladder(sc, rows, target, 0.0, None, unique_tokens=int(u))
+    assert fresh["repeated_data"] is None
+    rep = fit["repeated_data"]
+    assert rep["target_epochs"] == pytest.approx(target.tokens / u, rel=1e-3) and rep["target_epochs"] > 10
+    assert rep["target_effective_tokens"] < 0.7 * target.tokens
+    err_fit = abs(fit["predicted"]["val_loss"] / actual - 1)
+    err_fresh = abs(fresh["predicted"]["val_loss"] / actual - 1)
+    assert fresh["predicted"]["val_loss"] < actual
+    assert err_fit < min(0.005, err_fresh / 3)
+    # A corpus larger than every run: nothing repeats, the fit is the fresh-token one.
+    big = scaling.fit_ladder(sc, rows, target, 0.0, None, unique_tokens=10 * target.tokens)
+    assert big["repeated_data"] is None and big["predicted"] == fresh["predicted"]
+
+
 def test_recipe_ladders_are_one_shape_family_near_convergence() -> None:
     for recipe in ("scaling-world", "scaling-eltec", "scaling-shakespeare"):
         sc = load_config(recipe, []).scaling

@@ -501,8 +501,38 @@ def _envelope(
     return [round(min(vals), 5), round(max(vals), 5)]
 
 
-def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float, metric: str | None) -> dict:
-    """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values."""
+def repeated_data(sc: ScalingConfig, rows: list[dict], target: Rung, unique_tokens: int) -> dict | None:
+    """How much the ladder and target repeat their training data, and what that is worth in fresh tokens
+    (``scaling_fit.effective_tokens``); None when no run sees a token twice or the correction is off."""
+    if sc.repeat_rstar <= 0 or max(target.tokens, *(r["tokens"] for r in rows)) <= unique_tokens:
+        return None
+    eff = float(sf.effective_tokens(target.tokens, unique_tokens, sc.repeat_rstar))
+    return {
+        "unique_tokens": unique_tokens,
+        "rstar": sc.repeat_rstar,
+        "max_rung_epochs": round(max(r["tokens"] for r in rows) / unique_tokens, 3),
+        "target_epochs": round(target.tokens / unique_tokens, 3),
+        "target_effective_tokens": round(eff),
+    }
+
+
+def fit_ladder(
+    sc: ScalingConfig,
+    rows: list[dict],
+    target: Rung,
+    chance: float,
+    metric: str | None,
+    unique_tokens: int | None = None,
+) -> dict:
+    """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values. With
+    ``unique_tokens`` (the training split's size) runs that repeat it count effective tokens as D."""
+    repeats = repeated_data(sc, rows, target, unique_tokens) if unique_tokens else None
+    if repeats is not None:
+        rows = [
+            {**r, "tokens": float(sf.effective_tokens(r["tokens"], unique_tokens, sc.repeat_rstar))}
+            for r in rows
+        ]
+    d_target = repeats["target_effective_tokens"] if repeats else target.tokens
     n = np.array([r["n_params"] for r in rows], dtype=float)
     d = np.array([r["tokens"] for r in rows], dtype=float)
     loss = np.array([r["val_loss"] for r in rows], dtype=float)
@@ -519,7 +549,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     )
     law = sf.fit_loss_law(n, d, loss, form=form)
     others = {f: sf.fit_loss_law(n, d, loss, form=f) for f in sf.FORMS if f != form}
-    other_preds = {f: float(o(target.n_params, target.tokens)) for f, o in others.items()}
+    other_preds = {f: float(o(target.n_params, d_target)) for f, o in others.items()}
     minima = _frontier(rows)
     claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
     mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
@@ -537,7 +567,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
         mlaw_: sf.MetricLaw | None,
         front_: sf.Frontier | None,
     ) -> dict[str, float]:
-        pred = float(law_(target.n_params, target.tokens))
+        pred = float(law_(target.n_params, d_target))
         no, do = law_.compute_optimal(target.compute)
         q = {
             "loss": pred,
@@ -579,7 +609,7 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     if noise is not None:
         # The floor on the prediction's accuracy that this ladder's own noise sets (the law as the truth).
         spread = sf.prediction_noise(
-            law, n, d, noise["relative_sd"], (target.n_params, target.tokens), seed=sc.seed
+            law, n, d, noise["relative_sd"], (target.n_params, d_target), seed=sc.seed
         )
         noise["prediction_relative_sd"] = round(spread, 5)
     budgets = [r["budget"] for r in rows]
@@ -592,6 +622,8 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
 
     return {
         "n_definition": "non-embedding parameters (output head included); C = 6·N·D",
+        # Set: D in the laws is effective (fresh-equivalent) tokens, not the tokens trained on.
+        "repeated_data": repeats,
         "loss_law": {**law.to_dict(), "intervals": {k: ci(k) for k in ("alpha", "beta", "E")}},
         "other_loss_laws": {
             f: {
@@ -639,13 +671,15 @@ def fit_ladder(sc: ScalingConfig, rows: list[dict], target: Rung, chance: float,
     }
 
 
-def _prediction_hash(cfg: RunConfig, rungs: list[dict], target: Rung) -> str:
+def _prediction_hash(cfg: RunConfig, rungs: list[dict], target: Rung, unique_tokens: int) -> str:
     sc = cfg.scaling
-    blob = {
+    blob: dict[str, Any] = {
         "rungs": sorted(r["hash"] for r in rungs),
         "target": _rung_hash(cfg, target),
         "fit": [sc.bootstrap, sc.interval, sc.seed],
     }
+    if repeated_data(sc, rungs, target, unique_tokens):  # only then does R* change the fit
+        blob["rstar"] = sc.repeat_rstar
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -654,7 +688,7 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
     which is kept as it is (it must predate the target's training). ``fit=False``: only the existing one."""
     out = cfg.run_dir / "scaling" / "prediction.json"
     target = plan_target(cfg.scaling, data.tok.vocab_size)
-    h = _prediction_hash(cfg, rows, target)
+    h = _prediction_hash(cfg, rows, target, data.train.n_tokens)
     if out.is_file():
         old = json.loads(out.read_text())
         if old.get("hash") == h:
@@ -668,7 +702,7 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
         shutil.rmtree(cfg.run_dir / "scaling" / "target")
     metric = None if data.kind == "none" else data.kind
     t0 = time.perf_counter()
-    fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric)
+    fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric, data.train.n_tokens)
     now = time.time()
     pred = {
         "created": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),

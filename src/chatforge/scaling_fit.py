@@ -10,6 +10,8 @@
   ``fit_frontier``: N_opt(C) and D_opt(C) as power laws through those minima.
 - ``fit_metric_vs_loss``: a downstream metric as a sigmoid of the loss (the Llama 3 report's two-step
   prediction: compute → loss → accuracy).
+- ``effective_tokens``: what D tokens are worth when they repeat a corpus of U unique tokens (Muennighoff
+  et al. 2023): the ladder fits and predicts in these fresh-token equivalents.
 - ``bootstrap``: refit on rungs resampled with replacement (within each budget, so every isoFLOP profile
   keeps its size); percentile intervals of any prediction.
 
@@ -509,6 +511,18 @@ def prediction_noise(
             continue
         preds.append(float(refit(*at)) / point - 1.0)
     return float(np.std(preds)) if len(preds) > 1 else float("nan")
+
+
+def effective_tokens(tokens: Any, unique: float, rstar: float) -> Any:
+    """D tokens drawn from U unique ones are worth D' = U + U·R*·(1 − e^(−R/R*)) fresh tokens, R = D/U − 1
+    the repeats (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models"): each further epoch
+    adds less, and R* (their fit: 15.4) is the repeats after which one is worth 1/e of a fresh epoch.
+    D ≤ U is D itself; ``rstar`` 0 turns the correction off."""
+    d = np.asarray(tokens, dtype=float)
+    if rstar <= 0 or unique <= 0:
+        return d
+    repeats = np.maximum(d / unique - 1.0, 0.0)
+    return np.minimum(d, unique) + unique * rstar * -np.expm1(-repeats / rstar)
 
 
 def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from chatforge.scaling_fit import LossLaw, MetricLaw
+from chatforge.scaling_fit import LossLaw, MetricLaw, effective_tokens
 
 
 def _law(pred: dict) -> LossLaw:
@@ -25,6 +25,12 @@ def _law(pred: dict) -> LossLaw:
     return LossLaw(
         E=p["E"], A=p["A"], alpha=p["alpha"], B=p["B"], beta=p["beta"], form=p.get("form", "chinchilla")
     )
+
+
+def _fit_tokens(pred: dict, d: Any) -> Any:
+    """Tokens trained on, as the fitted law counts them (effective tokens when the data repeats)."""
+    rep = pred.get("repeated_data")
+    return effective_tokens(d, rep["unique_tokens"], rep["rstar"]) if rep else d
 
 
 def _predicted(ax: Any, x: float, value: float, interval: list | None, **kw: Any) -> None:
@@ -102,7 +108,8 @@ def plot_isoflop(s: dict, out: Path) -> Path:
             n = np.geomspace(
                 min(r["n_params"] for r in rows) / 1.5, max(r["n_params"] for r in rows) * 1.5, 60
             )
-            ax.plot(n, _law(pred)(n, c / (6 * n)), "-", color=color, lw=1, alpha=0.7)
+            d = _fit_tokens(pred, c / (6 * n))
+            ax.plot(n, _law(pred)(n, d), "-", color=color, lw=1, alpha=0.7)
     if pred:
         mins = pred["isoflop_minima"]
         ax.plot([m["n_opt"] for m in mins], [m["loss"] for m in mins], "kx", ms=9, label="isoFLOP minima")
@@ -239,6 +246,19 @@ def _noise_lines(pred: dict) -> list[str]:
     return [line]
 
 
+def _repeat_lines(pred: dict) -> list[str]:
+    rep = pred.get("repeated_data")
+    if not rep:
+        return []
+    t = pred["target"]
+    return [
+        f"- the data repeats ({rep['unique_tokens']:,} unique training tokens; the rungs see them up to"
+        f" {rep['max_rung_epochs']:.1f} times, the target {rep['target_epochs']:.1f} times): D in the laws is"
+        f" effective tokens, D' = U + U·R*·(1 − e^(−(D/U − 1)/R*)) with R* = {rep['rstar']:g} (Muennighoff et"
+        f" al. 2023) — the target's {t['tokens']:,} tokens count as {rep['target_effective_tokens']:,}"
+    ]
+
+
 def markdown(s: dict) -> str:
     rows = s["ladder"]
     lines = [
@@ -270,6 +290,7 @@ def markdown(s: dict) -> str:
             _frontier_line(pred, lvl),
             *_backtest_lines(pred),
             *_noise_lines(pred),
+            *_repeat_lines(pred),
             f"- target {t['shape']} (N = {t['n_params']:,}, D = {t['tokens']:,}, C = {t['compute']:.3g},"
             f" {pred['target_compute_over_largest_rung']:.0f}× the largest rung): predicted val loss"
             f" **{p['val_loss']:.4f}** {lvl} {_ci(p['val_loss_interval'])} (envelope with the other form and the"
