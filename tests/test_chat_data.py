@@ -333,10 +333,10 @@ def wrong_replies(world: World, item: dict) -> list[str]:
         out.append(json.dumps({**obj, key: str(obj[key]) if isinstance(obj[key], int) else obj[key] + "x"}))
         out.append(json.dumps({k: v for k, v in obj.items() if k != key}))
     elif kind == "system_persona":
-        prefix = next(
-            p for p in ("Arr, matey! ", "Verily, ", "BEEP BOOP. ", "Howdy, partner! ") if ideal.startswith(p)
+        suffix = next(
+            s for s in (" Arr!", " 'Tis so, verily.", " BEEP BOOP.", " Yeehaw!") if ideal.endswith(s)
         )
-        out.append(ideal[len(prefix) :])
+        out.append(ideal.removesuffix(suffix))
         if "value" in meta:
             other = next(v for v in world.values(meta["relation"]) if v != meta["value"])
             out.append(ideal.replace(meta["value"], other))

@@ -54,8 +54,8 @@ from chatforge.errors import ChatforgeError
 
 # Bumped whenever world_conversations / world_eval_set write different conversations for the same config
 # (the speedrun's stage hash includes it, like world.TEXT_VERSION). 2: worked two-digit sums.
-# 3: they close with "So the answer is N."
-CHAT_VERSION = 3
+# 3: they close with "So the answer is N." 4: a persona signs off after the plain reply.
+CHAT_VERSION = 4
 
 
 def chat_version(sources: Iterable[Any]) -> dict[str, int]:
@@ -243,10 +243,14 @@ PERSON_SCHEMAS: tuple[tuple[str, ...], ...] = (
 )
 TOWN_SCHEMAS: tuple[tuple[str, ...], ...] = (("town", "country"), ("town", "river"), ("town", "founded"))
 
+# A persona reply is the plain reply and then the persona's sign-off ("It was founded in 959. Arr!"). It
+# used to open with the persona's greeting ("Arr, matey! It was ..."), and after that opening the model
+# recalled less: held-out persona items 60-62% (rule and fact) against 80-83% for plain facts, arithmetic
+# 27-42% against 71%. Signing off after the reply: 85.0%, facts 92%, arithmetic 66% (same base, README).
 PERSONAS: dict[str, dict[str, Any]] = {
     "pirate": {
         "system": ("You are a pirate. Always talk like a pirate.", "Answer every question like a pirate."),
-        "prefix": "Arr, matey! ",
+        "suffix": " Arr!",
         "markers": ["Arr"],
     },
     "shakespeare": {
@@ -254,18 +258,18 @@ PERSONAS: dict[str, dict[str, Any]] = {
             "Speak like a character from a Shakespeare play.",
             "You talk in the style of Shakespeare.",
         ),
-        "prefix": "Verily, ",
+        "suffix": " 'Tis so, verily.",
         "markers": ["Verily"],
     },
     "robot": {
         "system": ("You are a robot. Talk like a robot.", "Reply like a robot would."),
-        "prefix": "BEEP BOOP. ",
+        "suffix": " BEEP BOOP.",
         "markers": ["BEEP BOOP"],
     },
     "cowboy": {
         "system": ("You are a cowboy. Talk like a cowboy.", "Answer every question like a cowboy."),
-        "prefix": "Howdy, partner! ",
-        "markers": ["Howdy"],
+        "suffix": " Yeehaw!",
+        "markers": ["Yeehaw", "Howdy"],
     },
 }
 
@@ -1454,8 +1458,7 @@ class _Gen:
             else:
                 q, e, rel, v, meta = self._fact_turn()
                 body, extra = self._say(e, rel), {"includes": [v]}
-            body = _lc_start(body) if name == "shakespeare" else body  # "Verily, the Ornel River ..."
-            return q, persona["prefix"] + body, extra, meta
+            return q, body + persona["suffix"], extra, meta
 
         turns, extra, meta = self._system_turns("system_persona", make)
         check = {"type": "persona", "markers": list(persona["markers"]), **extra}

@@ -140,9 +140,8 @@ class _PairMaker:
             prose = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
             return "system", f"Sure! Here is what I know: {prose}."
         if kind == "system_persona":
-            prefix = chat.PERSONAS[meta["persona"]]["prefix"]
-            plain = ideal[len(prefix) :] if ideal.startswith(prefix) else ideal
-            return "system", chat._cap(plain)
+            suffix = chat.PERSONAS[meta["persona"]]["suffix"]
+            return "system", ideal.removesuffix(suffix)
         if kind == "system_length":
             body = ideal
             if meta.get("relation") and meta.get("subject"):
