@@ -20,6 +20,7 @@ from chatforge.data.chat import (
     ENCODED_REPLY,
     KIND_WEIGHTS,
     KINDS,
+    PERSONAS,
     answer_sentence,
     detect_language,
     grade,
@@ -333,10 +334,7 @@ def wrong_replies(world: World, item: dict) -> list[str]:
         out.append(json.dumps({**obj, key: str(obj[key]) if isinstance(obj[key], int) else obj[key] + "x"}))
         out.append(json.dumps({k: v for k, v in obj.items() if k != key}))
     elif kind == "system_persona":
-        suffix = next(
-            s for s in (" Arr!", " 'Tis so, verily.", " BEEP BOOP.", " Yeehaw!") if ideal.endswith(s)
-        )
-        out.append(ideal.removesuffix(suffix))
+        out.append(ideal.removesuffix(PERSONAS[meta["persona"]]["suffix"]))
         if "value" in meta:
             other = next(v for v in world.values(meta["relation"]) if v != meta["value"])
             out.append(ideal.replace(meta["value"], other))

@@ -501,10 +501,17 @@ def _envelope(
     return [round(min(vals), 5), round(max(vals), 5)]
 
 
-def repeated_data(sc: ScalingConfig, rows: list[dict], target: Rung, unique_tokens: int) -> dict | None:
+def repeated_data(
+    sc: ScalingConfig, rows: list[dict], target: Rung, unique_tokens: int | None
+) -> dict | None:
     """How much the ladder and target repeat their training data, and what that is worth in fresh tokens
-    (``scaling_fit.effective_tokens``); None when no run sees a token twice or the correction is off."""
-    if sc.repeat_rstar <= 0 or max(target.tokens, *(r["tokens"] for r in rows)) <= unique_tokens:
+    (``scaling_fit.effective_tokens``); None when no run sees a token twice, the correction is off or the
+    training split's size is not given."""
+    if (
+        not unique_tokens
+        or sc.repeat_rstar <= 0
+        or max(target.tokens, *(r["tokens"] for r in rows)) <= unique_tokens
+    ):
         return None
     eff = float(sf.effective_tokens(target.tokens, unique_tokens, sc.repeat_rstar))
     return {
@@ -526,7 +533,7 @@ def fit_ladder(
 ) -> dict:
     """Fits, the target's prediction and bootstrap intervals, as plain JSON-able values. With
     ``unique_tokens`` (the training split's size) runs that repeat it count effective tokens as D."""
-    repeats = repeated_data(sc, rows, target, unique_tokens) if unique_tokens else None
+    repeats = repeated_data(sc, rows, target, unique_tokens)
     if repeats is not None:
         rows = [
             {**r, "tokens": float(sf.effective_tokens(r["tokens"], unique_tokens, sc.repeat_rstar))}
