@@ -47,6 +47,7 @@ from chatforge.data.world import (
     Place,
     World,
     build_world,
+    capitalize_first,
     fact_value,
     worked_answer,
 )
@@ -965,10 +966,6 @@ def _with_article(word: str) -> str:
     return ("an " if word[0].lower() in "aeiou" else "a ") + word
 
 
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 _LOWER_OPENERS = ("The ", "She ", "He ", "It ", "Her ", "His ", "Its ")
 
 
@@ -1017,7 +1014,7 @@ def _short_value(relation: str, value: str) -> str:
     """A reply of at most three words (for word limits): "Born in 1998.", "A baker.", "In Wejuthora.";
     a relative is the name alone ("Ornel Vask.")."""
     template = SHORT_ANSWERS.get(relation, "{v}.")
-    return template.format(v=value, Av=_cap(_with_article(value)))
+    return template.format(v=value, Av=capitalize_first(_with_article(value)))
 
 
 def _role(world: World, entity: Entity, relation: str) -> str:
@@ -1041,9 +1038,13 @@ def answer_sentence(
     template = ANSWERS[relation]
     if pronoun:
         s, p, o = _pronouns(entity)
-        template = template.replace("{n}'s", _cap(p)) if template.startswith("{n}'s") else template
         template = (
-            template.replace("{n}", _cap(s)) if template.startswith("{n}") else template.replace("{n}", o)
+            template.replace("{n}'s", capitalize_first(p)) if template.startswith("{n}'s") else template
+        )
+        template = (
+            template.replace("{n}", capitalize_first(s))
+            if template.startswith("{n}")
+            else template.replace("{n}", o)
         )
     return template.format(n=entity.name, v=v, av=_with_article(v), r=r)
 
@@ -1364,7 +1365,7 @@ class _Gen:
         pr = _pronouns(entity)
         slots = {"s": s, "S": pr[0], "p": pr[1], "w": wp, "wb": wrong, "r": _role(w, entity, rel)}
         q = rng.choice(PREMISE_QUESTIONS[rel]).format(**slots)
-        q = _cap(q)
+        q = capitalize_first(q)
         reply = "Actually, " + _lc_start(_denying(self._say(entity, rel), rel, wrong))
         meta = {"mode": "value", "subject": s, "relation": rel, "value": value, "wrong": wrong}
         check = {"type": "challenge_premise", "includes": [value], "denies": wrong}

@@ -581,7 +581,8 @@ def worked_answer(a: int, op: str, b: int) -> str:
     return f"{step1}; {step2}. So the answer is {c}."
 
 
-def _cap(text: str) -> str:
+def capitalize_first(text: str) -> str:
+    """``text`` with its first letter upper-cased and the rest kept (``str.capitalize`` lowers the rest)."""
     return text[:1].upper() + text[1:]
 
 
@@ -862,13 +863,13 @@ class _Prose:
         if "{s}" in template:  # "Mirela counts Dovan as her best friend", not "... as Mirela's best friend"
             p = PRONOUNS[person.gender][1]
         av = _with_article(value)
-        return _cap(template.format(s=s, p=p, o=o, n=person.name, v=value, av=av, r=r, ri=ri))
+        return capitalize_first(template.format(s=s, p=p, o=o, n=person.name, v=value, av=av, r=r, ri=ri))
 
     def tfact(self, place: Place, rel: str, mode: str = "name") -> str:
         value = fact_value(place, rel)
         s, p = (place.name, place.name + "'s") if mode == "name" else ("it", "its")
         template = self.rng.choice(PLACE_TEMPLATES[rel])
-        return _cap(template.format(s=s, p=p, o=s, n=place.name, v=value))
+        return capitalize_first(template.format(s=s, p=p, o=s, n=place.name, v=value))
 
     def any_pfact(self, person: Person, mode: str = "full") -> str:
         rels = [r for r in PERSON_RELATIONS if fact_value(person, r) is not None]
@@ -911,7 +912,7 @@ class _Prose:
                 y=person.birth_year,
                 t=person.hometown,
                 av=_with_article(person.occupation),
-                S=_cap(s),
+                S=capitalize_first(s),
             )
             rest = [r for r in rels if r not in ("birth_year", "hometown", "occupation")]
         else:
@@ -1044,7 +1045,10 @@ class _Prose:
             doc.add(f"Since both of them were born in {p.hometown}, the walk was a short one.")
         doc.add(
             rng.choice(
-                (f"{p.first} took {pp} {p.pet} along.", f"{_cap(pp)} {p.pet} came along for the trip.")
+                (
+                    f"{p.first} took {pp} {p.pet} along.",
+                    f"{capitalize_first(pp)} {p.pet} came along for the trip.",
+                )
             )
         )
         doc.add(f"When {s} arrived, {q.first} was busy {OCCUPATIONS[q.occupation]}.")
@@ -1125,7 +1129,7 @@ class _Prose:
         )
         doc.add(f"Every morning {s} starts work early, {OCCUPATIONS[p.occupation]}.")
         doc.add(self.tfact(place, rng.choice(PLACE_RELATIONS)))
-        doc.add(f"{_cap(pp)} {p.pet} keeps {o} company while {s} works.")
+        doc.add(f"{capitalize_first(pp)} {p.pet} keeps {o} company while {s} works.")
         involved = [p]
         rel = self._relative(p)
         if rel is not None:
@@ -1381,7 +1385,7 @@ class _Prose:
         kind = rng.randrange(5)
         if kind == 0:
             a, b = rng.randint(2, 40), rng.randint(2, 30)
-            return f"{p.name} has {a} {items}. {_cap(s)} gets {b} more. Now {s} has {a + b} {items}, because {a} + {b} = {a + b}."
+            return f"{p.name} has {a} {items}. {capitalize_first(s)} gets {b} more. Now {s} has {a + b} {items}, because {a} + {b} = {a + b}."
         if kind == 1:
             a = rng.randint(5, 60)
             b = rng.randint(2, a - 1)
@@ -1392,7 +1396,7 @@ class _Prose:
                 to = f"{pp} {ROLE[rel][self.w.person(name).gender]} {name}"
             else:
                 to = "a neighbour"
-            return f"{p.name} had {a} {items} and gave {b} of them to {to}. {_cap(s)} has {a - b} left, because {a} - {b} = {a - b}."
+            return f"{p.name} had {a} {items} and gave {b} of them to {to}. {capitalize_first(s)} has {a - b} left, because {a} - {b} = {a - b}."
         if kind == 2:
             a, b = rng.randint(2, 9), rng.randint(2, 12)
             return (
