@@ -56,7 +56,8 @@ from chatforge.errors import ChatforgeError
 # Bumped whenever world_conversations / world_eval_set write different conversations for the same config
 # (the speedrun's stage hash includes it, like world.TEXT_VERSION). 2: worked two-digit sums.
 # 3: they close with "So the answer is N." 4: a persona signs off after the plain reply.
-CHAT_VERSION = 4
+# 5: a word-limited reply names a relative after the role word ("Mother: Ornel Vask.").
+CHAT_VERSION = 5
 
 
 def chat_version(sources: Iterable[Any]) -> dict[str, int]:
@@ -1010,10 +1011,14 @@ def recheck_reply(sentence: str, verdict: str = "") -> str:
     return CORRECTION_OPENER + _lc_start(sentence) + (" " + verdict if verdict else "")
 
 
-def _short_value(relation: str, value: str) -> str:
+def _short_value(relation: str, value: str, role: str = "") -> str:
     """A reply of at most three words (for word limits): "Born in 1998.", "A baker.", "In Wejuthora.";
-    a relative is the name alone ("Ornel Vask.")."""
-    template = SHORT_ANSWERS.get(relation, "{v}.")
+    a relative after the role word ("Mother: Ornel Vask.", "Friend: ..."). A bare name opened the reply
+    with the name's no-space spelling and, for held-out people, mostly copied the asked person's name
+    (29% right vs 77% for "Her mother is ...": README); after "Mother: " it is the prose spelling."""
+    if relation in KINSHIP:
+        return f"{capitalize_first(role.split()[-1])}: {value}."
+    template = SHORT_ANSWERS[relation]
     return template.format(v=value, Av=capitalize_first(_with_article(value)))
 
 
@@ -1474,8 +1479,8 @@ class _Gen:
             if rng.random() < 0.15:
                 q, _, c = self._arith()
                 return q, f"{c}.", {"number": c}, {"answer": c}
-            q, _, rel, v, meta = self._fact_turn()
-            return q, _short_value(rel, v), {"includes": [v]}, meta
+            q, e, rel, v, meta = self._fact_turn()
+            return q, _short_value(rel, v, _role(self.w, e, rel)), {"includes": [v]}, meta
 
         turns, extra, meta = self._system_turns("system_length", make)
         check = {"type": "max_words", "value": limit, **extra}
