@@ -20,6 +20,7 @@ from chatforge.data.chat import (
     ENCODED_REPLY,
     KIND_WEIGHTS,
     KINDS,
+    KINSHIP,
     PERSONAS,
     answer_sentence,
     detect_language,
@@ -235,6 +236,14 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
             c["meta"]["wrong"] in c["messages"][-2]["content"] and "right" not in c["messages"][-1]["content"]
         )
     assert all(c["messages"][-1]["content"].startswith("Actually, ") for c in by_kind["false_premise"])
+    kin = 0
+    for c in by_kind["system_length"]:  # a relative follows its role word: "Mother: Ornel Vask."
+        meta, reply = c["meta"], c["messages"][-1]["content"]
+        if meta.get("relation") in KINSHIP:
+            role = world.role(world.entity(meta["subject"]), meta["relation"]).split()[-1]
+            assert reply == f"{role.capitalize()}: {meta['value']}.", reply
+            kin += 1
+    assert kin > 10
     for c in by_kind["decline"]:
         reply = c["messages"][-1]["content"]
         if c["meta"]["framing"] in ("base64", "rot13"):  # it cannot read them, so it asks for plain text
