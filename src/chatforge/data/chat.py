@@ -1011,13 +1011,12 @@ def recheck_reply(sentence: str, verdict: str = "") -> str:
     return CORRECTION_OPENER + _lc_start(sentence) + (" " + verdict if verdict else "")
 
 
-def _short_value(relation: str, value: str, role: str = "") -> str:
+def _short_value(world: World, entity: Entity, relation: str, value: str) -> str:
     """A reply of at most three words (for word limits): "Born in 1998.", "A baker.", "In Wejuthora.";
-    a relative after the role word ("Mother: Ornel Vask.", "Friend: ..."). A bare name opened the reply
-    with the name's no-space spelling and, for held-out people, mostly copied the asked person's name
-    (29% right vs 77% for "Her mother is ...": README); after "Mother: " it is the prose spelling."""
+    a relative after the role word ("Mother: Ornel Vask."): a bare name mostly copied the asked person's
+    name instead (docs/chat-tuning.md, "A relative's name after its role word")."""
     if relation in KINSHIP:
-        return f"{capitalize_first(role.split()[-1])}: {value}."
+        return f"{capitalize_first(world.role(entity, relation).split()[-1])}: {value}."
     template = SHORT_ANSWERS[relation]
     return template.format(v=value, Av=capitalize_first(_with_article(value)))
 
@@ -1480,7 +1479,7 @@ class _Gen:
                 q, _, c = self._arith()
                 return q, f"{c}.", {"number": c}, {"answer": c}
             q, e, rel, v, meta = self._fact_turn()
-            return q, _short_value(rel, v, _role(self.w, e, rel)), {"includes": [v]}, meta
+            return q, _short_value(self.w, e, rel, v), {"includes": [v]}, meta
 
         turns, extra, meta = self._system_turns("system_length", make)
         check = {"type": "max_words", "value": limit, **extra}
