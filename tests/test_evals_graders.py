@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from math import comb
 from pathlib import Path
 
@@ -174,6 +175,14 @@ def test_registry_loads_builtins_and_user_dirs(tmp_path: Path) -> None:
     assert {"world", "world-mini", "gsm8k", "mmlu", "humaneval", "ifeval", "arithmetic"} <= set(specs)
     for name in ("arithmetic", "json-person", "refusal-basic", "code-basic"):
         assert registry.load_samples(specs[name])
+    # The two-digit probe: 150 sums and 150 differences whose ideal is the question's own arithmetic.
+    probe = registry.load_samples(specs["two-digit"])
+    assert [sum(it["kind"] == k for it in probe) for k in ("sum", "difference")] == [150, 150]
+    for it in probe:
+        q = it["input"][-1]["content"]
+        a, b = map(int, re.findall(r"\d+", q))
+        a, b = (b, a) if q.startswith("Subtract") else (a, b)
+        assert b >= 10 and a <= 99 and int(it["ideal"]) == (a + b if it["kind"] == "sum" else a - b) >= 0, q
     d = _reg(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n  sampling: {n: 4}\n")
     spec = registry.get_spec("ev", [d])
     items = registry.load_samples(spec)
