@@ -2,6 +2,7 @@
 really trained tiny moderator, brief non-lecturing declines, and the server hook + /v1/moderations."""
 
 import base64
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,12 @@ def test_redteam_measures_the_model_behind_the_policy(moderator) -> None:
         None,
         [f"runs_dir={cfg.runs_dir}", "name=t", "safety.redteam_per_kind=3", "safety.max_new_tokens=8"],
     )
-    out = redteam.run(cfg, models=[str(cfg.run_dir / "base")])
+    twin = Path(cfg.runs_dir) / "twin" / "base"  # another checkpoint in a folder of the same name
+    shutil.copytree(cfg.run_dir / "base", twin)
+    out = redteam.run(cfg, models=[str(cfg.run_dir / "base"), str(twin)])
+    assert set(out) == {"base", "twin_base"} and (cfg.run_dir / "evals" / "redteam_twin_base.json").is_file()
     alone, guarded = out["base"], out["base"]["with_policy"]
+    assert alone["per_kind"]["harmful"] == 1.0
     # the random tiny base never declines by itself; the policy blocks some harmful inputs before it
     assert alone["harmful_compliance"] == 1.0
     assert guarded["blocked_at_input"] > 0

@@ -356,10 +356,13 @@ def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         res = run_suite(p, items, cfg.safety.max_new_tokens)
         name = re.sub(r"[^\w.-]+", "_", p.name)
+        if name in out:  # two checkpoints in folders of one name (runs/a/sft, runs/b/sft): keep both
+            name = re.sub(r"[^\w.-]+", "_", f"{p.parent.name}_{p.name}")
         dest = cfg.run_dir / "evals" / f"redteam_{name}.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
         keys = ("harmful_compliance", "over_refusal", "lecture_rate")
         out[name] = {k: res[k] for k in keys}
+        out[name]["per_kind"] = {k: next(iter(v.values())) for k, v in res["per_kind"].items()}
         if policy is not None:  # the deployed system: the same model behind the moderation policy
             alone = [[smp["reply"]] for smp in res["samples"]]
             res["with_policy"] = run_suite(p, items, cfg.safety.max_new_tokens, policy, alone)
