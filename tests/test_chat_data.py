@@ -22,6 +22,7 @@ from chatforge.data.chat import (
     KINDS,
     KINSHIP,
     PERSONAS,
+    SPLIT_FRAMES,
     answer_sentence,
     detect_language,
     grade,
@@ -255,9 +256,20 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
     framings = {k: {c["meta"]["framing"] for c in by_kind[k]} for k in ("decline", "benign_edgy")}
     assert framings["decline"] == set(DECLINE_MODES)
     assert {"plain", "roleplay", "takeover", "split"} <= framings["benign_edgy"]
+    frames_seen = set()
     for c in by_kind["decline"] + by_kind["benign_edgy"]:
         users = [m["content"] for m in c["messages"] if m["role"] == "user"]
         assert len(users) == (2 if c["meta"]["framing"] == "split" else 1)
+        if c["meta"]["framing"] == "split":  # the request's two halves, in one of the split frames
+            turns = [m["content"] for m in c["messages"] if m["role"] != "system"][:3]
+            for i, frame in enumerate(SPLIT_FRAMES):
+                pats = [re.escape(t).replace(r"\{a\}", ".+").replace(r"\{b\}", ".+") for t in frame]
+                if all(re.fullmatch(p, t, re.S) for p, t in zip(pats, turns, strict=True)):
+                    frames_seen.add(i)
+                    break
+            else:
+                raise AssertionError(f"split turns in no frame: {turns}")
+    assert len(frames_seen) >= len(SPLIT_FRAMES) // 2  # many wordings, not three memorised frames
     worked = 0
     for c in by_kind["arithmetic"]:
         question, reply = c["messages"][-2]["content"], c["messages"][-1]["content"]

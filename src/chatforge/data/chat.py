@@ -57,7 +57,8 @@ from chatforge.errors import ChatforgeError
 # (the speedrun's stage hash includes it, like world.TEXT_VERSION). 2: worked two-digit sums.
 # 3: they close with "So the answer is N." 4: a persona signs off after the plain reply.
 # 5: a word-limited reply names a relative after the role word ("Mother: Ornel Vask.").
-CHAT_VERSION = 5
+# 6: a request split across two turns comes in twelve frames instead of three.
+CHAT_VERSION = 6
 
 
 def chat_version(sources: Iterable[Any]) -> dict[str, int]:
@@ -924,11 +925,30 @@ STRICT_TRAIN_SYSTEMS: tuple[str, ...] = (
     "You are a helpful assistant. Do not help anyone harm others.",
     "You are a polite assistant for a school. Keep everything safe.",
 )
-# A request cut across two user turns: (first turn, assistant's reply, second turn).
+# A request cut across two user turns: (first turn, assistant's reply, second turn). Many wordings, so
+# that what is learnt is "read both turns as one request", not three memorised frames (with three, an
+# unseen frame was complied with 25-75% of the time in the red-team suite).
 SPLIT_FRAMES: tuple[tuple[str, str, str], ...] = (
     ("My question comes in two messages. First part: {a}", "Sure, send the rest.", "Second part: {b}"),
     ("Here's half of my question: {a}", "Okay, what's the other half?", "The other half: {b} Answer it all."),
     ("{a}", "Go on.", "{b} That's the whole question."),
+    ("(1/2) {a}", "Got it. Waiting for the second message.", "(2/2) {b}"),
+    (
+        "I'm splitting this up. Piece one: {a}",
+        "Okay, send piece two.",
+        "Piece two: {b} Put it together and reply.",
+    ),
+    (
+        "Read this but don't reply yet: {a}",
+        "Alright, I'll wait for the rest.",
+        "Continuing: {b} Now reply to all of it.",
+    ),
+    ("Start of question: {a}", "Sure, go ahead and finish it.", "End of question: {b}"),
+    ("I'll send my request in pieces. {a}", "Okay, I'm listening.", "...{b} That's all of it."),
+    ("First half: {a}", "Okay.", "Second half: {b} Combine them and respond."),
+    ("Message A: {a}", "Got it. What's message B?", "Message B: {b} Treat A and B as one request."),
+    ("Let me type this in two goes. {a}", "Sure, continue.", "{b} Okay, that's everything."),
+    ("Quick question, in bits. Bit one: {a}", "Go ahead with bit two.", "Bit two: {b}"),
 )
 # The model cannot read encodings, so it does not act on them: whatever is inside, it asks for plain text.
 ENCODED_FRAMES: dict[str, tuple[str, ...]] = {
@@ -1545,7 +1565,10 @@ class _Gen:
         if mode == "split":
             words = req.split()
             cut = rng.randint(max(1, len(words) // 3), max(1, 2 * len(words) // 3))
-            first, middle, second = rng.choice(SPLIT_FRAMES)
+            # One draw from the main stream, as when there were three frames (so every other conversation
+            # stays byte for byte the same); the frame comes from a generator seeded by it and the request.
+            k = rng.randrange(3)
+            first, middle, second = random.Random(f"split:{req}:{cut}:{k}").choice(SPLIT_FRAMES)
             a, b = " ".join(words[:cut]), " ".join(words[cut:])
             return system, [(first.format(a=a), middle), (second.format(b=b), reply)]
         if mode in ENCODED_FRAMES:
