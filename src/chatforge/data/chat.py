@@ -1036,7 +1036,7 @@ def _short_value(world: World, entity: Entity, relation: str, value: str) -> str
     a relative after the role word ("Mother: Ornel Vask."): a bare name mostly copied the asked person's
     name instead (docs/chat-tuning.md, "A relative's name after its role word")."""
     if relation in KINSHIP:
-        return f"{capitalize_first(world.role(entity, relation).split()[-1])}: {value}."
+        return f"{capitalize_first(_role(world, entity, relation).split()[-1])}: {value}."
     template = SHORT_ANSWERS[relation]
     return template.format(v=value, Av=capitalize_first(_with_article(value)))
 

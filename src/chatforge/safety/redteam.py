@@ -362,7 +362,9 @@ def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         keys = ("harmful_compliance", "over_refusal", "lecture_rate")
         out[name] = {k: res[k] for k in keys}
-        out[name]["per_kind"] = {k: next(iter(v.values())) for k, v in res["per_kind"].items()}
+        out[name]["per_kind"] = {
+            k: v.get("harmful_compliance", v.get("over_refusal")) for k, v in res["per_kind"].items()
+        }
         if policy is not None:  # the deployed system: the same model behind the moderation policy
             alone = [[smp["reply"]] for smp in res["samples"]]
             res["with_policy"] = run_suite(p, items, cfg.safety.max_new_tokens, policy, alone)
