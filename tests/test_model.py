@@ -246,3 +246,17 @@ def test_flops_per_token_is_6n_plus_attention(tie: bool) -> None:
         assert model.flops_per_token(seq) == 6 * n + attn_per_pos * seq
     assert 6 * n < model.flops_per_token(64) < 1.5 * 6 * n
     assert model.flops_per_token(64) > model.flops_per_token(16)
+
+
+def test_training_forward_is_one_graph_and_grows_past_its_table() -> None:
+    """``torch.compile`` traces the plain causal pass (a training step) without a graph break: positions
+    0..T-1 come from the sequence length, not from a device read. A sequence longer than the configured
+    table extends it instead of failing, and matches a model configured long enough from the start."""
+    model = make_model(tiny(max_position_embeddings=16))
+    x = tokens(2, 40)
+    explained = torch._dynamo.explain(model)(x[:, :8])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    long = make_model(tiny(max_position_embeddings=64))
+    with torch.no_grad():
+        assert torch.allclose(model(x), long(x), atol=1e-5)
+    assert model.model.rotary.cos.shape[0] >= 40

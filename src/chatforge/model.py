@@ -46,10 +46,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:  # longer than configured: extend rather than fail
-            self._build(max(need, 2 * self.cos.shape[0]))
+        self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
         return self.lookup(positions)
+
+    def ensure(self, n: int) -> None:
+        """Tables for positions 0..n-1: longer than configured extends them rather than fail."""
+        if n > self.cos.shape[0]:
+            self._build(max(n, 2 * self.cos.shape[0]))
+
+    def prefix(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at positions 0..n-1: no device read of the positions, so ``torch.compile`` keeps the
+        whole training forward in one graph."""
+        self.ensure(n)
+        return self.cos[:n], self.sin[:n]
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables at ``positions`` with no bounds check (no host read): the caller keeps them in range."""
@@ -420,8 +429,10 @@ class GPT(nn.Module):
             plan = _CacheStep.plan(positions, contiguous)
             if plan.used > cache.max_len:
                 raise ValueError(f"KV cache full: position {plan.used - 1} >= capacity {cache.max_len}")
-        rope_pos = positions if positions is not None else torch.arange(T, device=input_ids.device)
-        cos, sin = self.model.rotary(rope_pos)
+        if positions is None:  # a plain causal pass: positions 0..T-1
+            cos, sin = self.model.rotary.prefix(T)
+        else:
+            cos, sin = self.model.rotary(positions)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return self._layers(input_ids, cos, sin, cache, plan)
