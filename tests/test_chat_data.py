@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import time
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from chatforge.data.chat import (
+    BENIGN_MODE_WEIGHTS,
+    BENIGN_MODES,
+    DECLINE_MODE_WEIGHTS,
     DECLINE_MODES,
     DECLINE_OPENERS,
     ENCODED_REPLY,
@@ -23,6 +27,10 @@ from chatforge.data.chat import (
     KINSHIP,
     PERSONAS,
     SPLIT_FRAMES,
+    SUITE_BENIGN_MODE_WEIGHTS,
+    SUITE_DECLINE_MODE_WEIGHTS,
+    _Gen,
+    _Pools,
     answer_sentence,
     detect_language,
     grade,
@@ -293,6 +301,28 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
         assert z == (x + y if w[2] == "+" else x - y) == int(w[9]) * 10 + int(w[5]), reply
         worked += 1
     assert worked > 0
+
+
+def test_framing_mix_of_training_and_of_the_suite(world: World) -> None:
+    """Training frames more requests as splits than the eval suite, whose mix stays as it was (v6) so that
+    its items compare across chat versions."""
+
+    def split_share(convs: list[dict], kind: str) -> float:
+        of_kind = [c for c in convs if c["kind"] == kind]
+        return sum(c["meta"]["framing"] == "split" for c in of_kind) / len(of_kind)
+
+    train = world_conversations(world, 3000, 5, kinds=["decline", "benign_edgy"])
+    # The suite's generator itself (world_eval_set also drops repeated inputs, which plain requests are).
+    gen = _Gen(_Pools(world, "eval"), random.Random(5), suite=True)
+    suite = [{"kind": k, "meta": gen.build(k)[1]} for k in ("decline", "benign_edgy") for _ in range(1500)]
+    for kind, modes, w_train, w_suite in (
+        ("decline", DECLINE_MODES, DECLINE_MODE_WEIGHTS, SUITE_DECLINE_MODE_WEIGHTS),
+        ("benign_edgy", BENIGN_MODES, BENIGN_MODE_WEIGHTS, SUITE_BENIGN_MODE_WEIGHTS),
+    ):
+        i = modes.index("split")
+        assert w_train[i] / sum(w_train) > w_suite[i] / sum(w_suite)
+        assert split_share(train, kind) == pytest.approx(w_train[i] / sum(w_train), abs=0.035)
+        assert split_share(suite, kind) == pytest.approx(w_suite[i] / sum(w_suite), abs=0.035)
 
 
 def test_answer_sentence_with_a_pronoun(world: World) -> None:
