@@ -429,10 +429,14 @@ class GPT(nn.Module):
             plan = _CacheStep.plan(positions, contiguous)
             if plan.used > cache.max_len:
                 raise ValueError(f"KV cache full: position {plan.used - 1} >= capacity {cache.max_len}")
+        rotary = self.model.rotary
         if positions is None:  # a plain causal pass: positions 0..T-1
-            cos, sin = self.model.rotary.prefix(T)
+            cos, sin = rotary.prefix(T)
+        elif plan is not None:  # the plan already read the largest position: no second device read
+            rotary.ensure(plan.used)
+            cos, sin = rotary.lookup(positions)
         else:
-            cos, sin = self.model.rotary(positions)
+            cos, sin = rotary(positions)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return self._layers(input_ids, cos, sin, cache, plan)
