@@ -13,7 +13,15 @@ from chatforge.safety.moderation import (
     best_f1_threshold,
     load_moderator,
 )
-from chatforge.safety.moderation_data import CATEGORIES, read_openai_moderation, real_examples
+from chatforge.data.chat import DECLINE_OPENERS, DECLINES
+from chatforge.data.world import build_world
+from chatforge.safety.moderation_data import (
+    CATEGORIES,
+    HARMFUL,
+    read_openai_moderation,
+    real_examples,
+    world_examples,
+)
 from safety_helpers import train_tiny_moderator
 
 SHARED = Path("/work/shared/data")
@@ -34,6 +42,23 @@ def test_average_precision_matches_hand_computed_values() -> None:
     assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
     t = best_f1_threshold(np.array([0.9, 0.6, 0.4, 0.1]), np.array([1, 1, 0, 0]))
     assert t == pytest.approx(0.6)
+
+
+def test_world_examples_hold_the_assistants_replies_as_benign() -> None:
+    """The output check reads the assistant's replies, so the benign side holds them (answers, declines)
+    as well as users' look-alikes, and never a declined request; held-out turns name held-out people."""
+    world = build_world(0)
+    for held_out in (False, True):
+        ex = world_examples(world, 1500, 0, held_out=held_out)
+        benign = [e["text"] for e in ex if not any(e["labels"].values())]
+        assert 0.45 < len(benign) / len(ex) < 0.65
+        assert any(t.startswith(DECLINE_OPENERS) for t in benign)  # the assistant's declines
+        assert any(t.startswith(("She ", "He ", "It ")) for t in benign)  # its answers
+        harmful = [t for ts, _ in HARMFUL for t in ts] + [u for us, _ in DECLINES for u in us]
+        prefixes = {t.split("{")[0] for t in harmful} - {""}
+        assert not [t for t in benign for p in prefixes if len(p) > 15 and p in t]
+    other = {p.name for p in world.people_in("train")}
+    assert not [t for t in benign for n in other if n in t]
 
 
 def test_held_out_world_text_is_separated(trained) -> None:

@@ -75,6 +75,7 @@ def _effective(x: Any) -> Any:
 def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
     from chatforge.data.chat import chat_version
     from chatforge.data.world import text_version
+    from chatforge.safety.moderation_data import MODERATION_DATA_VERSION
 
     parts: dict[str, Any] = {s: _effective(to_dict(getattr(cfg, s))) for s in sections}
     # The built-in generators' own versions: a change to the text they write re-runs what reads it.
@@ -82,6 +83,8 @@ def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
         parts.update(text_version(cfg.data.sources))
     if "chat_data" in sections:
         parts.update(chat_version(cfg.chat_data.sources))
+    if "moderation" in sections:
+        parts["moderation_data"] = MODERATION_DATA_VERSION
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

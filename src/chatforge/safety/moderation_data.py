@@ -22,7 +22,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from chatforge.data.chat import BENIGN, DECLINES
+from chatforge.data.chat import BENIGN, DECLINES, world_conversations
 from chatforge.data.world import PRONOUNS, World
 from chatforge.errors import ChatforgeError
 
@@ -53,6 +53,9 @@ OPENAI_LABELS: dict[str, str] = {
     "V2": "violence/graphic",
 }
 SPLITS = ("train", "val", "test")
+# Bumped whenever world_examples writes different examples for the same config (the speedrun's stage hash
+# includes it). 2: half the benign world texts are turns of the chat data, the assistant's replies above all.
+MODERATION_DATA_VERSION = 2
 
 # (templates, categories). Slots: {name} {name2} person, {s}/{o} pronouns of {name}, {town}, {river},
 # {country}, {job} an occupation. The last template of a group with >= 3 is held out of training.
@@ -252,8 +255,25 @@ def training_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
     return templates[:-1] if len(templates) >= 3 else templates
 
 
+def chat_turns(world: World, n_convs: int, seed: int, split: str) -> list[str]:
+    """Benign turns of ``n_convs`` chat conversations: every assistant reply (answers, declines, answers
+    to look-alikes) and the user turns of all but the declined requests.
+
+    The output check reads the assistant's replies, and with only requests to learn from the classifier
+    took a country's or a town's name for hate ("It is a town in Wubremica." was flagged; 5.6% of the chat
+    model's answers to the world suite were blocked)."""
+    convs = world_conversations(world, n_convs, seed=70_000 + seed, split=split)
+    return [
+        m["content"]
+        for c in convs
+        for m in c["messages"]
+        if m["role"] == "assistant" or (m["role"] == "user" and c["kind"] != "decline")
+    ]
+
+
 def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict]:
-    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign look-alikes.
+    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign: look-alikes and turns
+    of the chat data, half each.
 
     Train (``held_out=False``) uses train-split entities and all but the last template of each group of
     3+; held-out uses eval-split entities and every template."""
@@ -268,6 +288,7 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
     benign = _benign_templates()
     if not held_out:
         benign = [t for i, t in enumerate(benign) if i % 7 != 6]
+    turns = chat_turns(world, max(16, n // 4), seed, split)
     out = []
     for i in range(n):
         sl = _slots(world, rng, split)
@@ -278,7 +299,7 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
             text = rng.choice(ts).format(**sl)
             labels = {c: int(c in cats) for c in CATEGORIES}
         else:
-            text = rng.choice(benign).format(**sl)
+            text = rng.choice(turns) if rng.random() < 0.3 else rng.choice(benign).format(**sl)
             labels = {c: 0 for c in CATEGORIES}
         out.append({"text": text, "labels": labels, "source": "world", "split": split, "id": f"world-{i}"})
     return out
