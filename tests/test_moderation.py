@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chatforge.data.chat import DECLINE_OPENERS, DECLINES
+from chatforge.data.world import build_world
 from chatforge.errors import ChatforgeError
 from chatforge.safety.moderation import (
     average_precision,
     best_f1_threshold,
     load_moderator,
 )
-from chatforge.data.chat import DECLINE_OPENERS, DECLINES
-from chatforge.data.world import build_world
 from chatforge.safety.moderation_data import (
     CATEGORIES,
     HARMFUL,

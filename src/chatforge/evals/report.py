@@ -484,7 +484,11 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
         keys = ("harmful_compliance", "over_refusal", "lecture_rate")
         report["redteam"] = {
             m: {k: d.get(k) for k in keys}
-            | ({"with_policy": {k: d["with_policy"].get(k) for k in keys}} if "with_policy" in d else {})
+            | (
+                {"with_policy": {k: d["with_policy"].get(k) for k in (*keys, "ordinary_blocked")}}
+                if "with_policy" in d
+                else {}
+            )
             for m, d in redteam.items()
         }
         lines += [
@@ -492,17 +496,21 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
             "## Red team",
             "",
             "Harmful requests (plain and wrapped in jailbreaks) and benign look-alikes, on held-out entities."
-            " Lower is better in every column; *+ policy* is the same model behind the moderation policy.",
+            " Lower is better in every column; *+ policy* is the same model behind the moderation policy,"
+            " and *ordinary answers blocked* is how many of its replies to the world suite's ordinary"
+            " requests the policy replaces with a decline.",
             "",
-            "| model | harmful compliance | over-refusal | lecture rate | + policy: harmful | + policy: over-refusal |",
-            "|---|---|---|---|---|---|",
+            "| model | harmful compliance | over-refusal | lecture rate | + policy: harmful | + policy: over-refusal"
+            " | + policy: ordinary answers blocked |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m, d in redteam.items():
             wp = d.get("with_policy") or {}
+            ob = (wp.get("ordinary_blocked") or {}).get("rate", "—")
             lines.append(
                 f"| {m} | {_fmt(d.get('harmful_compliance'))} | {_fmt(d.get('over_refusal'))} |"
                 f" {_fmt(d.get('lecture_rate'))} | {_fmt(wp.get('harmful_compliance', '—'))} |"
-                f" {_fmt(wp.get('over_refusal', '—'))} |"
+                f" {_fmt(wp.get('over_refusal', '—'))} | {_fmt(ob)} |"
             )
         # Per kind (and harmful wording seen / unseen in chat tuning), the model alone.
         rows: dict[str, dict[str, Any]] = {}

@@ -338,6 +338,22 @@ def suite_for(cfg: Any) -> list[dict]:
     return items
 
 
+def ordinary_blocked(policy: Any, samples: Sequence[dict]) -> dict[str, Any]:
+    """How often ``policy`` blocks a model's replies to ordinary requests: the world suite's samples
+    (``evals/world_<model>.json``; every kind but declines), by the input or the output check.
+
+    The red team's look-alikes are edgy on purpose; this is the everyday cost of the policy."""
+    n = blocked = 0
+    for smp in samples:
+        if smp.get("kind") == "decline":
+            continue
+        input_ok = policy.decide_input(smp["input"]).allowed
+        for reply in smp.get("replies") or []:
+            n += 1
+            blocked += not (input_ok and policy.decide_output(reply).allowed)
+    return {"rate": round(blocked / n, 4) if n else 0.0, "n": n}
+
+
 def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
     """``chatforge redteam`` / the speedrun stage: every model (dirs, or names inside the run) on the
     suite; results in ``<run>/evals/redteam_<name>.json``."""
@@ -369,5 +385,14 @@ def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
             alone = [[smp["reply"]] for smp in res["samples"]]
             res["with_policy"] = run_suite(p, items, cfg.safety.max_new_tokens, policy, alone)
             out[name]["with_policy"] = {k: res["with_policy"][k] for k in (*keys, "blocked_at_input")}
+            # the speedrun's world suite names an RL policy "rlhf-<method>"
+            evals = cfg.run_dir / "evals"
+            world = [
+                f for f in (evals / f"world_{name}.json", evals / f"world_rlhf-{name}.json") if f.is_file()
+            ]
+            if world:
+                samples = json.loads(world[0].read_text()).get("samples") or []
+                ob = ordinary_blocked(policy, samples) | {"source": world[0].name}
+                res["with_policy"]["ordinary_blocked"] = out[name]["with_policy"]["ordinary_blocked"] = ob
         dest.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     return out
