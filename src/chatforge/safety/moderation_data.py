@@ -54,7 +54,7 @@ OPENAI_LABELS: dict[str, str] = {
 }
 SPLITS = ("train", "val", "test")
 # Bumped whenever world_examples writes different examples for the same config (the speedrun's stage hash
-# includes it). 2: half the benign world texts are turns of the chat data, the assistant's replies above all.
+# includes it). 2: 30% of the benign world texts are turns of the chat data, the assistant's replies above all.
 MODERATION_DATA_VERSION = 2
 
 # (templates, categories). Slots: {name} {name2} person, {s}/{o} pronouns of {name}, {town}, {river},
@@ -260,8 +260,8 @@ def chat_turns(world: World, n_convs: int, seed: int, split: str) -> list[str]:
     to look-alikes) and the user turns of all but the declined requests.
 
     The output check reads the assistant's replies, and with only requests to learn from the classifier
-    took a country's or a town's name for hate ("It is a town in Wubremica." was flagged; 5.6% of the chat
-    model's answers to the world suite were blocked)."""
+    took a country's or a town's name for hate ("It is a town in Wubremica." was flagged; 6% of the chat
+    model's answers to the world suite's ordinary requests were blocked)."""
     convs = world_conversations(world, n_convs, seed=70_000 + seed, split=split)
     return [
         m["content"]
@@ -272,8 +272,8 @@ def chat_turns(world: World, n_convs: int, seed: int, split: str) -> list[str]:
 
 
 def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict]:
-    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign: look-alikes and turns
-    of the chat data, half each.
+    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign: look-alikes (70%) and
+    turns of the chat data (30%).
 
     Train (``held_out=False``) uses train-split entities and all but the last template of each group of
     3+; held-out uses eval-split entities and every template."""
@@ -299,6 +299,7 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
             text = rng.choice(ts).format(**sl)
             labels = {c: int(c in cats) for c in CATEGORIES}
         else:
+            # 30%: at 50% the look-alikes were fewer and more of them were refused behind the policy
             text = rng.choice(turns) if rng.random() < 0.3 else rng.choice(benign).format(**sl)
             labels = {c: 0 for c in CATEGORIES}
         out.append({"text": text, "labels": labels, "source": "world", "split": split, "id": f"world-{i}"})
