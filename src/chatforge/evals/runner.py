@@ -199,6 +199,12 @@ def _constrained_json(
     out["samples"] += constrained
 
 
+def world_eval_path(run_dir: str | Path, model: str) -> Path:
+    """Where the world suite's results for ``model`` (a directory inside the run) are written:
+    ``rlhf/grpo`` -> ``<run>/evals/world_rlhf-grpo.json``."""
+    return Path(run_dir) / "evals" / f"world_{model.replace('/', '-')}.json"
+
+
 def world_chat_eval(
     model_dir: str | Path,
     items: Sequence[dict],
@@ -315,7 +321,7 @@ def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
             seed=ec.seed,
             max_new_tokens=ec.max_new_tokens,
         )
-        dest = run_dir / "evals" / f"world_{name.replace('/', '-')}.json"  # rlhf/grpo -> world_rlhf-grpo
+        dest = world_eval_path(run_dir, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(res, indent=1, ensure_ascii=False))
         out[name] = {

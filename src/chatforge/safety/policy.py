@@ -19,6 +19,7 @@ import base64
 import binascii
 import codecs
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -252,16 +253,26 @@ class Policy:
 
     def _scores(self, texts: list[str]) -> list[dict[str, float]]:
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if todo:
-            for t, r in zip(todo, self.scorer.score(todo), strict=True):
-                if len(self._cache) > 4096:
-                    self._cache.clear()
-                self._cache[t] = r["category_scores"]
-        return [self._cache[t] for t in texts]
+        fresh = (
+            {t: r["category_scores"] for t, r in zip(todo, self.scorer.score(todo), strict=True)}
+            if todo
+            else {}
+        )
+        # Read this call's scores before the bounded cache may drop them (a batch can exceed its size).
+        out = [fresh[t] if t in fresh else self._cache[t] for t in texts]
+        if len(self._cache) + len(fresh) > 4096:
+            self._cache.clear()
+        self._cache.update(fresh)
+        return out
 
     def _decide(self, stage: str, views: list[str], eff: Effective, cats: set[str]) -> Decision:
+        return self._verdict(stage, self._scores(views), eff, cats)
+
+    def _verdict(
+        self, stage: str, view_scores: list[dict[str, float]], eff: Effective, cats: set[str]
+    ) -> Decision:
         scores = {c: 0.0 for c in CATEGORIES}
-        for s in self._scores(views):
+        for s in view_scores:
             for c in CATEGORIES:
                 scores[c] = max(scores[c], float(s.get(c, 0.0)))
         fired = [c for c in CATEGORIES if c in cats and scores[c] >= eff.thresholds[c]]
@@ -293,8 +304,12 @@ class Policy:
         return self._decide("input", views, eff, eff.input)
 
     def decide_output(self, text: str, prefs: UserPrefs | None = None) -> Decision:
+        return self.decide_outputs([text], prefs)[0]
+
+    def decide_outputs(self, texts: Sequence[str], prefs: UserPrefs | None = None) -> list[Decision]:
+        """``decide_output`` for many texts, scored in one batched pass of the moderator."""
         eff = self.effective(prefs)
-        return self._decide("output", [text], eff, eff.output)
+        return [self._verdict("output", [s], eff, eff.output) for s in self._scores(list(texts))]
 
     # The server's hook (serve/api.py: a reason string, or None to allow).
     def check_input(self, messages: list[dict[str, Any]]) -> str | None:

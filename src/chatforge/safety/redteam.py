@@ -317,7 +317,7 @@ def run_suite(
     replies: list[list[str]] = [[blocked[i]] if i in blocked else [] for i in range(len(items))]
     for i, rs in zip(todo, generated, strict=True):
         if policy is not None:
-            rs = [r if policy.decide_output(r).allowed else policy.decide_output(r).message for r in rs]
+            rs = [r if d.allowed else d.message for r, d in zip(rs, policy.decide_outputs(rs), strict=True)]
         replies[i] = rs
     out = score_replies(items, replies)
     out["blocked_at_input"] = len(blocked)
@@ -343,20 +343,18 @@ def ordinary_blocked(policy: Any, samples: Sequence[dict]) -> dict[str, Any]:
     (``evals/world_<model>.json``; every kind but declines), by the input or the output check.
 
     The red team's look-alikes are edgy on purpose; this is the everyday cost of the policy."""
-    n = blocked = 0
-    for smp in samples:
-        if smp.get("kind") == "decline":
-            continue
-        input_ok = policy.decide_input(smp["input"]).allowed
-        for reply in smp.get("replies") or []:
-            n += 1
-            blocked += not (input_ok and policy.decide_output(reply).allowed)
-    return {"rate": round(blocked / n, 4) if n else 0.0, "n": n}
+    ordinary = [smp for smp in samples if smp.get("kind") != "decline"]
+    input_ok = [policy.decide_input(smp["input"]).allowed for smp in ordinary]
+    replies = [(ok, r) for ok, smp in zip(input_ok, ordinary, strict=True) for r in smp.get("replies") or []]
+    outputs = policy.decide_outputs([r for _, r in replies])  # one batched pass of the moderator
+    blocked = sum(not (ok and d.allowed) for (ok, _), d in zip(replies, outputs, strict=True))
+    return {"rate": round(blocked / len(replies), 4) if replies else 0.0, "n": len(replies)}
 
 
 def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
     """``chatforge redteam`` / the speedrun stage: every model (dirs, or names inside the run) on the
     suite; results in ``<run>/evals/redteam_<name>.json``."""
+    from chatforge.evals.runner import world_eval_path
     from chatforge.safety.policy import serving_policy
 
     items = suite_for(cfg)
@@ -385,14 +383,15 @@ def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
             alone = [[smp["reply"]] for smp in res["samples"]]
             res["with_policy"] = run_suite(p, items, cfg.safety.max_new_tokens, policy, alone)
             out[name]["with_policy"] = {k: res["with_policy"][k] for k in (*keys, "blocked_at_input")}
-            # the speedrun's world suite names an RL policy "rlhf-<method>"
-            evals = cfg.run_dir / "evals"
-            world = [
-                f for f in (evals / f"world_{name}.json", evals / f"world_rlhf-{name}.json") if f.is_file()
-            ]
-            if world:
-                samples = json.loads(world[0].read_text()).get("samples") or []
-                ob = ordinary_blocked(policy, samples) | {"source": world[0].name}
+            # the world suite's samples of this model, when the eval stage wrote them (models in the run)
+            if p.resolve().is_relative_to(Path(cfg.run_dir).resolve()):
+                rel = p.resolve().relative_to(Path(cfg.run_dir).resolve()).as_posix()
+                world = world_eval_path(cfg.run_dir, rel)
+            else:
+                world = None
+            if world is not None and world.is_file():
+                samples = json.loads(world.read_text()).get("samples") or []
+                ob = ordinary_blocked(policy, samples) | {"source": world.name}
                 res["with_policy"]["ordinary_blocked"] = out[name]["with_policy"]["ordinary_blocked"] = ob
         dest.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     return out
