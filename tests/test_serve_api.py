@@ -354,3 +354,19 @@ def test_output_moderation_checks_in_chunks_and_never_sends_flagged_text(ckpts: 
         if line.startswith("data: {")
     ]
     assert "Mirth" not in "".join(deltas) and '"finish_reason": "content_filter"' in streamed
+
+
+def test_explicit_nulls_mean_the_defaults(client: openai.OpenAI) -> None:
+    """OpenAI's spec makes these fields nullable and clients send ``null`` for "not set" (the openai
+    client itself sends ``n=None`` as ``"n": null``): each must act like the field left out."""
+    nulls = {"n": None, "stream": None, "logprobs": None, "top_logprobs": None, "stream_options": None}
+    r = client.chat.completions.create(model="base", messages=ASK, max_tokens=3, temperature=0, **nulls)
+    want = client.chat.completions.create(model="base", messages=ASK, max_tokens=3, temperature=0)
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None
+    assert r.choices[0].message.content == want.choices[0].message.content
+    r = client.completions.create(model="base", prompt="Ada", n=None, stream=None, echo=None, max_tokens=None)
+    assert len(r.choices) == 1 and r.usage.completion_tokens <= 16  # the default max_tokens
+    assert not r.choices[0].text.startswith("Ada")  # no echo
+    with pytest.raises(openai.BadRequestError) as e:  # a required field stays required
+        client.chat.completions.create(model="base", messages=None)  # type: ignore[arg-type]
+    assert e.value.body["param"] == "messages"

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -38,6 +38,18 @@ class _Lenient(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extras); known ones
     # are strict: "stream": "yes" or "n": "2" is a 400, not silently coerced.
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's spec makes most optional fields nullable ("n": null, "stream": null, "logprobs": null,
+        # "echo": null, ...) and clients send explicit nulls: an optional field given null gets its default.
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            data = {
+                k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+            }
+        return data
 
 
 class ContentPart(_Lenient):
