@@ -370,3 +370,20 @@ def test_explicit_nulls_mean_the_defaults(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:  # a required field stays required
         client.chat.completions.create(model="base", messages=None)  # type: ignore[arg-type]
     assert e.value.body["param"] == "messages"
+
+
+def test_streamed_completions_carry_logprobs_and_usage(client: openai.OpenAI) -> None:
+    kw = dict(model="base", prompt="Ada builds", max_tokens=10, temperature=0, logprobs=2)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    lps = [c.choices[0].logprobs for c in chunks if c.choices]
+    assert all(lp is not None for lp in lps)
+    want = full.choices[0].logprobs
+    assert [t for lp in lps for t in lp.tokens] == want.tokens and len(want.tokens) == 10
+    assert [x for lp in lps for x in lp.token_logprobs] == pytest.approx(want.token_logprobs, abs=1e-5)
+    assert [x for lp in lps for x in lp.text_offset] == want.text_offset
+    assert [x for lp in lps for x in lp.top_logprobs] == [
+        pytest.approx(t, abs=1e-5) for t in want.top_logprobs
+    ]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage

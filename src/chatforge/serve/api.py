@@ -693,6 +693,27 @@ def create_app(
             gen = gens[0]
             first, batches = await first_batch(v, gen)
             choices = [Choice() for _ in range(body.n)]
+            want_lp = body.logprobs is not None
+            offsets = [0] * body.n  # text_offset of each choice's next token, as in the non-streamed answer
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk_logprobs(j: int, c: Choice) -> dict | None:
+                """The legacy logprobs of ``c``'s released tokens not sent yet (None without logprobs)."""
+                if not want_lp:
+                    return None
+                lo, hi = c.sent_lps, c.ok_ids
+                c.sent_lps = max(lo, hi)
+                toks = [tok.decode([t]) for t in c.ids[lo:hi]]
+                offs = []
+                for s in toks:
+                    offs.append(offsets[j])
+                    offsets[j] += len(s)
+                return {
+                    "tokens": toks,
+                    "token_logprobs": c.raw_lps[lo:hi],
+                    "top_logprobs": c.raw_tops[lo:hi] if k else [None] * len(toks),
+                    "text_offset": offs,
+                }
 
             async def sse() -> AsyncIterator[str]:
                 async def all_batches() -> AsyncIterator[list[tuple[int, Any]]]:
@@ -701,6 +722,7 @@ def create_app(
                     async for items in batches:
                         yield items
 
+                head = {"id": cid, "object": "text_completion", "created": created, "model": v.name}
                 try:
                     async for items in all_batches():
                         parts = []
@@ -708,25 +730,17 @@ def create_app(
                             c = choices[j]
                             if c.finish is not None:
                                 continue
-                            delta = apply_event(v, c, ev, False)
-                            if delta or c.finish:
-                                obj = {
-                                    "id": cid,
-                                    "object": "text_completion",
-                                    "created": created,
-                                    "model": v.name,
-                                    "choices": [
-                                        {
-                                            "index": j,
-                                            "text": delta,
-                                            "logprobs": None,
-                                            "finish_reason": c.finish,
-                                        }
-                                    ],
-                                }
+                            delta = apply_event(v, c, ev, want_lp)
+                            lp = chunk_logprobs(j, c)
+                            if delta or c.finish or (lp and lp["tokens"]):
+                                ch = {"index": j, "text": delta, "logprobs": lp, "finish_reason": c.finish}
+                                obj = {**head, "choices": [ch]}
                                 parts.append(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n")
                         if parts:
                             yield "".join(parts)
+                    if include_usage:
+                        used = P.usage(len(gen.prompt), sum(c.tokens for c in choices))
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': used})}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
                     v.scheduler.cancel(gen)
