@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -387,3 +388,52 @@ def test_streamed_completions_carry_logprobs_and_usage(client: openai.OpenAI) ->
     ]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_replacing_a_version_lets_its_in_flight_requests_finish(ckpts: dict[str, Path]) -> None:
+    """POST /admin/versions with a loaded name swaps in the new checkpoint: requests the old one is
+    serving (running or queued) finish there instead of failing with a 500, and it stops once idle."""
+    app = create_app({"base": ckpts["base"]}, cfg=ServeConfig(max_batch=1, max_tokens=150), admin_key=ADMIN)
+    with running(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="base", prompt=[40, 41, 300], max_tokens=150, temperature=0)
+        want = c.completions.create(**kw).choices[0].text
+        old = app.state.versions.get("base").scheduler
+        results: list = []
+        first_chunk = threading.Event()
+
+        def one(stream: bool) -> None:
+            try:
+                if stream:
+                    text = ""
+                    for ch in c.completions.create(stream=True, **kw):
+                        first_chunk.set()
+                        text += ch.choices[0].text
+                    results.append(text)
+                else:
+                    results.append(c.completions.create(**kw).choices[0].text)
+            except Exception as e:  # recorded, asserted on below
+                results.append(e)
+
+        threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        assert first_chunk.wait(30)
+        busy = len(old._live)  # one slot: the rest wait in its queue
+        r = httpx.post(
+            url + "/admin/versions",
+            json={"name": "base", "path": str(ckpts["base"])},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        assert app.state.versions.get("base").scheduler is not old
+        for t in threads:
+            t.join(60)
+        assert busy > 1
+        assert results == [want] * 6
+        assert c.completions.create(**kw).choices[0].text == want  # the new one answers the same
+        deadline = time.time() + 10
+        while old._thread is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert old._thread is None  # the replaced one stopped once idle

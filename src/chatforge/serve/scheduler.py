@@ -148,10 +148,28 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
+    def retire(self, timeout: float = 600.0) -> None:
+        """Stop once the requests already submitted have finished (at most ``timeout`` s from now), in a
+        background thread: for a version replaced while it serves, whose new requests go elsewhere."""
+
+        def wait_then_stop() -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with self._cv:
+                    if not (self._live or self._waiting or self._calls):
+                        break
+                time.sleep(0.05)
+            self.stop()
+
+        threading.Thread(target=wait_then_stop, name=f"retire-{self.name}", daemon=True).start()
+
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> Request:
         """Queue a prompt; call from the event loop that will read ``request.events()``."""
         req = Request(next(self._ids), prompt, params, asyncio.get_running_loop())
         with self._cv:
+            if self._stop:  # no model thread will ever take it: fail it now rather than hang its handler
+                _post([(req, [], RuntimeError("the server is shutting down"))])
+                return req
             self._live[req.id] = req
             self._waiting.extend((req, j) for j in range(params.n))
             self.stats.requests += 1

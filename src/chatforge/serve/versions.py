@@ -65,8 +65,8 @@ class Versions:
         with self._lock:
             old = self._loaded.get(name)
             self._loaded[name] = version
-        if old is not None:
-            old.scheduler.stop()
+        if old is not None:  # requests it is serving finish there; new ones already get the new one
+            old.scheduler.retire()
         self.db.register_version(name, str(path))
         if promote or self.active_name() is None:
             self.db.promote(name, by="startup" if not promote else "admin")
