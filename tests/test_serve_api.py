@@ -437,3 +437,35 @@ def test_replacing_a_version_lets_its_in_flight_requests_finish(ckpts: dict[str,
         while old._thread is not None and time.time() < deadline:
             time.sleep(0.05)
         assert old._thread is None  # the replaced one stopped once idle
+
+
+class _FlagInput:
+    """A stand-in moderation policy (the hook's protocol, not our model) that flags every input."""
+
+    def check_input(self, messages: list[dict]) -> str | None:
+        return "flagged"
+
+    def check_output(self, text: str) -> str | None:
+        return None
+
+
+def test_a_flagged_input_is_validated_like_any_other(ckpts: dict[str, Path]) -> None:
+    """The input check declines a request only once the request itself is valid: limits (n, max_tokens,
+    the context) and a bad response_format stay 400s instead of a 200 decline with, say, 50 choices."""
+    cfg = ServeConfig(max_batch=2, max_tokens=32, max_n=2)
+    app = create_app({"base": ckpts["base"]}, cfg=cfg, policy=_FlagInput())
+    with running(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        r = c.chat.completions.create(model="base", messages=ASK, n=2, max_tokens=5)
+        assert [ch.finish_reason for ch in r.choices] == ["content_filter"] * 2  # a valid one is declined
+        bad_fmt = {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}
+        for kw, param in (
+            ({"n": 50}, "n"),
+            ({"max_tokens": 33}, "max_tokens"),
+            ({"messages": [{"role": "user", "content": "clocks " * 400}]}, "messages"),
+            ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+            ({"response_format": bad_fmt}, "response_format"),
+        ):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(**{"model": "base", "messages": ASK, "max_tokens": 5, **kw})
+            assert e.value.body["param"] == param, kw

@@ -574,8 +574,6 @@ def create_app(
         v = version_of(body.model)
         messages = chat_messages(body)
         prompt = v.engine.tokenizer.encode_chat_prompt(messages)
-        if policy is not None and (decline := input_decline(messages)) is not None:
-            return declined(body, v.name, decline, len(prompt))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.top_logprobs or 0
         if top and not body.logprobs:
@@ -584,6 +582,9 @@ def create_app(
             body, max_tokens, len(prompt), v.context, body.logprobs, top, body.response_format
         )
         await check_schema(v, params)
+        # After validation: a request the server would refuse is a 400 whether or not its input is flagged.
+        if policy is not None and (decline := input_decline(messages)) is not None:
+            return declined(body, v.name, decline, len(prompt))
         gen = v.scheduler.submit(prompt, params)
         first, batches = await first_batch(v, gen)
         metrics.ttft.observe(time.perf_counter() - gen.submitted)
