@@ -195,3 +195,52 @@ def test_feedback_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no feedback database" in err
     assert cli(["feedback", "raters", "--db", "nosuchdriver://x"]) == 2
+
+
+def test_bad_votes_are_clear_400s_and_deleting_a_conversation_keeps_its_votes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Each of these used to store a pair `chatforge reward` drops, or answer a 500 with SQL in it
+    (PostgreSQL: out-of-range integers, over-long names; both: unknown conversation ids, and deleting a
+    conversation that has votes)."""
+    app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url)
+    good = {
+        "prompt": PROMPT,
+        "answer_a": "Ada.",
+        "answer_b": "Bob.",
+        "model_a": "sft",
+        "model_b": "base",
+        "a_left": True,
+        "winner": "b",
+        "rater": "r1",
+    }
+    bad = [
+        ({"conversation_id": 12345}, 404, "no conversation 12345"),
+        ({"conversation_id": 2**40}, 400, "conversation_id"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": [*PROMPT, {"role": "assistant", "content": "x"}]}, 400, "prompt"),
+        ({"seed_a": 2**40}, 400, "seed_a"),
+        ({"seed_b": True}, 400, "seed_b"),
+        ({"model_a": "m" * 101}, 400, "model_a"),
+        ({"model_b": ""}, 400, "model_b"),
+    ]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for change, status, words in bad:
+            r = client.post("/ui/votes", json={**good, **change})
+            assert r.status_code == status and words in r.json()["error"]["message"], (change, r.text)
+        msgs = [{"role": "user", "content": "Who builds clocks?"}, {"role": "assistant", "content": "Bob."}]
+        cid = client.post("/ui/conversations", json={"messages": msgs, "rater": "r1"}).json()["id"]
+        r = client.post("/ui/votes", json={**good, "conversation_id": cid, "seed_a": -5, "seed_b": 2**31 - 1})
+        assert r.status_code == 200
+        r = client.delete(f"/ui/conversations/{cid}")
+        assert r.status_code == 200 and r.json() == {"deleted": True}
+        assert client.get(f"/ui/conversations/{cid}").status_code == 404
+    app.state.db.close()
+    db = Database(db_url)
+    (vote,) = db.votes()
+    db.close()
+    assert vote.conversation_id is None and (vote.seed_a, vote.seed_b) == (-5, 2**31 - 1)
+    out = tmp_path / "prefs.jsonl"
+    assert cli(["feedback", "export", "--db", db_url, "--out", str(out)]) == 0
+    pairs, stats = read_pairs(out)
+    assert stats["malformed"] == 0 and len(pairs) == 1 and pairs[0]["chosen"]["content"] == "Bob."

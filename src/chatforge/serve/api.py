@@ -940,6 +940,21 @@ def create_app(
                 and isinstance(m.get("content"), str)
             ):
                 raise bad_request(f"prompt[{i}]: expected {{role, content}}", f"prompt.{i}")
+        # The prompt is what both answers answer: it ends with the user's turn (else the export writes a
+        # pair that `chatforge reward` can only drop as malformed).
+        if not data["prompt"] or data["prompt"][-1]["role"] != "user":
+            raise bad_request("prompt: must end with the user message that the answers reply to", "prompt")
+        # What the columns hold (else PostgreSQL answers a 500): model names up to 100 characters,
+        # seeds and ids 32-bit integers (the UI draws its seeds below 2**31 - 1).
+        for f in ("model_a", "model_b"):
+            if not 0 < len(data[f]) <= 100:
+                raise bad_request(f"{f}: 1 to 100 characters", f)
+        for f in ("seed_a", "seed_b", "conversation_id"):
+            if data.get(f) is not None and (isinstance(data[f], bool) or not -(2**31) <= data[f] < 2**31):
+                raise bad_request(f"{f}: must be a 32-bit integer", f)
+        cid = data.get("conversation_id")
+        if cid is not None and not await asyncio.to_thread(db.has_conversation, cid):
+            raise APIError(404, f"no conversation {cid}", "not_found_error", "conversation_id")
         fields = {
             k: data.get(k)
             for k in (

@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -295,11 +296,18 @@ class Database:
                 {"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()} for c in s.scalars(q)
             ]
 
+    def has_conversation(self, conv_id: int) -> bool:
+        with self.session() as s:
+            return s.get(Conversation, conv_id) is not None
+
     def delete_conversation(self, conv_id: int) -> bool:
+        """Delete a conversation and its messages; its compare-mode votes are kept (they are training
+        data, and stand on their own: each stores its whole prompt), only unlinked from it."""
         with self.session() as s:
             conv = s.get(Conversation, conv_id)
             if conv is None:
                 return False
+            s.execute(update(Vote).where(Vote.conversation_id == conv_id).values(conversation_id=None))
             s.delete(conv)
             return True
 
