@@ -19,7 +19,7 @@ from chatforge.data.prefs import read_pairs
 from chatforge.serve.api import create_app
 from chatforge.serve.db import Database
 from chatforge.serve.feedback import Pair, leaderboard, rater_stats
-from serve_util import fresh_database, running, throwaway_postgres
+from serve_util import fresh_database, make_checkpoints, running, throwaway_postgres
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who builds clocks?"}]
 
@@ -244,3 +244,36 @@ def test_bad_votes_are_clear_400s_and_deleting_a_conversation_keeps_its_votes(
     assert cli(["feedback", "export", "--db", db_url, "--out", str(out)]) == 0
     pairs, stats = read_pairs(out)
     assert stats["malformed"] == 0 and len(pairs) == 1 and pairs[0]["chosen"]["content"] == "Bob."
+
+
+def test_rollback_goes_back_to_another_loaded_version(db_url: str, tmp_path: Path, one_thread: None) -> None:
+    """A version promoted twice made the next rollback a no-op; a rollback to a version this server had
+    not loaded (promoted by an earlier run on the same database) left it with no active version at all:
+    `model: "default"` answered 404."""
+    ck = make_checkpoints(tmp_path, ("old", "new"))
+    admin = {"Authorization": "Bearer k"}
+    ask = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    first = create_app(
+        {"old": ck["old"], "new": ck["new"]}, cfg=ServeConfig(max_batch=2), db=db_url, admin_key="k"
+    )
+    with running(first) as url, httpx.Client(base_url=url, timeout=30, headers=admin) as client:
+        assert client.post("/admin/promote", json={"name": "new"}).json() == {"active": "new"}
+        assert client.post("/admin/promote", json={"name": "new"}).json() == {
+            "active": "new"
+        }  # a double click
+        assert client.post("/admin/rollback").json() == {"active": "old"}
+        assert client.post("/v1/chat/completions", json=ask).json()["model"] == "old"
+        assert client.post("/admin/promote", json={"name": "new"}).json() == {"active": "new"}
+    first.state.db.close()
+    # The next run serves "new" only: "old", the version before it, is not there to go back to.
+    second = create_app({"new": ck["new"]}, cfg=ServeConfig(max_batch=2), db=db_url, admin_key="k")
+    with running(second) as url, httpx.Client(base_url=url, timeout=30, headers=admin) as client:
+        r = client.post("/admin/rollback")
+        assert r.status_code == 400 and "'old'" in r.json()["error"]["message"]
+        assert "not loaded" in r.json()["error"]["message"]
+        assert client.get("/ui/config").json()["active"] == "new"
+        assert client.post("/v1/chat/completions", json=ask).json()["model"] == "new"
+        history = client.get("/admin/versions").json()["history"]
+    second.state.db.close()
+    assert [h["version"] for h in history] == ["old", "new", "new", "new"]
+    assert [h["rolled_back_at"] is not None for h in history] == [False, True, True, False]

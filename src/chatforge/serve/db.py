@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -191,15 +191,34 @@ class Database:
         with self.session() as s:
             s.add(Promotion(version=name, by=by))
 
-    def rollback(self) -> str:
-        """Undo the newest promotion; returns the version that is active again."""
+    def rollback(self, loaded: Collection[str] | None = None) -> str:
+        """Go back to the version promoted before the active one; returns it.
+
+        The active version is the newest promotion not rolled back (among ``loaded`` versions, when
+        given: what a server can serve). Every promotion newer than the previous *other* version's is
+        rolled back, so a version promoted twice in a row does not make a rollback a no-op, and a
+        server never rolls back to a version it has not loaded (which would leave it with no active
+        version at all): that is refused, and nothing changes.
+        """
         with self.session() as s:
             q = select(Promotion).where(Promotion.rolled_back_at.is_(None)).order_by(Promotion.id.desc())
-            stack = list(s.scalars(q.limit(2)))
-            if len(stack) < 2:
+            stack = list(s.scalars(q))
+            live = [p for p in stack if loaded is None or p.version in loaded]
+            current = live[0].version if live else None
+            target = next((p for p in live if p.version != current), None)
+            if target is None:
+                earlier = next((p.version for p in stack if p.version != current), None)
+                if earlier is not None:
+                    raise ChatforgeError(
+                        f"cannot roll back to {earlier!r}: it is not loaded on this server"
+                        " (add it with POST /admin/versions first)"
+                    )
                 raise ChatforgeError("nothing to roll back to: there is no earlier promotion")
-            stack[0].rolled_back_at = _now()
-            return stack[1].version
+            now = _now()
+            for p in stack:
+                if p.id > target.id:
+                    p.rolled_back_at = now
+            return target.version
 
     # ---------------------------------------------------------------- API keys
 

@@ -100,7 +100,7 @@ class Versions:
         return name
 
     def rollback(self) -> str:
-        return self.db.rollback()
+        return self.db.rollback(loaded=set(self._loaded))
 
     def close(self) -> None:
         for v in self._loaded.values():
