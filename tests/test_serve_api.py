@@ -469,3 +469,8 @@ def test_a_flagged_input_is_validated_like_any_other(ckpts: dict[str, Path]) -> 
             with pytest.raises(openai.BadRequestError) as e:
                 c.chat.completions.create(**{"model": "base", "messages": ASK, "max_tokens": 5, **kw})
             assert e.value.body["param"] == param, kw
+        # streamed too: past the context is the context-length error, not a safety decline
+        too_long = [{"role": "user", "content": "clocks " * 400}]
+        body = {"model": "base", "messages": too_long, "max_tokens": 5, "stream": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
