@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from chatforge.config import ServeConfig
+from chatforge.data.prefs import read_pairs
 from chatforge.serve.api import create_app
 from chatforge.serve.feedback import export
 from serve_util import make_checkpoints, running
@@ -151,3 +152,112 @@ def test_model_output_is_rendered_as_text(site, page) -> None:
     )
     page.wait_for_timeout(200)
     assert page.evaluate("window.__xss") is None
+
+
+def _thread(page) -> list[tuple[str, str]]:
+    return page.evaluate(
+        "[...document.querySelectorAll('#messages .msg')].map(m => [m.dataset.testid, m.querySelector('.content').innerText])"
+    )
+
+
+def test_reload_reopens_the_conversation(site, page) -> None:
+    url, db, _ = site
+    _open(page, url)
+    page.click("#new-chat")
+    page.uncheck("[data-testid=compare]")
+    page.fill("#max-tokens", "8")
+    page.fill("[data-testid=input]", "Where is Mirth? 🕰️")
+    page.click("[data-testid=send]")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
+    )
+    page.wait_for_function("location.hash.length > 1")
+    cid = int(page.evaluate("location.hash.slice(1)"))
+    assert db.conversation(cid)["messages"][0]["content"] == "Where is Mirth? 🕰️"
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector(".msg.assistant")
+    assert [role for role, _ in _thread(page)] == ["msg-user", "msg-assistant"]
+    assert _thread(page)[0][1] == "Where is Mirth? 🕰️"
+
+
+def test_a_message_the_model_cannot_take_is_given_back(site, page) -> None:
+    url, db, _ = site
+    _open(page, url)
+    page.click("#new-chat")
+    page.uncheck("[data-testid=compare]")
+    page.fill("#max-tokens", "8")
+    long = "Ada builds clocks in Mirth. " * 200  # far past the tiny model's 256-token context
+    page.fill("[data-testid=input]", long)
+    page.click("[data-testid=send]")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "context length" in page.inner_text("#error")
+    assert _thread(page) == [] and page.input_value("[data-testid=input]") == long.strip()
+    # the next message is a clean first turn, stored without the failed one
+    page.fill("[data-testid=input]", "Who builds clocks?")
+    page.click("[data-testid=send]")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
+    )
+    page.wait_for_function("location.hash.length > 1")
+    conv = db.conversation(int(page.evaluate("location.hash.slice(1)")))
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+    assert conv["messages"][0]["content"] == "Who builds clocks?"
+
+
+def test_compare_vote_is_asked_for_before_the_next_turn(site, page) -> None:
+    """A message sent while a compare vote is pending used to start a second panel, wipe the first one
+    (its vote lost) and store two user turns in a row, whose later votes `chatforge reward` drops."""
+    url, db, root = site
+    n_votes = len(db.votes())
+    _open(page, url)
+    page.click("#new-chat")
+    page.uncheck("[data-testid=compare]")
+    page.fill("#max-tokens", "8")
+    page.fill("[data-testid=input]", "Who builds clocks?")
+    page.click("[data-testid=send]")
+    page.wait_for_function(
+        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
+    )
+    page.check("[data-testid=compare]")
+    page.select_option("#model-a", "sft")
+    page.select_option("#model-b", "base")
+    page.fill("[data-testid=input]", "Where is Mirth?")
+    page.click("[data-testid=send]")
+    page.wait_for_selector("[data-testid=vote-right]")
+    page.fill("[data-testid=input]", "And Ada?")
+    page.click("[data-testid=send]")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "Pick the better answer" in page.inner_text("#error")
+    assert page.input_value("[data-testid=input]") == "And Ada?"
+    assert page.locator("[data-testid=compare-panel]").count() == 1
+    # thumbs on the earlier answer re-render the thread: the pending panel stays
+    page.click("[data-testid=thumb-up]")
+    page.wait_for_selector("[data-testid=thumb-up].on")
+    assert page.locator("[data-testid=vote-right]").count() == 1
+    right = page.locator("[data-testid=compare-content]").nth(1).inner_text()
+    page.click("[data-testid=vote-right]")
+    page.wait_for_selector("[data-testid=voted]")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2")
+    assert [r for r, _ in _thread(page)] == ["msg-user", "msg-assistant", "msg-user", "msg-assistant"]
+    # now the held-back message goes: its vote's prompt is the whole alternating thread
+    page.click("[data-testid=send]")
+    page.wait_for_selector("[data-testid=vote-tie]")
+    page.click("[data-testid=vote-left]")
+    page.wait_for_selector("[data-testid=voted]")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 3")
+    votes = db.votes()[n_votes:]
+    assert len(votes) == 2
+    first, second = votes
+    chosen = first.answer_a if first.winner == "a" else first.answer_b
+    assert chosen.strip() == right.strip()
+    assert [m["role"] for m in second.prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert second.prompt[3]["content"] == chosen and second.prompt[4]["content"] == "And Ada?"
+    page.wait_for_function("location.hash.length > 1")
+    conv = db.conversation(int(page.evaluate("location.hash.slice(1)")))
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"] * 3
+    export(db, root / "prefs2.jsonl")
+    _, stats = read_pairs(root / "prefs2.jsonl")
+    assert stats["malformed"] == 0 or all("alternate" not in e for e in stats["errors"]), (
+        stats
+    )  # an empty answer from the random model may be malformed; the thread never is

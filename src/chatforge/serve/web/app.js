@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { convId: null, messages: [], versions: [], active: null, busy: false, controllers: [] };
+// pending: the compare panel whose vote is not cast yet (render() keeps it; no new turn starts until then)
+const state = { convId: null, messages: [], versions: [], active: null, busy: false, controllers: [], pending: null };
 window.__chunks = 0;  // SSE deltas received (the browser test checks that replies stream)
 
 function raterId() {
@@ -155,7 +156,7 @@ function messageNode(m, idx) {
 }
 
 function render() {
-  $("messages").replaceChildren(...state.messages.map(messageNode));
+  $("messages").replaceChildren(...state.messages.map(messageNode), ...(state.pending ? [state.pending] : []));
   $("messages").scrollTop = $("messages").scrollHeight;
 }
 
@@ -171,6 +172,8 @@ async function save() {
     rater: raterId(),
   });
   state.convId = res.id;
+  // The address names the conversation, so a reload (or a bookmark) opens it again.
+  if (location.hash !== "#" + res.id) history.replaceState(null, "", "#" + res.id);
   loadHistory();
 }
 
@@ -184,6 +187,7 @@ async function assistantTurn() {
   node.classList.add("streaming");
   const content = node.querySelector(".content");
   setBusy(true);
+  let ok = true;
   try {
     const out = await streamChat(model, prompt, {}, (text) => { msg.content = text; setContent(content, text); });
     msg.content = out.text;
@@ -191,28 +195,44 @@ async function assistantTurn() {
   } catch (e) {
     showError(e.message);
     state.messages.pop();
+    ok = false;
   } finally {
     setBusy(false);
     render();
   }
-  await save();
+  if (ok) await save();
+  return ok;
 }
+
+const VOTE_FIRST = "Pick the better answer (or Tie / Both bad) first: the conversation goes on from it.";
 
 async function send(text) {
   showError("");
+  const before = state.messages.length;
   state.messages.push({ role: "user", content: text });
-  if ($("compare").checked) await compareTurn();
-  else await assistantTurn();
+  const ok = $("compare").checked ? await compareTurn() : await assistantTurn();
+  if (!ok) {
+    // No answer (e.g. the message is too long for the model): take the turn back, so the thread never
+    // holds two user turns in a row, and give the text back to edit or resend.
+    state.messages.length = before;
+    render();
+    if (!$("input").value) $("input").value = text;
+  }
 }
 
 async function regenerate() {
   if (state.busy) return;
-  if (state.messages.length && state.messages[state.messages.length - 1].role === "assistant") state.messages.pop();
-  await assistantTurn();
+  const last = state.messages[state.messages.length - 1];
+  const old = last && last.role === "assistant" ? state.messages.pop() : null;
+  if (!(await assistantTurn()) && old) {
+    state.messages.push(old);  // the new answer failed: keep the one there was
+    render();
+  }
 }
 
 function editMessage(idx) {
   if (state.busy) return;
+  if (state.pending) return showError(VOTE_FIRST);
   const node = $("messages").querySelector(`[data-index="${idx}"]`);
   const box = el("textarea", { class: "edit", rows: "3", "data-testid": "edit-box" });
   box.value = state.messages[idx].content;
@@ -252,6 +272,7 @@ async function compareTurn() {
     cols[side] = { content, label, text: "" };
     panel.appendChild(el("div", { class: "col streaming" }, label, content));
   }
+  state.pending = panel;
   $("messages").appendChild(panel);
   setBusy(true);
   let results;
@@ -260,10 +281,10 @@ async function compareTurn() {
       (text) => { cols[side].text = text; setContent(cols[side].content, text); })));
   } catch (e) {
     showError(e.message);
-    state.messages.pop();
+    state.controllers.forEach((c) => c.abort());  // the other answer's stream too
+    state.pending = null;
     setBusy(false);
-    render();
-    return;
+    return false;
   }
   setBusy(false);
   const out = {};
@@ -286,6 +307,7 @@ async function compareTurn() {
         votes.querySelectorAll("button").forEach((b) => { b.disabled = false; });
         return;
       }
+      state.pending = null;
       for (const side of order) cols[side].label.textContent += " — " + out[side].model;
       votes.replaceChildren(el("span", { class: "voted", "data-testid": "voted", text: "Thanks — vote saved." }));
       // The conversation goes on with the preferred answer (the left one after a tie or both-bad).
@@ -296,6 +318,7 @@ async function compareTurn() {
     } }, label));
   }
   panel.appendChild(votes);
+  return true;
 }
 
 // ---------------------------------------------------------------- history and setup
@@ -314,6 +337,7 @@ async function loadHistory() {
 async function openConversation(id) {
   const conv = await api("/ui/conversations/" + id);
   state.convId = conv.id;
+  state.pending = null;  // leaving a compare panel unvoted
   $("system").value = conv.system || "";
   state.messages = conv.messages;
   location.hash = String(conv.id);
@@ -324,6 +348,7 @@ async function openConversation(id) {
 function newChat() {
   state.convId = null;
   state.messages = [];
+  state.pending = null;
   location.hash = "";
   render();
   loadHistory();
@@ -348,6 +373,7 @@ async function init() {
     e.preventDefault();
     const text = $("input").value.trim();
     if (!text || state.busy) return;
+    if (state.pending) return showError(VOTE_FIRST);
     $("input").value = "";
     send(text);
   });
