@@ -266,6 +266,28 @@ def test_disconnect_frees_the_slot(server) -> None:
     assert sched.stats.cancelled == cancelled + 1 and sched.active == 0
 
 
+def test_a_client_gone_before_a_plain_answer_ends_its_handler(server) -> None:
+    """Not streamed: the client times out before its answer. Its request is dropped, and the handler that
+    waited for the answer ends too (a 499) instead of waiting forever, which also held up shutdown."""
+    app, url = server
+    sched = app.state.versions.get("base").scheduler
+    gone = 'chatforge_requests_total{route="/v1/chat/completions",status="499"}'
+
+    def count() -> float:
+        line = [x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith(gone)]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = count()
+    sched.call(lambda: time.sleep(1.5))  # hold the model thread, so the client is gone before the answer
+    body = {"model": "base", "messages": ASK, "max_tokens": 200, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.time() + 10
+    while (count() == before or sched.active) and time.time() < deadline:
+        time.sleep(0.05)
+    assert count() == before + 1 and sched.active == 0
+
+
 def test_admin_switch_promote_and_rollback(server, client: openai.OpenAI, ckpts: dict[str, Path]) -> None:
     url = server[1]
     admin = {"Authorization": f"Bearer {ADMIN}"}

@@ -52,6 +52,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.serve import protocol as P
 from chatforge.serve.db import WINNERS, Database
 from chatforge.serve.protocol import APIError, bad_request
+from chatforge.serve.scheduler import Cancelled
 from chatforge.serve.scheduler import Request as GenRequest
 from chatforge.serve.versions import Version, Versions
 
@@ -322,6 +323,14 @@ def create_app(
     @app.exception_handler(ChatforgeError)
     async def _chatforge_error(_r: Request, e: ChatforgeError) -> JSONResponse:
         return JSONResponse(bad_request(str(e)).body(), status_code=400)
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(_r: Request, e: Cancelled) -> JSONResponse:
+        # The client went away mid-request (watch_disconnect cancelled it): nobody reads this answer, but
+        # the handler must end, or it waits forever and holds up the server's shutdown. 499 as in nginx.
+        return JSONResponse(
+            APIError(499, "the client closed the request", "cancelled").body(), status_code=499
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_r: Request, e: Exception) -> JSONResponse:
@@ -620,6 +629,8 @@ def create_app(
                         if parts:
                             yield "".join(parts)
                             parts = []
+                        if all(c.finish is not None for c in choices):
+                            break  # every sample done (content_filter included): stop generating them
                     if usage:
                         parts.append(chunk.usage(len(prompt), sum(c.tokens for c in choices)))
                     yield "".join(parts) + "data: [DONE]\n\n"
@@ -638,6 +649,8 @@ def create_app(
                 for j, ev in items:
                     if choices[j].finish is None:
                         apply_event(v, choices[j], ev, body.logprobs)
+                if all(c.finish is not None for c in choices):
+                    break  # every sample done: a reply the output check stopped is not generated on
         finally:
             watcher.cancel()
             v.scheduler.cancel(gen)

@@ -35,6 +35,10 @@ class StepObserver(Protocol):
 Item = tuple[int, TokenEvent]  # (sample index, event)
 
 
+class Cancelled(Exception):
+    """What a cancelled request's reader gets: its slots are freed and no more events will come."""
+
+
 class Request:
     """One submitted prompt with ``n`` samples; its events are handed to the submitting event loop."""
 
@@ -229,6 +233,8 @@ class Scheduler:
                     session.remove((req.id, j))
                 self._live.pop(req.id, None)
                 self.stats.cancelled += 1
+            if cancels:  # a handler still waiting on one (the client went away) must not wait forever
+                _post([(req, [], Cancelled(f"request {req.id} was cancelled")) for req in cancels])
             for req, j in admit:
                 if req.cancelled or req.id not in self._live:
                     continue
