@@ -222,7 +222,7 @@ def test_a_ladder_that_repeats_its_data_is_fitted_on_effective_tokens() -> None:
 
 
 def test_recipe_ladders_are_one_shape_family_near_convergence() -> None:
-    for recipe in ("scaling-world", "scaling-eltec", "scaling-shakespeare"):
+    for recipe in ("scaling-world", "scaling-eltec", "scaling-shakespeare", "scaling-wikitext"):
         sc = load_config(recipe, []).scaling
         rungs = scaling.plan_ladder(sc, 512)
         target = scaling.plan_target(sc, 512)
