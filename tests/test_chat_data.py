@@ -603,6 +603,43 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
         read_alpaca(tmp_path)  # a directory
 
 
+def test_byte_order_marks_and_corrupt_gzip(tmp_path: Path) -> None:
+    """A UTF-8 BOM (Notepad, PowerShell) is not part of the first record, and a JSON list behind one is
+    still a list; a UTF-16 file reads too; a corrupt deflate stream is a one-line error, not zlib.error."""
+    text = (FIXTURES / "alpaca.json").read_text(encoding="utf-8")
+    want = read_alpaca(FIXTURES / "alpaca.json")
+    for name, data in (
+        ("bom.json", b"\xef\xbb\xbf" + text.encode("utf-8")),
+        ("utf16.json", text.encode("utf-16")),
+    ):
+        (tmp_path / name).write_bytes(data)
+        got = read_alpaca(tmp_path / name)
+        assert got[0] == want[0]
+        assert [e.split(":", 1)[1] for e in got[1]] == [e.split(":", 1)[1] for e in want[1]]
+    line = json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}
+    )
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (line + "\n" + line + "\n").encode())
+    assert read_openai_jsonl(tmp_path / "bom.jsonl") == ([json.loads(line)] * 2, [])
+    corrupt = bytearray(gzip.compress((line + "\n").encode() * 50))
+    corrupt[30:34] = b"\xff\xff\xff\xff"  # inside the deflate stream: zlib.error, not OSError
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(bytes(corrupt))
+    with pytest.raises(ChatforgeError, match=r"corrupt\.jsonl\.gz: cannot read"):
+        read_openai_jsonl(tmp_path / "corrupt.jsonl.gz")
+
+
+def test_oasst_parent_loop_ends(tmp_path: Path) -> None:
+    """Duplicate message ids (two dumps concatenated) can make a parent_id loop: the thread stops there."""
+    recs = [
+        {"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q?"},
+        {"message_id": "b", "parent_id": "a", "role": "assistant", "text": "A."},
+        {"message_id": "a", "parent_id": "b", "role": "prompter", "text": "Q again?"},
+    ]
+    (tmp_path / "loop.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    convs, errors = read_oasst_threads(tmp_path / "loop.jsonl")
+    assert [[m["role"] for m in c["messages"]] for c in convs] == [["user", "assistant"]] and not errors
+
+
 def test_write_read_jsonl_roundtrip(tmp_path: Path, world: World) -> None:
     convs = world_conversations(world, 40, 0)
     for name in ("chat.jsonl", "sub/chat.jsonl.gz"):

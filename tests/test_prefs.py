@@ -141,6 +141,31 @@ def test_webgpt_and_oasst_formats(tmp_path) -> None:
     assert ("Best", "Worst") in {(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs}
 
 
+def test_oasst_messages_with_a_missing_text_or_a_loop(tmp_path) -> None:
+    """A raw oasst1 message without text is a malformed record (file:line), not a KeyError or a pair
+    whose reply is None; a message that is its own parent is one too, and cannot hang the reader."""
+    recs = [
+        {"message_id": "p", "parent_id": None, "role": "prompter", "text": "Question?"},
+        {"message_id": "a", "parent_id": "p", "role": "assistant", "text": "Best.", "rank": 0},
+        {"message_id": "b", "parent_id": "p", "role": "assistant", "text": "Worse.", "rank": 1},
+        {"message_id": "c", "parent_id": "p", "role": "assistant", "rank": 2},
+        {"message_id": "d", "parent_id": "p", "role": "assistant", "text": None, "rank": 3},
+        {"message_id": "s", "parent_id": "s", "role": "prompter", "text": "Me?"},
+        {"message_id": "s1", "parent_id": "s", "role": "assistant", "text": "One.", "rank": 0},
+        {"message_id": "s2", "parent_id": "s", "role": "assistant", "text": "Two.", "rank": 1},
+    ]
+    path = _write(tmp_path / "msgs.jsonl.gz", [json.dumps(r) for r in recs])
+    pairs, st = prefs.read_pairs(path)
+    assert st["format"] == "oasst_messages" and st["malformed"] == 3
+    assert [e.split(".gz:")[1] for e in st["errors"]] == [
+        "4: text is missing or empty",
+        "5: text is missing or empty",
+        "6: the message is its own parent",
+    ]
+    assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs] == [("Best.", "Worse.")]
+    assert pairs[0]["messages"] == [{"role": "user", "content": "Question?"}]
+
+
 def test_our_own_format_reads_back_with_every_prompt_whole(world, tmp_path) -> None:
     """The pairs a run writes (and `chatforge feedback export` writes) train the RM via reward.pref_files:
     the prompt must come back ending with the user turn the replies answer, single-turn ones included."""

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -2037,9 +2038,13 @@ def _open_text(path: Path) -> str:
         data = path.read_bytes()
         if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt deflate stream is a zlib.error
         raise ChatforgeError(f"{path}: cannot read ({e})") from e
-    return data.decode("utf-8", errors="replace")  # stray bytes become U+FFFD rather than failing
+    # A byte-order mark (Windows editors write one) is not part of the first record; UTF-16 files say
+    # so by theirs.
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")  # stray bytes become U+FFFD rather than failing
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -2180,7 +2185,8 @@ def _oasst_trees(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict]
     convs: list[dict] = []
     for root in roots:
         thread = [root]
-        while kids := [k for k in children.get(thread[-1], []) if k in nodes]:
+        # ``not in thread``: a parent_id loop (duplicate ids in a concatenated dump) cannot spin forever
+        while kids := [k for k in children.get(thread[-1], []) if k in nodes and k not in thread]:
             thread.append(min(kids, key=rank))
         try:
             convs.append({"messages": _from_oasst_thread({"messages": [nodes[m][1] for m in thread]})})

@@ -352,12 +352,18 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
     for lineno, rec in chat._records(path):
         stats["records"] += 1
         if isinstance(rec, _Bad) or not isinstance(rec, dict) or not isinstance(rec.get("message_id"), str):
-            stats["malformed"] += 1
             reason = rec if isinstance(rec, _Bad) else "not an oasst message (no message_id)"
-            stats["errors"].append(f"{path}:{lineno}: {reason}")
+        elif rec.get("deleted"):
             continue
-        if not rec.get("deleted"):
+        elif not isinstance(rec.get("text"), str) or not rec["text"].strip():
+            reason = "text is missing or empty"
+        elif rec["message_id"] == rec.get("parent_id"):
+            reason = "the message is its own parent"
+        else:
             nodes[rec["message_id"]] = rec
+            continue
+        stats["malformed"] += 1
+        stats["errors"].append(f"{path}:{lineno}: {reason}")
     kids: dict[str, list[dict]] = {}
     for m in nodes.values():
         if m.get("parent_id") in nodes:
@@ -365,7 +371,9 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
 
     def thread(mid: str) -> Messages:
         out: Messages = []
-        while mid in nodes:
+        seen: set[str] = set()
+        while mid in nodes and mid not in seen:  # a parent_id loop (duplicate ids) ends the thread
+            seen.add(mid)
             m = nodes[mid]
             out.append({"role": "user" if m.get("role") == "prompter" else "assistant", "content": m["text"]})
             mid = m.get("parent_id") or ""
