@@ -55,6 +55,8 @@ def test_list_elements_can_be_overridden() -> None:
         ("nosuch.key=1", r"nosuch: unknown key"),
         ("pretrain=3", r"pretrain.steps|pretrain: expected a mapping"),
         ("pretrain.compile=maybe", r"pretrain.compile: expected true or false"),
+        ("pretrain.lr=nan", r"pretrain.lr: expected a number, got 'nan'"),  # NaN passes range checks
+        ("sft.grad_clip=.nan", r"sft.grad_clip: expected a number, got nan"),
         ("noequals", r"expected key=value"),
     ],
 )
@@ -92,3 +94,25 @@ def test_cli_prints_one_line_error_not_a_traceback() -> None:
     )
     assert res.returncode == 2
     assert res.stderr.strip() == "chatforge pretrain: error: pretrain.lrr: unknown key (did you mean 'lr'?)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "--name", "nosuch"], "chatforge report: error: runs/nosuch: no such run directory"),
+        (["redteam", "--name", "nosuch"], "chatforge redteam: error: runs/nosuch: none of safety.models"),
+        (["eval", "--suite", "world", "--limit", "-3"], "chatforge eval: error: --limit -3: must be >= 0"),
+    ],
+)
+def test_cli_commands_on_a_run_that_is_not_there(tmp_path: Path, argv: list[str], message: str) -> None:
+    """``report`` used to crash with a FileNotFoundError traceback, ``redteam`` to print {} and exit 0
+    after writing a suite into a new, empty run directory; ``--limit -3`` silently dropped 3 items."""
+    res = subprocess.run(
+        [sys.executable, "-m", "chatforge.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "runs").exists()

@@ -100,6 +100,14 @@ def test_over_long_prompt_is_a_clear_error(engine: Engine) -> None:
         engine.generate(["a " * 200], SamplingParams(max_new_tokens=10))
 
 
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(engine: Engine, temperature: float) -> None:
+    """NaN passed the old ``< 0`` check and made every probability NaN: an IndexError deep in sampling
+    (``chatforge chat --temperature nan`` crashed with a traceback on the first message)."""
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        engine.generate(["the quick"], SamplingParams(temperature=temperature, max_new_tokens=3))
+
+
 def test_filter_logits_top_p_keeps_the_smallest_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(filter_logits(logits, 0, 0.75))

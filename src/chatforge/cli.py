@@ -143,9 +143,22 @@ def cmd_moderation(args: argparse.Namespace) -> None:
 
 
 def cmd_redteam(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from chatforge.safety import redteam
 
-    _print(redteam.run(_config(args), models=args.model or None))
+    cfg = _config(args)
+    # The speedrun's stage skips the configured checkpoints not trained yet; asked for by hand, finding
+    # none is an error, not an empty result (and no suite written into a run directory that isn't there).
+    if not args.model and not any(
+        (Path(m) / "config.json").is_file() or (cfg.run_dir / m / "config.json").is_file()
+        for m in cfg.safety.models
+    ):
+        raise ChatforgeError(
+            f"{cfg.run_dir}: none of safety.models ({', '.join(cfg.safety.models)}) is a checkpoint there;"
+            " pass --model DIR, or train them first"
+        )
+    _print(redteam.run(cfg, models=args.model or None))
 
 
 def cmd_release(args: argparse.Namespace) -> None:
@@ -182,6 +195,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     if not args.suite:
         raise ChatforgeError("--suite NAME is required (chatforge eval --list shows the suites)")
+    if args.limit < 0:  # a negative limit would slice off the last items instead
+        raise ChatforgeError(f"--limit {args.limit}: must be >= 0 (0 = every item)")
+    if args.concurrency < 1:
+        raise ChatforgeError(f"--concurrency {args.concurrency}: must be at least 1")
     res, dest = runner.run(
         args.suite,
         model=args.model,
@@ -214,6 +231,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not run.is_dir():
             raise ChatforgeError(f"--run {run}: no such run directory")
         cfg.runs_dir, cfg.name = str(run.parent), run.name
+    elif not cfg.run_dir.is_dir():
+        raise ChatforgeError(f"{cfg.run_dir}: no such run directory (pass --name NAME or --run DIR)")
     print(f"report: {report.write_report(cfg)['md']}")
 
 

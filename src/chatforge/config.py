@@ -6,9 +6,11 @@ message that names the dotted key, e.g. ``pretrain.lr: expected a number, got 'f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 import types
 import typing
@@ -791,13 +793,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "3e-4" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        # NaN passes every range check (all comparisons are false): a learning rate of .nan would train
+        if number is not None and not math.isnan(number):
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -22,6 +22,7 @@ import codecs
 import contextlib
 import dataclasses
 import json
+import math
 import operator
 import secrets
 from collections.abc import Hashable, Iterator, Sequence
@@ -53,8 +54,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.temperature < math.inf:  # NaN too: it made every token's probability NaN
+            raise ValueError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0 or self.n < 1:
