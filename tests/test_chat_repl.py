@@ -172,5 +172,21 @@ def test_fit_prompt_drops_whole_turns_never_the_system(model_dir: Path) -> None:
     assert dropped > 0 and len(ids) <= CONTEXT - 12
     assert kept == turns[2 * dropped :]  # the oldest pairs went, in order
     assert engine.tokenizer.decode(ids).startswith("<|im_start|>system\nbe brief<|im_end|>")
-    with pytest.raises(ValueError, match="Shorten it"):
+    with pytest.raises(ValueError, match=r"Shorten it \(or the system message or --max-new-tokens\)\.$"):
         fit_prompt(engine, conv, "a b c d " * 40, max_new_tokens=12)
+    with pytest.raises(ValueError, match=r"\(chat markup included\).* Shorten it \(or --max-new-tokens\)\.$"):
+        fit_prompt(engine, Conversation(turns=turns), "a b c d " * 40, max_new_tokens=12)  # was "(or or"
+
+
+def test_load_reads_a_file_with_a_byte_order_mark(model_dir: Path, tmp_path: Path) -> None:
+    """A conversation saved by an editor that writes a UTF-8 BOM (Notepad) loads like any other."""
+    from chatforge.sample import load_engine
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": msgs}).encode() + b"\n")
+    out = io.StringIO()
+    repl = Repl(load_engine(model_dir, device="cpu"), SamplingParams(max_new_tokens=8), stdout=out)
+    repl.load(str(f))
+    assert out.getvalue() == f"(loaded 2 messages from {f})\n"
+    assert repl.conv.messages() == msgs

@@ -84,11 +84,11 @@ def fit_prompt(
             return ids, turns, dropped
         if not turns:
             system = "the system message and " if conv.system else ""
-            also = ", the system message" if conv.system else ""
+            also = "the system message or " if conv.system else ""
             raise ValueError(
                 f"this message makes a prompt of {len(ids)} tokens ({system}chat markup included); with"
                 f" max_new_tokens {max_new_tokens} only {max(room, 0)} fit in the model's context of"
-                f" {context} tokens. Shorten it (or{also} or --max-new-tokens)."
+                f" {context} tokens. Shorten it (or {also}--max-new-tokens)."
             )
         # Drop the oldest turn: a user message with the reply after it (or a stray leading reply).
         k = 2 if len(turns) > 1 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant" else 1
@@ -187,7 +187,8 @@ class Repl:
             self.say("usage: /load FILE")
             return
         try:
-            lines = [ln for ln in Path(arg).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            # utf-8-sig: a conversation written in Notepad starts with a byte-order mark
+            lines = [ln for ln in Path(arg).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
             if not lines:
                 raise ValueError("the file is empty")
             rec = json.loads(lines[-1])
