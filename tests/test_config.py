@@ -79,6 +79,24 @@ def test_unknown_recipe_and_bad_yaml(tmp_path: Path) -> None:
         load_config(lst)
 
 
+def test_recipe_and_policy_files_that_are_not_utf8(tmp_path: Path) -> None:
+    """Not UTF-8: a one-line error with the line (was a UnicodeDecodeError traceback); a BOM is fine."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.safety.policy import load_deployment
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: x\npretrain:\n  steps: 3  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml:3: not UTF-8 text \(byte 0xe9\); save it as UTF-8$"):
+        load_config(latin)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfname: caf\xc3\xa9\n")
+    assert load_config(bom).name == "caf\u00e9"
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ChatforgeError, match=r"policy\.yaml:1: not UTF-8 text"):
+        load_deployment(policy)
+
+
 def test_every_shipped_recipe_is_valid() -> None:
     for recipe in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
         cfg = load_config(recipe)

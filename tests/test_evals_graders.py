@@ -228,3 +228,32 @@ def test_registry_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ChatforgeError, match="no such eval"):
         registry.get_spec("evv", [tmp_path])
     assert json.loads(good)  # the fixture line itself is valid
+
+
+def test_registry_spec_values_and_encodings_are_one_line_errors(tmp_path: Path) -> None:
+    """A wrong-typed sampling value or limit used to be a TypeError / ValueError traceback at run time;
+    a spec or samples file that is not UTF-8 a UnicodeDecodeError; a BOM made line 1 invalid JSON."""
+    f = tmp_path / "s.yaml"
+    base = "ev:\n  samples: s.jsonl\n  grader: exact\n"
+    for extra, want in (
+        ("  sampling: {n: abc}\n", "sampling.n must be an integer, got 'abc'"),
+        ("  sampling: {temperature: hot}\n", "sampling.temperature must be a number, got 'hot'"),
+        ("  sampling: {stop: [1]}\n", "sampling.stop must be a string or a list of strings, got [1]"),
+        ("  limit: ten\n", "limit must be an integer >= 0, got 'ten'"),
+        ("  limit: -2\n", "limit must be an integer >= 0, got -2"),
+    ):
+        msg = _error(tmp_path, base + extra)
+        assert msg.startswith(f"{f}:4: eval 'ev': ") and msg.endswith(want), msg
+    good = '{"input": [{"role": "user", "content": "caf\u00e9"}], "ideal": "x"}\n'
+    f.write_text(base)
+    (tmp_path / "s.jsonl").write_bytes(good.encode("utf-8") + good.encode("latin-1"))  # line 2: latin-1
+    with pytest.raises(ChatforgeError) as e:
+        registry.load_samples(registry.get_spec("ev", [tmp_path]))
+    assert str(e.value) == f"{tmp_path / 's.jsonl'}:2: not UTF-8 text (byte 0xe9); save it as UTF-8"
+    (tmp_path / "s.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode("utf-8"))
+    f.write_bytes(b"\xef\xbb\xbf" + (base + "  description: caf\u00e9\n").encode("utf-8"))
+    items = registry.load_samples(registry.get_spec("ev", [tmp_path]))
+    assert items[0]["input"][0]["content"] == "caf\u00e9"
+    f.write_bytes((base + "  description: caf\xe9\n").encode("latin-1"))
+    with pytest.raises(ChatforgeError, match=rf"^{re.escape(str(f))}:4: not UTF-8 text \(byte 0xe9\)"):
+        registry.load_registry([tmp_path])

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, read_user_text
 
 T = TypeVar("T")
 
@@ -919,7 +919,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     """Read a recipe, apply ``--set`` overrides, validate, and return a RunConfig."""
     path = resolve_recipe(recipe)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_user_text(path, ConfigError)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, read_user_text
 from chatforge.safety.moderation_data import CATEGORIES
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
@@ -133,7 +133,7 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
     """Read and validate a deployment policy YAML; every error names the file and key."""
     p = Path(path) if path else DEFAULT_POLICY
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_user_text(p)) or {}
     except OSError as e:
         raise ChatforgeError(f"{p}: cannot read the policy ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, read_user_text
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 SPEC_KEYS = (
@@ -42,6 +42,24 @@ SPEC_KEYS = (
     "limit",
 )
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "stop")
+_SAMPLING_TYPES = {
+    "n": "an integer",
+    "top_k": "an integer",
+    "max_new_tokens": "an integer",
+    "seed": "an integer",
+    "temperature": "a number",
+    "top_p": "a number",
+    "stop": "a string or a list of strings",
+}
+
+
+def _sampling_value_ok(key: str, value: Any) -> bool:
+    want = _SAMPLING_TYPES[key]
+    if want == "a string or a list of strings":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if want == "an integer" else isinstance(value, int | float)
 
 
 class RegistryError(ChatforgeError):
@@ -87,7 +105,7 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
     from chatforge.evals.benchmarks import LOADERS
 
     try:
-        text = path.read_text()
+        text = read_user_text(path, RegistryError)
     except OSError as e:
         raise RegistryError(f"{path}: cannot read ({e.strerror})") from None
     try:
@@ -129,11 +147,18 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
         for key in ("loader_args", "grader_options", "sampling"):
             if not isinstance(body.get(key, {}), dict):
                 raise RegistryError(f"{at(key)}: eval {name!r}: {key} must be a mapping")
-        for key in body.get("sampling", {}):
+        for key, value in body.get("sampling", {}).items():
             if key not in SAMPLING_KEYS:
                 raise RegistryError(
                     f"{at('sampling')}: eval {name!r}: unknown sampling key {key!r} (known: {', '.join(SAMPLING_KEYS)})"
                 )
+            if not _sampling_value_ok(key, value):  # else a TypeError deep in the run
+                raise RegistryError(
+                    f"{at('sampling')}: eval {name!r}: sampling.{key} must be {_SAMPLING_TYPES[key]}, got {value!r}"
+                )
+        limit = body.get("limit", 0)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise RegistryError(f"{at('limit')}: eval {name!r}: limit must be an integer >= 0, got {limit!r}")
         spec = EvalSpec(
             name=str(name),
             grader=str(body["grader"]),
@@ -145,7 +170,7 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
             grader_options=dict(body.get("grader_options", {})),
             sampling=dict(body.get("sampling", {})),
             constrained_json=bool(body.get("constrained_json", False)),
-            limit=int(body.get("limit", 0)),
+            limit=limit,
         )
         spec.make_grader()  # unknown grader or bad options: reported now, with the line
         spec.where = where
@@ -215,7 +240,7 @@ def check_item(item: Any, where: str, grader: str) -> dict:
 
 def read_samples(path: Path, grader: str) -> list[dict]:
     try:
-        raw = path.read_text()
+        raw = read_user_text(path, RegistryError)
     except OSError as e:
         raise RegistryError(f"{path}: cannot read samples ({e.strerror})") from None
     items = []
