@@ -232,6 +232,26 @@ def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "no such eval" in err and "Traceback" not in err
 
 
+def test_report_uses_the_settings_the_run_was_made_with(tmp_path: Path) -> None:
+    """``chatforge report --run DIR`` (or ``--name``) without ``--recipe`` gave the default recipe's
+    model sizes in the report card, whatever recipe made the run; the run's own config.yaml decides."""
+    from chatforge.cli import main
+    from chatforge.config import save_config
+
+    made = load_config(
+        None, ["model.hidden_size=96", "model.num_hidden_layers=3", "model.intermediate_size=256"]
+    )
+    run = tmp_path / "runs" / "other"
+    save_config(made, run / "config.yaml")
+    assert main(["report", "--run", str(run)]) == 0
+    model = json.loads((run / "report.json").read_text())["model"]
+    assert (model["hidden_size"], model["layers"]) == (96, 3)
+    assert main(["report", "--set", f"runs_dir={tmp_path / 'runs'}", "--name", "other"]) == 0
+    assert json.loads((run / "report.json").read_text())["model"]["hidden_size"] == 96
+    assert main(["report", "--run", str(run), "--recipe", "cpu-demo"]) == 0  # an explicit recipe wins
+    assert json.loads((run / "report.json").read_text())["model"]["hidden_size"] == 256
+
+
 def test_report_reads_stages_in_pipeline_order(tmp_path: Path) -> None:
     cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r"])
     ev = tmp_path / "r" / "evals"

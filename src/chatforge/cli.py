@@ -8,6 +8,7 @@ chatforge sample --model runs/cpu-demo/base --prompt "Once upon a time"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -233,6 +234,15 @@ def cmd_report(args: argparse.Namespace) -> None:
         cfg.runs_dir, cfg.name = str(run.parent), run.name
     elif not cfg.run_dir.is_dir():
         raise ChatforgeError(f"{cfg.run_dir}: no such run directory (pass --name NAME or --run DIR)")
+    saved = cfg.run_dir / "config.yaml"
+    if args.recipe is None and saved.is_file():
+        # The settings the run was made with (its model sizes, its evals.models), not the default
+        # recipe's: a gpu-small run's report card would give cpu-demo's hidden size and layers. A file
+        # from an older chatforge that no longer loads leaves the recipe's.
+        runs_dir, name = cfg.runs_dir, cfg.name
+        with contextlib.suppress(ChatforgeError):
+            cfg = load_config(saved, list(args.overrides))
+        cfg.runs_dir, cfg.name = runs_dir, name
     print(f"report: {report.write_report(cfg)['md']}")
 
 
