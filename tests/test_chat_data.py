@@ -668,6 +668,27 @@ def test_read_hf_chat_local(tmp_path: Path) -> None:
         read_hf_chat(str(src), fmt="csv-ish")
 
 
+def test_read_hf_chat_local_json_reports_bad_lines_and_tells_oasst_threads(tmp_path: Path) -> None:
+    """A local JSON/JSONL file given as an ``hf`` source: a malformed line used to fail the whole file
+    with datasets' "An error occurred while generating the dataset" (no line); and OASST thread files
+    (``messages`` holding ``text``) were auto-detected as OpenAI, so every record had "no text"."""
+    pytest.importorskip("datasets")
+    lines = (FIXTURES / "openai.jsonl").read_text().splitlines()
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    convs, errors = read_hf_chat(str(src), cache_dir=str(tmp_path / "cache"))
+    want_convs, want_errors = read_openai_jsonl(FIXTURES / "openai.jsonl")
+    assert convs == want_convs and convs
+    assert errors[0] == f"{src}:2: invalid JSON (Expecting property name enclosed in double quotes, column 2)"
+    assert len(errors) == len(want_errors) + 1
+    for name in ("oasst_threads.jsonl", "oasst_messages.jsonl"):
+        got = read_hf_chat(str(FIXTURES / name), cache_dir=str(tmp_path / "cache"))
+        assert got == read_oasst_threads(FIXTURES / name) and got[0], name
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ChatforgeError, match=r"empty\.jsonl: no JSON records"):
+        read_hf_chat(str(tmp_path / "empty.jsonl"))
+
+
 # ---------------------------------------------------------------- real data (optional)
 
 

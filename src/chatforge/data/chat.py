@@ -2147,10 +2147,15 @@ def read_oasst_threads(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """
     p = Path(path)
     records = list(_records(p))
-    first = next((r for _, r in records if isinstance(r, dict)), None)
-    if first is None or "message_id" not in first:
+    if not _is_oasst_tree(records):
         return _convert_file(p, _from_oasst_thread, records)
     return _oasst_trees(p, records)
+
+
+def _is_oasst_tree(records: list[tuple[int, Any]]) -> bool:
+    """A raw oasst1 message dump (message_id / parent_id a line), not thread records."""
+    first = next((r for _, r in records if isinstance(r, dict)), None)
+    return first is not None and "message_id" in first
 
 
 def _oasst_trees(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict], list[str]]:
@@ -2209,15 +2214,36 @@ def read_hf_chat(
         raise ChatforgeError(
             f"unknown chat format {fmt!r}; expected auto or one of {sorted(_ROW_CONVERTERS)}"
         )
-    try:
-        import datasets  # heavy import: only when this reader is used
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ChatforgeError("read_hf_chat needs the `datasets` package") from e
     path = Path(name_or_path).expanduser()
     # a mistyped local path must fail here, not turn into a hub download attempt ("org/name" is a hub id)
     local = str(name_or_path).startswith(("/", "./", "../", "~")) or path.suffix.lower() in _DATA_SUFFIXES
     if local and not path.exists():
         raise ChatforgeError(f"{name_or_path}: no such file")
+    if path.is_file() and ([s for s in path.suffixes if s != ".gz"] or [".json"])[-1] in (
+        ".json",
+        ".jsonl",
+        ".ndjson",
+    ):
+        # A local JSON / JSONL file goes through our own reader: a malformed line is skipped and reported
+        # as file:line, where datasets' json builder fails the whole file ("An error occurred while
+        # generating the dataset") without saying where.
+        records = list(_records(path))
+        if fmt == "auto":
+            first = next((r for _, r in records if isinstance(r, dict)), None)
+            if first is None:
+                raise ChatforgeError(f"{name_or_path}: no JSON records")
+            fmt = _detect_format(list(first), first)
+        if fmt == "oasst":  # thread files and raw message trees alike
+            return (
+                _oasst_trees(path, records)
+                if _is_oasst_tree(records)
+                else _convert_file(path, _from_oasst_thread, records)
+            )
+        return _convert_file(path, _ROW_CONVERTERS[fmt], records)
+    try:
+        import datasets  # heavy import: only when this reader is used
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ChatforgeError("read_hf_chat needs the `datasets` package") from e
     try:
         if path.is_file():
             suffixes = [s for s in path.suffixes if s != ".gz"]
@@ -2233,7 +2259,7 @@ def read_hf_chat(
             f"{name_or_path}: cannot load dataset split {split!r} ({type(e).__name__}: {e})"
         ) from e
     if fmt == "auto":
-        fmt = _detect_format(list(ds.column_names))
+        fmt = _detect_format(list(ds.column_names), ds[0] if len(ds) else None)
     convert = _ROW_CONVERTERS[fmt]
     convs: list[dict] = []
     errors: list[str] = []
@@ -2245,11 +2271,19 @@ def read_hf_chat(
     return convs, errors
 
 
-def _detect_format(columns: list[str]) -> str:
+def _detect_format(columns: list[str], first: Any = None) -> str:
+    """The chat format from a data set's columns (and its first row, which tells OpenAI ``messages``
+    with ``content`` from OASST threads, whose ``messages`` hold ``text``)."""
     cols = set(columns)
     if "conversations" in cols:
         return "sharegpt"
+    if "message_id" in cols:
+        return "oasst"
     if "messages" in cols:
+        msgs = first.get("messages") if isinstance(first, dict) else None
+        m0 = msgs[0] if isinstance(msgs, list) and msgs else None
+        if isinstance(m0, dict) and "text" in m0 and "content" not in m0:
+            return "oasst"
         return "openai"
     if {"instruction", "response"} <= cols and "output" not in cols:
         return "dolly"
