@@ -223,6 +223,26 @@ def test_config_missing_a_required_field(saved: Path) -> None:
     edit_config(saved, hidden_size=None)
     with pytest.raises(ChatforgeError, match="missing field 'hidden_size'"):
         load_model(saved)
+    edit_config(saved, hidden_size=64, num_attention_heads=None, head_dim=None)  # was a KeyError
+    with pytest.raises(ChatforgeError, match="missing field 'num_attention_heads'"):
+        load_model(saved)
+    (saved / "config.json").write_text("[1]")  # JSON, but not an object: was an AttributeError
+    with pytest.raises(ChatforgeError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(saved)
+
+
+def test_truncated_or_corrupt_weights(saved: Path) -> None:
+    """An interrupted copy or download: a one-line error naming the file, not a SafetensorError."""
+    f = saved / "model.safetensors"
+    full = f.read_bytes()
+    for data in (full[: len(full) // 2], b"", b"\x00" * 64):
+        f.write_bytes(data)
+        with pytest.raises(ChatforgeError, match=r"model\.safetensors: not a readable safetensors file"):
+            load_model(saved)
+    f.unlink()
+    (saved / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ChatforgeError, match=r"index\.json: not a safetensors index \(no weight_map\)"):
+        load_model(saved)
 
 
 def test_missing_weights_file(saved: Path) -> None:

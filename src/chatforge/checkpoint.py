@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chatforge.config import ModelConfig
@@ -75,6 +76,8 @@ def hf_config(cfg: ModelConfig, special: dict[str, int] | None = None) -> dict[s
 
 def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Read a Llama/Mistral/Qwen2/Qwen3 ``config.json`` into our ModelConfig."""
+    if not isinstance(d, dict):
+        raise ChatforgeError(f"{where}: expected a JSON object, got {type(d).__name__}")
     mt = d.get("model_type")
     if mt not in _FAMILIES:
         raise ChatforgeError(
@@ -87,9 +90,9 @@ def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Model
     if rope_type not in ("default", None):
         raise ChatforgeError(f"{where}: rope scaling {rope_type!r} is not supported")
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or d.get("rope_theta", 10000.0)
-    n_heads = d["num_attention_heads"]
-    head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
     try:
+        n_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
         return ModelConfig(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -209,16 +212,28 @@ def load_model(
     return model.to(device=device, dtype=dtype)
 
 
+def _load_file(f: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupt one (an interrupted copy or download) is a one-line
+    error, not the Rust reader's SafetensorError traceback."""
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ChatforgeError(f"{f}: not a readable safetensors file ({e}); is it truncated?") from None
+
+
 def _read_weights(p: Path) -> dict[str, torch.Tensor]:
     single = p / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _load_file(single)
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ChatforgeError(f"{index}: not a safetensors index (no weight_map)") from None
         sd: dict[str, torch.Tensor] = {}
         for f in files:
-            sd.update(load_file(str(p / f)))
+            sd.update(_load_file(p / f))
         return sd
     raise ChatforgeError(f"{p}: no model.safetensors (or sharded index) found")
 
