@@ -7,6 +7,7 @@ import pytest
 
 from chatforge.data import chat, prefs
 from chatforge.data.world import build_world
+from chatforge.errors import ChatforgeError
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,12 @@ def test_oasst_messages_with_a_missing_text_or_a_loop(tmp_path) -> None:
     ]
     assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs] == [("Best.", "Worse.")]
     assert pairs[0]["messages"] == [{"role": "user", "content": "Question?"}]
+
+
+def test_a_file_in_no_known_format_is_named(tmp_path) -> None:
+    path = _write(tmp_path / "red-team.jsonl.gz", [json.dumps({"transcript": "x", "rating": 2})])
+    with pytest.raises(ChatforgeError, match=r"red-team\.jsonl\.gz: cannot tell the preference format from"):
+        prefs.read_pairs(path)
 
 
 def test_our_own_format_reads_back_with_every_prompt_whole(world, tmp_path) -> None:

@@ -410,7 +410,9 @@ def detect_format(rec: dict) -> str:
         return "webgpt"
     if any(k in rec for k in ("completions", "responses", "answers")):
         return "ranked"
-    raise ChatforgeError(f"cannot tell the preference format from keys {sorted(rec)[:8]}; pass fmt=")
+    raise ChatforgeError(
+        f"cannot tell the preference format from keys {sorted(rec)[:8]} (known: {', '.join(FORMATS)})"
+    )
 
 
 def _from_prefs(rec: dict) -> dict:
@@ -451,7 +453,10 @@ def read_pairs(
         first = next((r for _, r in records if isinstance(r, dict)), None)
         if first is None:
             raise ChatforgeError(f"{p}: no JSON records found")
-        fmt = detect_format(first)
+        try:
+            fmt = detect_format(first)
+        except ChatforgeError as e:  # reward.pref_files lists several files: say which one
+            raise ChatforgeError(f"{p}: {e}") from None
     src = source or f"{fmt}:{p.name}"
     if fmt == "oasst_messages":
         raw, stats = _oasst_message_pairs(p)
