@@ -131,6 +131,14 @@ def test_empty_and_unreadable_files_are_counted_not_fatal(tmp_path: Path) -> Non
     assert texts == ["good"]
     assert report.bad_records == 2
     assert report.reasons["empty file"] == 1 and report.reasons["unreadable"] == 1
+    # An unreadable file is one bad record, not also an "empty file" (blank-line and JSONL readers).
+    (tmp_path / "empty.txt").unlink()
+    texts, report = docs_of(SourceConfig(kind="text", path=str(tmp_path), split_on_blank_lines=True))
+    assert texts == ["good"] and report.bad_records == 1 and report.reasons["unreadable"] == 1
+    (tmp_path / "good.jsonl").write_text('{"text": "good"}\n')
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    texts, report = docs_of(SourceConfig(kind="jsonl", path=str(tmp_path)))
+    assert texts == ["good"] and report.bad_records == 1 and report.reasons["unreadable"] == 1
 
 
 def test_missing_path_is_a_one_line_error_naming_it(tmp_path: Path) -> None:

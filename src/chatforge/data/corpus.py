@@ -169,6 +169,7 @@ def _lines(file: Path, report: ReadReport) -> Iterator[tuple[int, bytes]]:
 def _read_text(files: list[Path], src: SourceConfig, report: ReadReport) -> Iterator[str]:
     for file in files:
         report.files += 1
+        unreadable = report.reasons["unreadable"]
         n = 0
         if src.split_on_blank_lines:
             block: list[str] = []
@@ -199,7 +200,7 @@ def _read_text(files: list[Path], src: SourceConfig, report: ReadReport) -> Iter
             if text.strip():
                 n += 1
                 yield text
-        if n == 0:
+        if n == 0 and report.reasons["unreadable"] == unreadable:  # an unreadable file is reported once
             report.bad(str(file), "empty file")
 
 
@@ -218,13 +219,15 @@ def _record_text(rec: Any, text_field: str) -> tuple[str | None, str]:
 def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Iterator[str]:
     for file in files:
         report.files += 1
+        unreadable = report.reasons["unreadable"]
         n_records = 0
         lines = _lines(file, report)
         first = next(lines, None)
         while first is not None and not first[1].strip():  # skip leading blank lines
             first = next(lines, None)
         if first is None:
-            report.bad(str(file), "empty file")
+            if report.reasons["unreadable"] == unreadable:  # an unreadable file is reported once
+                report.bad(str(file), "empty file")
             continue
         if first[1].lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
             # A .json file holding one array of records (the Alpaca/LIMA style), not JSON Lines.
@@ -258,7 +261,7 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
                     report.bad(where, why)
                 else:
                     yield text
-        if n_records == 0:
+        if n_records == 0 and report.reasons["unreadable"] == unreadable:
             report.bad(str(file), "no records")
 
 
