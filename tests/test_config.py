@@ -58,6 +58,8 @@ def test_list_elements_can_be_overridden() -> None:
         ("pretrain.lr=nan", r"pretrain.lr: expected a number, got 'nan'"),  # NaN passes range checks
         ("sft.grad_clip=.nan", r"sft.grad_clip: expected a number, got nan"),
         ("noequals", r"expected key=value"),
+        ("name=", r"name: must name a run directory inside runs_dir, got ''"),  # was runs/ itself
+        ("name=..", r"name: must name a run directory inside runs_dir, got '..'"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

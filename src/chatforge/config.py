@@ -718,6 +718,9 @@ class RunConfig:
         return Path(self.runs_dir) / self.name
 
     def validate(self, key: str = "") -> None:
+        # an empty name made the run directory runs/ itself: every stage's outputs beside the other runs
+        if not self.name.strip() or Path(self.name).name in (".", ".."):
+            raise ConfigError(f"name: must name a run directory inside runs_dir, got {self.name!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
