@@ -122,6 +122,21 @@ def test_prepare_adds_a_world_source_of_chosen_kinds(tmp_path: Path) -> None:
     assert Counter(c["kind"] for c in convs) == base + Counter({"system_json": 40})
 
 
+def test_prepare_names_the_first_bad_record_of_a_source_with_none_usable(tmp_path: Path) -> None:
+    """An Alpaca file given as ``kind: sharegpt``: the error says why (was only "N bad records")."""
+    from chatforge.config import load_config
+    from chatforge.data.chat import prepare
+
+    src = FIXTURES / "alpaca.json"
+    cfg = load_config(
+        "cpu-demo", [f"runs_dir={tmp_path}", f"chat_data.sources=[{{kind: sharegpt, path: {src}}}]"]
+    )
+    with pytest.raises(
+        ChatforgeError, match=rf"bad records\); first: {re.escape(str(src))}:\d+: missing conversations list$"
+    ):
+        prepare(cfg)
+
+
 def test_deterministic(world: World, train_convs: list[dict]) -> None:
     assert world_conversations(build_world(0), 3000, 0) == train_convs
     assert world_conversations(world, 50, 1) != world_conversations(world, 50, 0)

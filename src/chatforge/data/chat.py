@@ -2367,8 +2367,11 @@ def prepare(cfg: Any) -> dict:
             name = f"{src.kind}:{src.path}"
         if src.max_convs:
             got = got[: src.max_convs]
-        if not got:
-            raise ChatforgeError(f"chat source {name}: no usable conversations ({len(errors)} bad records)")
+        if not got:  # the first reason says what is wrong (often: the wrong kind for the file)
+            first = f"; first: {errors[0]}" if errors else ""
+            raise ChatforgeError(
+                f"chat source {name}: no usable conversations ({len(errors)} bad records){first}"
+            )
         for c in got:
             c.setdefault("kind", src.kind)
         convs += got
