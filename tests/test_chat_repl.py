@@ -190,3 +190,18 @@ def test_load_reads_a_file_with_a_byte_order_mark(model_dir: Path, tmp_path: Pat
     repl.load(str(f))
     assert out.getvalue() == f"(loaded 2 messages from {f})\n"
     assert repl.conv.messages() == msgs
+
+
+def test_save_and_load_expand_the_home_directory(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """``/save ~/chat.jsonl`` wrote into a folder literally named "~" (or failed); now as in a shell."""
+    from chatforge.sample import load_engine
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    repl = Repl(load_engine(model_dir, device="cpu"), SamplingParams(max_new_tokens=8), stdout=io.StringIO())
+    repl.conv = Conversation(system="be brief", turns=[{"role": "user", "content": "hi"}])
+    repl.command("/save ~/chat.jsonl")
+    assert json.loads((tmp_path / "chat.jsonl").read_text())["messages"][0]["content"] == "be brief"
+    repl.conv = Conversation()
+    repl.command("/load ~/chat.jsonl")
+    assert repl.conv.system == "be brief" and repl.out.getvalue().splitlines()[-1].startswith("(loaded 2")

@@ -169,8 +169,9 @@ class Repl:
                 self.say("usage: /save FILE")
                 return True
             try:
-                Path(arg).write_text(
-                    json.dumps({"messages": self.conv.messages()}, ensure_ascii=False) + "\n"
+                Path(arg).expanduser().write_text(  # ~ as in a shell
+                    json.dumps({"messages": self.conv.messages()}, ensure_ascii=False) + "\n",
+                    encoding="utf-8",  # /load reads UTF-8 whatever the locale
                 )
             except OSError as e:
                 self.say(f"error: cannot write {arg}: {e.strerror or e}")
@@ -188,7 +189,9 @@ class Repl:
             return
         try:
             # utf-8-sig: a conversation written in Notepad starts with a byte-order mark
-            lines = [ln for ln in Path(arg).read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+            lines = [
+                ln for ln in Path(arg).expanduser().read_text(encoding="utf-8-sig").splitlines() if ln.strip()
+            ]
             if not lines:
                 raise ValueError("the file is empty")
             rec = json.loads(lines[-1])
