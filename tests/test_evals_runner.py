@@ -232,6 +232,22 @@ def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "no such eval" in err and "Traceback" not in err
 
 
+def test_cli_eval_out_that_cannot_be_written(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--out DIR`` ran the whole suite, then died with IsADirectoryError (leaving DIR.tmp behind); an
+    unwritable path died with a traceback too."""
+    from chatforge.cli import main
+
+    argv = ["eval", "--model", str(ckpt), "--suite", "world-mini", "--limit", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*argv, "--out", str(tmp_path / "file" / "res.json")]) == 2
+    assert "res.json: cannot write the results" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_report_uses_the_settings_the_run_was_made_with(tmp_path: Path) -> None:
     """``chatforge report --run DIR`` (or ``--name``) without ``--recipe`` gave the default recipe's
     model sizes in the report card, whatever recipe made the run; the run's own config.yaml decides."""

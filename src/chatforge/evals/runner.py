@@ -7,6 +7,7 @@ worst answer (an item counts for worst-of-n only if all n samples pass).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -276,6 +277,8 @@ def run(
     report card reads); otherwise ``out`` or ``evals/<suite>_<model>.json``.
     """
     spec = get_spec(suite, registry)
+    if out is not None and Path(out).is_dir():  # found now, not after the whole suite has run
+        raise ChatforgeError(f"--out {out}: is a directory; give a file name, e.g. {Path(out) / suite}.json")
     context: dict[str, Any] = {}
     if endpoint:
         target = make_target(endpoint=endpoint, model=model, api_key_env=api_key_env, concurrency=concurrency)
@@ -293,10 +296,15 @@ def run(
     res = run_suite(spec, target, context=context, limit=limit, **sampling)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.name).strip("-")
     dest = Path(out) if out else default_dir / f"{suite}_{safe}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    tmp.replace(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ChatforgeError(f"{dest}: cannot write the results ({e.strerror or e})") from None
     return res, dest
 
 
