@@ -643,6 +643,19 @@ def test_byte_order_marks_and_corrupt_gzip(tmp_path: Path) -> None:
         read_openai_jsonl(tmp_path / "corrupt.jsonl.gz")
 
 
+def test_lone_surrogates_become_replacement_characters(tmp_path: Path) -> None:
+    """A JSON "\\ud83d" whose pair was cut off (common in scraped ShareGPT dumps) was accepted, and then
+    the SFT data stage died writing it (UnicodeEncodeError); the tokenizer rejects it too. A complete
+    pair stays the emoji."""
+    line = r'{"messages": [{"role": "user", "content": "cut \ud83d, whole \ud83d\ude00"}, {"role": "assistant", "content": "ok"}]}'
+    (tmp_path / "s.jsonl").write_text(line + "\n")
+    (tmp_path / "s.json").write_text(f"[{line}]")
+    for name in ("s.jsonl", "s.json"):
+        convs, errors = read_openai_jsonl(tmp_path / name)
+        assert not errors and convs[0]["messages"][0]["content"] == "cut \ufffd, whole \U0001f600"
+        assert write_jsonl(convs, tmp_path / "out.jsonl") == 1
+
+
 def test_oasst_parent_loop_ends(tmp_path: Path) -> None:
     """Duplicate message ids (two dumps concatenated) can make a parent_id loop: the thread stops there."""
     recs = [

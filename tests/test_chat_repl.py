@@ -192,6 +192,24 @@ def test_load_reads_a_file_with_a_byte_order_mark(model_dir: Path, tmp_path: Pat
     assert repl.conv.messages() == msgs
 
 
+def test_bytes_that_are_not_utf8_on_stdin_do_not_crash_the_chat(model_dir: Path) -> None:
+    """A Latin-1 line on stdin reaches Python as lone surrogates (surrogateescape); the tokenizer raised
+    a TypeError traceback on them and the session died."""
+    from chatforge.sample import load_engine
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 hi\n"), encoding="utf-8", errors="surrogateescape")
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    repl = Repl(load_engine(model_dir, device="cpu"), params, stdin=stdin, stdout=io.StringIO())
+    repl.run()  # reads the line, replies, then end of input
+    assert repl.conv.turns[0] == {"role": "user", "content": "caf\ufffd hi"}
+    assert repl.conv.turns[1]["role"] == "assistant"
+    # the same for /load: a file whose JSON holds a lone "\ud83d" (an emoji cut in half)
+    conv = Conversation.from_messages(
+        json.loads('[{"role": "user", "content": "a \\ud83d b \\ud83d\\ude00"}]')
+    )
+    assert conv.turns[0]["content"] == "a \ufffd b \U0001f600"
+
+
 def test_save_and_load_expand_the_home_directory(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """``/save ~/chat.jsonl`` wrote into a folder literally named "~" (or failed); now as in a shell."""
     from chatforge.sample import load_engine

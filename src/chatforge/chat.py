@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,12 +57,13 @@ class Conversation:
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
                 raise ValueError(f"message {i}: expected {{'role': system|user|assistant, 'content': str}}")
+            content = _valid_text(m["content"])  # a lone "\\ud83d" in the file: U+FFFD, not a crash later
             if m["role"] == "system":
                 if i:
                     raise ValueError(f"message {i}: a system message must come first")
-                conv.system = m["content"]
+                conv.system = content
             else:
-                conv.turns.append({"role": m["role"], "content": m["content"]})
+                conv.turns.append({"role": m["role"], "content": content})
         return conv
 
 
@@ -96,6 +98,15 @@ def fit_prompt(
         dropped += 1
 
 
+def _valid_text(line: str) -> str:
+    """Bytes that were not UTF-8 on stdin (a Latin-1 terminal or file) arrive as lone surrogates, which
+    the tokenizer rejects with a TypeError: they become U+FFFD instead."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte made (a JSON "\\ud83d")
+        return re.sub("[\ud800-\udfff]", "\ufffd", line)
+
+
 class Repl:
     def __init__(
         self,
@@ -124,13 +135,13 @@ class Repl:
 
     def read(self, prompt: str) -> str:
         if self.stdin is sys.stdin and sys.stdin.isatty():
-            return input(prompt)  # line editing and history when a person types
+            return _valid_text(input(prompt))  # line editing and history when a person types
         self.out.write(prompt)
         self.out.flush()
         line = self.stdin.readline()
         if not line:
             raise EOFError
-        return line.rstrip("\r\n")
+        return _valid_text(line.rstrip("\r\n"))
 
     def run(self) -> None:
         if self.stdin is sys.stdin and sys.stdin.isatty():

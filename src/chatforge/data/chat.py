@@ -2047,18 +2047,36 @@ def _open_text(path: Path) -> str:
     return data.decode("utf-8-sig", errors="replace")  # stray bytes become U+FFFD rather than failing
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(obj: Any) -> Any:
+    """``obj`` with every lone surrogate (a JSON ``"\\ud83d"`` whose pair was cut off, common in scraped
+    chat dumps) replaced by U+FFFD: such a string cannot be written as UTF-8 or tokenized."""
+    if isinstance(obj, str):
+        return _LONE_SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, list):
+        return [_no_surrogates(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in obj.items()}
+    return obj
+
+
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record or _Bad) from a JSON list or a JSONL file."""
     text = _open_text(path)
     start = len(text) - len(text.lstrip())
+    # Only a \uD800-\uDFFF escape can make a lone surrogate: look for one once, not in every record.
+    fix = _no_surrogates if re.search(r"\\u[dD][89a-fA-F]", text) else (lambda rec: rec)
     if text[start : start + 1] == "[":
-        yield from _json_list_records(text, start + 1)
+        for lineno, rec in _json_list_records(text, start + 1):
+            yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            yield lineno, fix(json.loads(line))
         except json.JSONDecodeError as e:
             yield lineno, _Bad(f"invalid JSON ({e.msg}, column {e.colno})")
 
