@@ -189,6 +189,25 @@ def test_our_own_format_reads_back_with_every_prompt_whole(world, tmp_path) -> N
     assert "does not end with a user turn" in prefs.read_pairs(f)[1]["errors"][0]
 
 
+def test_a_raters_weight_and_name_read_back(tmp_path) -> None:
+    """`chatforge feedback export --weighted` writes each vote's rater and weight: both reach the RM's
+    pairs (the weight scales the pair's loss); a weight that is not a number >= 0 is a malformed record."""
+    rec = {
+        "messages": [{"role": "user", "content": "Which river?"}],
+        "chosen": {"role": "assistant", "content": "The Lune."},
+        "rejected": {"role": "assistant", "content": "A river."},
+    }
+    lines = [
+        json.dumps({**rec, "rater": "r-careless", "weight": 0.25}),
+        json.dumps(rec),
+        json.dumps({**rec, "weight": "high"}),
+        json.dumps({**rec, "weight": -1}),
+    ]
+    back, st = prefs.read_pairs(_write(tmp_path / "votes.jsonl", lines))
+    assert [(p["rater"], p.get("weight", 1.0)) for p in back] == [("r-careless", 0.25), ("human", 1.0)]
+    assert st["malformed"] == 2 and "votes.jsonl:3: weight must be a number >= 0" in st["errors"][0]
+
+
 def test_split_by_prompt_keeps_prompts_on_one_side(world) -> None:
     pairs = prefs.world_pairs(world, 200, 0, "train")
     tr, te = prefs.split_by_prompt(pairs, 0.2, seed=0)

@@ -98,6 +98,37 @@ def test_likelihood_feature_rm_learns_saves_and_reloads(tok, tmp_path) -> None:
         again(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
 
 
+def test_pair_weights_scale_the_loss_and_outvote_a_careless_rater(tok, tmp_path) -> None:
+    """A pair's weight (a rater's reliability) scales its Bradley–Terry loss: weight 0 counts for nothing.
+    Trained on pairs of which 60% come from a rater who votes backwards, the RM learns the backwards
+    preference, unless that rater's pairs carry the low weight `feedback raters` would give them."""
+    from chatforge.train.reward import RewardModel, bt_loss_fn
+
+    rm = RewardModel(tiny_model(tok))
+    enc = tokenize_pairs(toy_pairs(2, 5), tok, 256)
+    both = pair_batch([enc[0], (*enc[1][:4], 0.0)], tok.pad_id)
+    first = pair_batch(enc[:1], tok.pad_id)
+    with torch.no_grad():
+        loss_both, loss_first = bt_loss_fn(0.0)(rm, both)[0], bt_loss_fn(0.0)(rm, first)[0]
+    assert float(loss_both) == pytest.approx(float(loss_first), abs=1e-6)
+
+    def flip(p: dict) -> dict:
+        return {**p, "chosen": p["rejected"], "rejected": p["chosen"], "weight": 0.05}
+
+    pairs = [flip(p) if i % 5 < 3 else p for i, p in enumerate(toy_pairs(160, 7))]
+    unweighted = [{k: v for k, v in p.items() if k != "weight"} for p in pairs]
+    acc = {}
+    for name, train in (("weighted", pairs), ("unweighted", unweighted)):
+        rc = RewardConfig()
+        rc.train.steps, rc.train.batch_size, rc.train.lr = 30, 8, 3e-3
+        rc.train.progress, rc.train.eval_every = False, 0
+        _, summary = train_reward_model(
+            tiny_model(tok), tok, train, toy_pairs(40, 1), rc, tmp_path / name, False
+        )
+        acc[name] = summary["heldout"]["accuracy"]
+    assert acc["weighted"] >= 0.9 and acc["unweighted"] <= 0.1, acc
+
+
 def test_dpo_loss_starts_at_log2_and_the_margin_grows(tok, tmp_path) -> None:
     policy = tiny_model(tok, seed=1)
     pairs = toy_pairs(96, 2)

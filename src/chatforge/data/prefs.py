@@ -22,6 +22,7 @@ them, and report bad lines as ``file:line: reason``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable
@@ -425,6 +426,14 @@ def _from_prefs(rec: dict) -> dict:
         out[side] = _text(m.get("content"), f"{side}.content")
     if out["chosen"] == out["rejected"]:
         raise _Skip
+    # `chatforge feedback export --weighted` writes each rater's reliability; the RM's loss uses it
+    w = rec.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < math.inf:
+        raise _Bad(f"weight must be a number >= 0, got {w!r}")
+    if w != 1.0:
+        out["weight"] = float(w)
+    if isinstance(rec.get("rater"), str) and rec["rater"]:
+        out["rater"] = rec["rater"]
     return out
 
 
@@ -486,7 +495,8 @@ def read_pairs(
             "chosen": {"role": "assistant", "content": r["chosen"]},
             "rejected": {"role": "assistant", "content": r["rejected"]},
             "source": src,
-            "rater": "human",
+            "rater": r.get("rater", "human"),
+            **({"weight": r["weight"]} if "weight" in r else {}),
         }
         for r in raw
     ]

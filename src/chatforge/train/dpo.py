@@ -22,7 +22,7 @@ from chatforge.data import prefs
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Batch, Trainer
-from chatforge.train.reward import pair_batch, pair_batches, tokenize_pairs
+from chatforge.train.reward import pair_batch, pair_batches, tokenize_pairs, weighted_mean
 from chatforge.train.rollout import load_init, save_policy, start, token_logprobs
 
 
@@ -41,7 +41,7 @@ def dpo_loss_fn(ref: GPT, beta: float, label_smoothing: float = 0.0):
         rc, rr = ref_lp.chunk(2)
         logits = beta * ((pc - rc) - (pr - rr))
         loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-        loss = loss.mean()
+        loss = weighted_mean(loss, batch)
         with torch.no_grad():
             extra = {
                 "reward_margin": float(logits.mean() / beta),  # implicit reward gap, in nats

@@ -132,13 +132,14 @@ def encode_reply(
 
 def tokenize_pairs(
     pairs: list[dict], tok: Tokenizer, max_len: int
-) -> list[tuple[list[int], list[int], list[int], list[int]]]:
-    """(chosen ids, chosen mask, rejected ids, rejected mask) per pair."""
+) -> list[tuple[list[int], list[int], list[int], list[int], float]]:
+    """(chosen ids, chosen mask, rejected ids, rejected mask, weight) per pair; the weight (1 unless the
+    pair says otherwise: a rater's reliability from ``feedback export --weighted``) scales its loss."""
     out = []
     for p in pairs:
         c, cm = encode_reply(tok, p["messages"], p["chosen"]["content"], max_len)
         r, rmask = encode_reply(tok, p["messages"], p["rejected"]["content"], max_len)
-        out.append((c, cm, r, rmask))
+        out.append((c, cm, r, rmask, float(p.get("weight", 1.0))))
     return out
 
 
@@ -161,7 +162,17 @@ def pair_batch(examples: list[tuple], pad_id: int) -> Batch:
     ``reply_mask`` [2B, T-1] (the reward model's likelihood feature and DPO read it)."""
     ids, lengths = pad([e[0] for e in examples] + [e[2] for e in examples], pad_id)
     mask = reply_positions([e[1] for e in examples] + [e[3] for e in examples])
-    return {"input_ids": ids, "lengths": lengths, "reply_mask": mask}
+    weight = torch.tensor([e[4] if len(e) > 4 else 1.0 for e in examples])
+    return {"input_ids": ids, "lengths": lengths, "reply_mask": mask, "weight": weight}
+
+
+def weighted_mean(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The pairs' losses averaged by their weights (a plain mean when all are 1)."""
+    w = batch.get("weight")
+    if w is None:
+        return losses.mean()
+    w = w.to(losses)
+    return (losses * w).sum() / w.sum().clamp_min(1e-8)
 
 
 def pair_batches(examples: list[tuple], tc: Any, collate: Any, pad_id: int, stage: str) -> Any:
@@ -182,7 +193,7 @@ def bt_loss_fn(margin: float):
         scores = model(batch["input_ids"], batch["lengths"], batch["reply_mask"])
         rc, rr = scores.chunk(2)
         diff = rc - rr
-        loss = -F.logsigmoid(diff - margin).mean()
+        loss = weighted_mean(-F.logsigmoid(diff - margin), batch)
         d = diff.detach()
         extra = {"accuracy": float((d > 0).float().mean()), "reward_gap": float(d.mean())}
         return loss, extra, int(batch["lengths"].sum())
