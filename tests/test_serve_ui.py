@@ -261,3 +261,30 @@ def test_compare_vote_is_asked_for_before_the_next_turn(site, page) -> None:
     assert stats["malformed"] == 0 or all("alternate" not in e for e in stats["errors"]), (
         stats
     )  # an empty answer from the random model may be malformed; the thread never is
+
+
+def test_an_open_page_follows_a_promotion(site, page) -> None:
+    """The picker's first choice is the server's active version at each request: after a promote (or a
+    rollback) an open page chats with the new one, and its label says so, without a reload."""
+    url, db, _ = site
+    db.promote("sft", by="test")
+    _open(page, url)
+    page.click("#new-chat")
+    assert page.eval_on_selector("#model", "s => s.value") == "default"
+    page.fill("#max-tokens", "4")
+
+    def ask(text: str) -> str:
+        n = page.locator(".msg.assistant").count()
+        page.fill("[data-testid=input]", text)
+        page.click("[data-testid=send]")
+        page.wait_for_function(
+            f"document.querySelectorAll('.msg.assistant').length === {n + 1} && !document.querySelector('.streaming')"
+        )
+        return page.locator(".msg.assistant .model-tag").nth(n).inner_text()
+
+    assert ask("Who builds clocks?") == "sft"
+    db.promote("base", by="test")  # as POST /admin/promote does, while the page stays open
+    assert ask("And who sells them?") == "base"
+    assert "active version (base)" in page.locator("#model option").first.inner_text()
+    db.rollback()
+    assert ask("Thanks.") == "sft"

@@ -192,6 +192,7 @@ async function assistantTurn() {
     const out = await streamChat(model, prompt, {}, (text) => { msg.content = text; setContent(content, text); });
     msg.content = out.text;
     msg.model = out.model;
+    if (model === DEFAULT && out.model !== state.active) fillPickers(out.model);  // promoted meanwhile
   } catch (e) {
     showError(e.message);
     state.messages.pop();
@@ -354,16 +355,26 @@ function newChat() {
   loadHistory();
 }
 
+// The server's active version, whichever it is when the request arrives: after a promote or a rollback an
+// open page follows it instead of chatting on with the version it saw at load time.
+const DEFAULT = "default";
+
+function fillPickers(active) {
+  state.active = active;
+  for (const id of ["model", "model-a", "model-b"]) {
+    const sel = $(id), was = sel.value;
+    const fixed = state.versions.map((v) => el("option", { value: v }, v + (v === active ? " (active)" : "")));
+    const follow = id === "model-b" ? [] : [el("option", { value: DEFAULT }, `active version (${active})`)];
+    sel.replaceChildren(...follow, ...fixed);
+    sel.value = was || (id === "model-b" ? active : DEFAULT);
+  }
+}
+
 async function init() {
   const cfg = await api("/ui/config");
   state.versions = cfg.versions;
-  state.active = cfg.active;
   $("key-label").hidden = !cfg.auth;
-  for (const id of ["model", "model-a", "model-b"]) {
-    const sel = $(id);
-    sel.replaceChildren(...cfg.versions.map((v) => el("option", { value: v }, v + (v === cfg.active ? " (active)" : ""))));
-    sel.value = cfg.active;
-  }
+  fillPickers(cfg.active);
   if (cfg.versions.length > 1) $("model-b").value = cfg.versions.find((v) => v !== cfg.active);
   $("compare").addEventListener("change", () => { $("compare-models").hidden = !$("compare").checked; });
   $("api-key").addEventListener("change", () => localStorage.setItem("chatforge.key", $("api-key").value));
