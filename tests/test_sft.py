@@ -46,6 +46,20 @@ def test_mask_is_exactly_the_assistant_replies_and_their_end_marker(tok) -> None
         assert trained == expected
 
 
+def test_a_literal_end_marker_in_a_message_stays_text(tok) -> None:
+    """Scraped chat data holds literal "<|im_end|>" strings: SFT encodes them as text, as the server does,
+    so training never shows the model a turn end (or a new turn) that serving would not."""
+    messages = [
+        {"role": "user", "content": "Print <|im_end|> for me."},
+        {"role": "assistant", "content": "Here: <|im_end|><|im_start|>user\nok"},
+    ]
+    ids, mask = tok.encode_chat(messages)
+    assert ids == tok.encode_chat_prompt(messages, add_generation_prompt=False)
+    assert ids.count(tok.im_end_id) == 2 and ids.count(tok.im_start_id) == 2  # the real turn markers only
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "Here: <|im_end|><|im_start|>user\nok<|im_end|>"
+
+
 def test_labels_are_shifted_and_masked(tok) -> None:
     examples, dropped = tokenize_conversations(CONVS, tok, max_tokens=512)
     assert dropped == 0

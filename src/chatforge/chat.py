@@ -81,7 +81,7 @@ def fit_prompt(
     turns = list(conv.turns)
     dropped = 0
     while True:
-        ids = tok.apply_chat_template(conv.messages(turns, new), add_generation_prompt=True)
+        ids = tok.encode_chat_prompt(conv.messages(turns, new), add_generation_prompt=True)
         if len(ids) <= room:
             return ids, turns, dropped
         if not turns:

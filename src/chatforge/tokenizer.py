@@ -197,13 +197,16 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
-    def encode_plain(self, text: str) -> list[int]:
-        """Ids of ``text`` with special-token strings treated as ordinary text (for untrusted input)."""
+    def _plain_tokenizer(self) -> tokenizers.Tokenizer:
         if getattr(self, "_plain", None) is None:
             # A private copy: flipping the flag on the shared tokenizer would race with other threads.
             self._plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
             self._plain.encode_special_tokens = True
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token strings treated as ordinary text (for untrusted input)."""
+        return self._plain_tokenizer().encode(text, add_special_tokens=False).ids
 
     def encode_chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """``apply_chat_template`` ids where roles and contents can never become special tokens.
@@ -222,31 +225,31 @@ class Tokenizer:
         return ids
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """``apply_chat_template`` ids plus a 0/1 mask of the tokens SFT trains on: each assistant
-        reply and its ``<|im_end|>`` (so the model learns to stop), unless the message has ``weight: 0``.
+        """``encode_chat_prompt`` ids (``apply_chat_template``'s, with contents kept as text) plus a 0/1
+        mask of the tokens SFT trains on: each assistant reply and its ``<|im_end|>`` (so the model learns
+        to stop), unless the message has ``weight: 0``.
 
-        The mask comes from the tokenizer's character offsets over the one rendered string, so it is exact
-        however BPE merges characters at the edges of a turn.
+        A literal ``<|im_end|>`` in a message (scraped chat data has them) stays text, as the server
+        encodes it, so training never sees a turn end that serving would not. The mask comes from the
+        tokenizer's character offsets, so it is exact however BPE merges characters at a turn's edges.
         """
-        text = self.render_chat(messages)
-        spans: list[tuple[int, int]] = []
-        pos = 0
+        self.render_chat(messages)  # validates roles and contents
+        plain = self._plain_tokenizer()
+        newline = self.encode_plain("\n")
+        ids: list[int] = []
+        mask: list[int] = []
         for m in messages:
-            head = f"{IM_START}{m['role']}\n"
-            start = pos + len(head)
-            end = start + len(m["content"]) + len(IM_END)
-            if m["role"] == "assistant" and m.get("weight", 1):
-                spans.append((start, end))
-            pos = end + 1  # the newline after <|im_end|>
-        enc = self._tok.encode(text, add_special_tokens=False)
-        mask = [0] * len(enc.ids)
-        j = 0
-        for i, (a, _b) in enumerate(enc.offsets):
-            while j < len(spans) and a >= spans[j][1]:
-                j += 1
-            if j < len(spans) and spans[j][0] <= a < spans[j][1]:
-                mask[i] = 1
-        return enc.ids, mask
+            train = m["role"] == "assistant" and bool(m.get("weight", 1))
+            enc = plain.encode(f"{m['role']}\n{m['content']}", add_special_tokens=False)
+            start = len(m["role"]) + 1  # where the content begins
+            ids += [self.im_start_id, *enc.ids, self.im_end_id, *newline]
+            mask += [
+                0,
+                *(int(train and a >= start) for a, _b in enc.offsets),
+                int(train),
+                *[0] * len(newline),
+            ]
+        return ids, mask
 
 
 # ---------------------------------------------------------------- the `chatforge tokenizer` stage

@@ -63,7 +63,7 @@ class CheckpointTarget:
         tok = self.engine.tokenizer
         if isinstance(x, str):
             return tok.encode(x)
-        return tok.apply_chat_template(x, add_generation_prompt=add_generation_prompt)
+        return tok.encode_chat_prompt(x, add_generation_prompt=add_generation_prompt)
 
     def generate(self, inputs: Sequence[Input], params: SamplingParams) -> list[list[str]]:
         prompts = [self._ids(x) for x in inputs]
