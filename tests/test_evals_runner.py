@@ -226,7 +226,18 @@ def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert (run / "world_distribution.png").read_bytes()[:4] == b"\x89PNG"
     rep = json.loads((run / "report.json").read_text())
     assert set(rep["world_eval"]) == {"sft", "grpo"} and "caps_sft" in rep["suites"]
+    # An item too long for the 128-token context is scored as a failure, and the result says how many.
+    long_item = {
+        "id": "long",
+        "kind": "trained",
+        "input": [{"role": "user", "content": "Ada " * 200}],
+        "ideal": "x",
+    }
+    (reg / "caps.jsonl").write_text(json.dumps(long_item) + "\n" + json.dumps(_items(FACTS)[0]) + "\n")
     capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "long.json")]) == 0
+    assert json.loads((tmp_path / "long.json").read_text())["too_long_for_context"] == 1
+    assert '"too_long_for_context": 1' in capsys.readouterr().out
     assert main(["eval", "--model", str(ckpt), "--suite", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no such eval" in err and "Traceback" not in err

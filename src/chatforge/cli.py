@@ -214,7 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
     )
-    shown = {k: res[k] for k in ("suite", "target", "n", "overall", "extra", "throughput") if k in res}
+    keys = ("suite", "target", "n", "overall", "extra", "throughput", "too_long_for_context")
+    shown = {k: res[k] for k in keys if k in res}
     if len(res.get("per_kind", {})) > 1:  # items with kinds: each kind's mean too
         shown["per_kind"] = {k: v["mean"] for k, v in res["per_kind"].items()}
     _print(shown)

@@ -248,7 +248,10 @@ def run_suite(
     """One registry eval on one target; sampling overrides (``n``, ``seed``, ``temperature``...) win."""
     items = load_samples(spec, context, limit)
     params = spec_params(spec, **sampling)
+    too_long = getattr(target, "too_long", 0)
     res = evaluate(target, items, spec.make_grader(), params, constrained_json=spec.constrained_json)
+    if getattr(target, "too_long", 0) > too_long:  # said, not only scored: a short context is not a bad model
+        res["too_long_for_context"] = target.too_long - too_long  # type: ignore[attr-defined]
     res.update(
         suite=spec.name,
         description=spec.description,

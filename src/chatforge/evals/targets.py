@@ -58,6 +58,7 @@ class CheckpointTarget:
             self.engine = load_engine(p)
             self.name = name or p.name
         self.batch_size = batch_size
+        self.too_long = 0  # prompts that did not fit the context with room for the reply (scored as failures)
 
     def _ids(self, x: Input, add_generation_prompt: bool = True) -> list[int]:
         tok = self.engine.tokenizer
@@ -72,6 +73,7 @@ class CheckpointTarget:
         fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= limit]
         for i in set(range(len(inputs))) - set(fits):  # too long for the context: scored as failures
             replies[i] = [""] * params.n
+        self.too_long += len(inputs) - len(fits)
         step = max(1, self.batch_size // params.n)
         try:
             for s in range(0, len(fits), step):
