@@ -167,6 +167,28 @@ def test_oasst_messages_with_a_missing_text_or_a_loop(tmp_path) -> None:
     assert pairs[0]["messages"] == [{"role": "user", "content": "Question?"}]
 
 
+def test_trl_preference_shapes(tmp_path) -> None:
+    """TRL's shapes: UltraFeedback-binarized (a string prompt, message lists that repeat it), an implicit
+    prompt (the messages both lists share), plain strings; mismatched lists are malformed, equal replies ties."""
+    q = [{"role": "user", "content": "Name a river."}]
+    good, bad = {"role": "assistant", "content": "The Lune."}, {"role": "assistant", "content": "Blue."}
+    lines = [
+        json.dumps(
+            {"prompt": "Name a river.", "chosen": [*q, good], "rejected": [*q, bad], "score_chosen": 8.0}
+        ),
+        json.dumps({"chosen": [*q, good], "rejected": [*q, bad]}),
+        json.dumps({"prompt": "Name a river.", "chosen": "The Lune.", "rejected": "Blue."}),
+        json.dumps({"prompt": q, "chosen": [good], "rejected": [bad]}),
+        json.dumps({"chosen": [*q, good], "rejected": [{"role": "user", "content": "Other?"}, bad]}),
+        json.dumps({"prompt": "Name a river.", "chosen": "Same.", "rejected": "Same."}),
+    ]
+    pairs, st = prefs.read_pairs(_write(tmp_path / "uf.jsonl", lines))
+    assert st["format"] == "trl" and st["pairs"] == 4 and st["ties"] == 1 and st["malformed"] == 1
+    assert all(p["messages"] == q for p in pairs)
+    assert {(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs} == {("The Lune.", "Blue.")}
+    assert "uf.jsonl:5: chosen and rejected do not share" in st["errors"][0]
+
+
 def test_a_file_in_no_known_format_is_named(tmp_path) -> None:
     path = _write(tmp_path / "red-team.jsonl.gz", [json.dumps({"transcript": "x", "rating": 2})])
     with pytest.raises(ChatforgeError, match=r"red-team\.jsonl\.gz: cannot tell the preference format from"):

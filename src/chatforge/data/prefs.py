@@ -2,7 +2,8 @@
 
 One format for everything a reward model or DPO learns from: synthetic pairs from the built-in world
 (ground truth decides which reply is better), public human-preference sets (HH-RLHF transcripts,
-OpenAssistant rankings, UltraFeedback-style rated answers, WebGPT comparisons), and votes from the web UI.
+OpenAssistant rankings, UltraFeedback-style rated answers, WebGPT comparisons, TRL's chosen/rejected
+format), and votes from the web UI.
 
 World pairs are built from ``data/chat.py``'s conversations, so the chosen reply is exactly the SFT reply
 shape and the rejected one differs in one behaviour:
@@ -395,12 +396,14 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
     return pairs, stats
 
 
-FORMATS: tuple[str, ...] = ("prefs", "hh", "webgpt", "oasst_pairs", "oasst_messages", "ranked")
+FORMATS: tuple[str, ...] = ("prefs", "hh", "webgpt", "oasst_pairs", "oasst_messages", "ranked", "trl")
 
 
 def detect_format(rec: dict) -> str:
     if isinstance(rec.get("chosen"), dict) and "messages" in rec:
         return "prefs"
+    if isinstance(rec.get("chosen"), list) or ({"prompt", "chosen", "rejected"} <= set(rec)):
+        return "trl"
     if isinstance(rec.get("chosen"), str) and "Human:" in rec["chosen"]:
         return "hh"
     if "context" in rec and "chosen" in rec:
@@ -437,12 +440,49 @@ def _from_prefs(rec: dict) -> dict:
     return out
 
 
+def _from_trl(rec: dict) -> dict:
+    """TRL's preference shapes (UltraFeedback-binarized and most Hub preference sets): ``chosen`` and
+    ``rejected`` as strings or message lists, with an explicit ``prompt`` (a string or messages, which
+    the lists may repeat) or an implicit one (the messages the two lists share before their replies)."""
+
+    def messages(x: Any, what: str) -> Messages:
+        if isinstance(x, str):
+            return [{"role": "assistant", "content": x}]
+        if isinstance(x, list) and x and all(isinstance(m, dict) for m in x):
+            return x
+        raise _Bad(f"{what} must be a string or a list of messages")
+
+    chosen, rejected = messages(rec.get("chosen"), "chosen"), messages(rec.get("rejected"), "rejected")
+    p = rec.get("prompt")
+    if p is None:
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            raise _Bad("chosen and rejected do not share the messages before their replies")
+    else:
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else messages(p, "prompt")
+    replies = []
+    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[: len(prompt)] == prompt and len(msgs) > len(prompt):
+            msgs = msgs[len(prompt) :]  # the list repeats the prompt (UltraFeedback-binarized does)
+        if len(msgs) != 1 or msgs[0].get("role", "assistant") != "assistant":
+            raise _Bad(f"{side} must end with one assistant reply after the prompt")
+        replies.append(_text(msgs[0].get("content"), f"{side}.content"))
+    if replies[0] == replies[1]:
+        raise _Skip
+    return {
+        "messages": chat._check_messages(prompt, prompt=True),
+        "chosen": replies[0],
+        "rejected": replies[1],
+    }
+
+
 _CONVERTERS: dict[str, Callable[[dict], dict | list[dict]]] = {
     "prefs": _from_prefs,
     "hh": _from_hh,
     "webgpt": _from_webgpt,
     "oasst_pairs": _from_oasst_pair,
     "ranked": _from_ranked,
+    "trl": _from_trl,
 }
 
 
