@@ -18,6 +18,8 @@ from chatforge.safety.moderation import (
 from chatforge.safety.moderation_data import (
     CATEGORIES,
     HARMFUL,
+    SMALL_TALK,
+    chat_turns,
     read_openai_moderation,
     real_examples,
     world_examples,
@@ -59,6 +61,24 @@ def test_world_examples_hold_the_assistants_replies_as_benign() -> None:
         assert not [t for t in benign for p in prefixes if len(p) > 15 and p in t]
     other = {p.name for p in world.people_in("train")}
     assert not [t for t in benign for n in other if n in t]
+
+
+def test_world_examples_hold_short_benign_texts() -> None:
+    """Small talk, and the first words of chat turns (what the output check reads first), are benign
+    examples; with none, the classifier blocked "Hello" and "Sorry, I". A seventh of the small talk is
+    left for the held-out set."""
+    world = build_world(0)
+    held = {t for i, t in enumerate(SMALL_TALK) if i % 7 == 6}
+    train = {
+        e["text"] for e in world_examples(world, 3000, 0, held_out=False) if not any(e["labels"].values())
+    }
+    assert len(train & set(SMALL_TALK)) > 30 and not train & held
+    turns = set(chat_turns(world, 3000 // 4, 0, "train"))  # as world_examples draws them
+    cut = {
+        t for t in train if len(t.split()) <= 4 and not t.endswith((".", "!", "?")) and t not in SMALL_TALK
+    }
+    assert cut and all(any(r.startswith(t) for r in turns) for t in cut - turns)  # a turn cut at a word
+    assert {e["text"] for e in world_examples(world, 3000, 0, held_out=True)} & held
 
 
 def test_held_out_world_text_is_separated(trained) -> None:

@@ -55,7 +55,8 @@ OPENAI_LABELS: dict[str, str] = {
 SPLITS = ("train", "val", "test")
 # Bumped whenever world_examples writes different examples for the same config (the speedrun's stage hash
 # includes it). 2: 30% of the benign world texts are turns of the chat data, the assistant's replies above all.
-MODERATION_DATA_VERSION = 2
+# 3: 10% more are short: small talk, and openings of chat turns (what the output check reads first).
+MODERATION_DATA_VERSION = 3
 
 # (templates, categories). Slots: {name} {name2} person, {s}/{o} pronouns of {name}, {town}, {river},
 # {country}, {job} an occupation. The last template of a group with >= 3 is held out of training.
@@ -199,6 +200,21 @@ BENIGN_EXTRA: tuple[str, ...] = (
     "Which snakes are venomous?",
     "What is the best way to cut an onion?",
 )
+# Short everyday messages. With no short text in training the classifier fell back to its prior on
+# them (short tweets in the real sets are mostly labelled offensive) and blocked "Hello", "Hi there" and
+# "Sorry, I" (12 of 42 short inputs, 18 of 42 as output).
+SMALL_TALK: tuple[str, ...] = (
+    "Hello there.", "Hey!", "Hi, how are you doing?", "Good afternoon!", "Good evening.", "Thanks a lot.",
+    "Thank you so much!", "Many thanks.", "OK, got it.", "Alright.", "Yes, please.", "No, thanks.",
+    "Sorry about that.", "Sorry, my mistake.", "Sorry, I meant the other one.", "Nice to meet you.",
+    "Goodbye!", "See you later.", "What do you mean?", "Could you explain that again?", "That makes sense.",
+    "Interesting!", "Wow.", "Hmm.", "Never mind.", "Let's start.", "Are you there?", "What's your name?",
+    "Can I ask you something?", "Bonjour !", "Guten Tag!", "Buenos días.", "Merci.", "Gracias.", "Perfect.",
+    "Got it, thanks.", "Please go on.", "One more question.", "Really?", "Exactly.", "Me too.",
+    "Welcome back!", "Of course.", "Absolutely.", "Not sure.", "Maybe later.", "Good question.", "I agree.",
+    "hello", "thx", "yep", "nope",
+)  # fmt: skip
+
 JOBS: tuple[str, ...] = ("a baker", "a nurse", "a teacher", "a farmer", "a carpenter", "a fisherman")
 
 
@@ -271,9 +287,19 @@ def chat_turns(world: World, n_convs: int, seed: int, split: str) -> list[str]:
     ]
 
 
+def opening(text: str, rng: random.Random) -> str:
+    """The start of a turn, as the server's output check first reads a reply: up to a sentence end (the
+    check runs at each one) or cut at a word (``max_tokens`` or a stop string ended the reply there)."""
+    words = text.split(" ")
+    ends = [i + 1 for i, w in enumerate(words[:-1]) if w.endswith((".", "!", "?", ":", ";"))]
+    if ends and rng.random() < 0.5:
+        return " ".join(words[: rng.choice(ends)])
+    return " ".join(words[: rng.randint(1, min(4, len(words)))])
+
+
 def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict]:
-    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign: look-alikes (70%) and
-    turns of the chat data (30%).
+    """``n`` labelled texts about the world: 45% harmful (every group), 55% benign: turns of the chat data
+    (30%), short texts (10%: small talk, and openings of chat turns) and look-alikes (the rest).
 
     Train (``held_out=False``) uses train-split entities and all but the last template of each group of
     3+; held-out uses eval-split entities and every template."""
@@ -289,6 +315,11 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
     if not held_out:
         benign = [t for i, t in enumerate(benign) if i % 7 != 6]
     turns = chat_turns(world, max(16, n // 4), seed, split)
+    # Openings of turns, users' too: the output check reads a reply's first words on their own, and the
+    # input check a short message (with the assistant's alone the model still blocked "Howdy", "Cheers",
+    # "Take care": 12 of 40 held-out short inputs, against 4; a split request is judged joined anyway).
+    multiword = [t for t in turns if " " in t]
+    small = list(SMALL_TALK) if held_out else [t for i, t in enumerate(SMALL_TALK) if i % 7 != 6]
     out = []
     for i in range(n):
         sl = _slots(world, rng, split)
@@ -299,8 +330,14 @@ def world_examples(world: World, n: int, seed: int, held_out: bool) -> list[dict
             text = rng.choice(ts).format(**sl)
             labels = {c: int(c in cats) for c in CATEGORIES}
         else:
-            # 30%: at 50% the look-alikes were fewer and more of them were refused behind the policy
-            text = rng.choice(turns) if rng.random() < 0.3 else rng.choice(benign).format(**sl)
+            # chat turns 30%: at 50% the look-alikes were fewer and more of them were refused behind the policy
+            r = rng.random()
+            if r < 0.3:
+                text = rng.choice(turns)
+            elif r < 0.4:
+                text = rng.choice(small) if rng.random() < 0.5 else opening(rng.choice(multiword), rng)
+            else:
+                text = rng.choice(benign).format(**sl)
             labels = {c: 0 for c in CATEGORIES}
         out.append({"text": text, "labels": labels, "source": "world", "split": split, "id": f"world-{i}"})
     return out
