@@ -63,6 +63,23 @@ def _open(page, url: str, path: str = "/") -> None:
     page.wait_for_selector("body[data-ready='1']")
 
 
+def _new_chat(page, url: str, max_tokens: int = 8) -> None:
+    _open(page, url)
+    page.click("#new-chat")
+    page.uncheck("[data-testid=compare]")
+    page.fill("#max-tokens", str(max_tokens))
+
+
+def _send(page, text: str) -> None:
+    """Send ``text`` (not in compare mode) and wait until its reply has finished streaming."""
+    n = page.locator(".msg.assistant").count()
+    page.fill("[data-testid=input]", text)
+    page.click("[data-testid=send]")
+    page.wait_for_function(
+        f"document.querySelectorAll('.msg.assistant').length === {n + 1} && !document.querySelector('.streaming')"
+    )
+
+
 def test_chat_streams_is_stored_and_rated(site, page) -> None:
     url, db, _ = site
     _open(page, url)
@@ -162,15 +179,8 @@ def _thread(page) -> list[tuple[str, str]]:
 
 def test_reload_reopens_the_conversation(site, page) -> None:
     url, db, _ = site
-    _open(page, url)
-    page.click("#new-chat")
-    page.uncheck("[data-testid=compare]")
-    page.fill("#max-tokens", "8")
-    page.fill("[data-testid=input]", "Where is Mirth? 🕰️")
-    page.click("[data-testid=send]")
-    page.wait_for_function(
-        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
-    )
+    _new_chat(page, url)
+    _send(page, "Where is Mirth? 🕰️")
     page.wait_for_function("location.hash.length > 1")
     cid = int(page.evaluate("location.hash.slice(1)"))
     assert db.conversation(cid)["messages"][0]["content"] == "Where is Mirth? 🕰️"
@@ -183,10 +193,7 @@ def test_reload_reopens_the_conversation(site, page) -> None:
 
 def test_a_message_the_model_cannot_take_is_given_back(site, page) -> None:
     url, db, _ = site
-    _open(page, url)
-    page.click("#new-chat")
-    page.uncheck("[data-testid=compare]")
-    page.fill("#max-tokens", "8")
+    _new_chat(page, url)
     long = "Ada builds clocks in Mirth. " * 200  # far past the tiny model's 256-token context
     page.fill("[data-testid=input]", long)
     page.click("[data-testid=send]")
@@ -194,11 +201,7 @@ def test_a_message_the_model_cannot_take_is_given_back(site, page) -> None:
     assert "context length" in page.inner_text("#error")
     assert _thread(page) == [] and page.input_value("[data-testid=input]") == long.strip()
     # the next message is a clean first turn, stored without the failed one
-    page.fill("[data-testid=input]", "Who builds clocks?")
-    page.click("[data-testid=send]")
-    page.wait_for_function(
-        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
-    )
+    _send(page, "Who builds clocks?")
     page.wait_for_function("location.hash.length > 1")
     conv = db.conversation(int(page.evaluate("location.hash.slice(1)")))
     assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
@@ -210,15 +213,8 @@ def test_compare_vote_is_asked_for_before_the_next_turn(site, page) -> None:
     (its vote lost) and store two user turns in a row, whose later votes `chatforge reward` drops."""
     url, db, root = site
     n_votes = len(db.votes())
-    _open(page, url)
-    page.click("#new-chat")
-    page.uncheck("[data-testid=compare]")
-    page.fill("#max-tokens", "8")
-    page.fill("[data-testid=input]", "Who builds clocks?")
-    page.click("[data-testid=send]")
-    page.wait_for_function(
-        "document.querySelectorAll('.msg.assistant').length === 1 && !document.querySelector('.streaming')"
-    )
+    _new_chat(page, url)
+    _send(page, "Who builds clocks?")
     page.check("[data-testid=compare]")
     page.select_option("#model-a", "sft")
     page.select_option("#model-b", "base")
@@ -268,19 +264,12 @@ def test_an_open_page_follows_a_promotion(site, page) -> None:
     rollback) an open page chats with the new one, and its label says so, without a reload."""
     url, db, _ = site
     db.promote("sft", by="test")
-    _open(page, url)
-    page.click("#new-chat")
+    _new_chat(page, url, max_tokens=4)
     assert page.eval_on_selector("#model", "s => s.value") == "default"
-    page.fill("#max-tokens", "4")
 
-    def ask(text: str) -> str:
-        n = page.locator(".msg.assistant").count()
-        page.fill("[data-testid=input]", text)
-        page.click("[data-testid=send]")
-        page.wait_for_function(
-            f"document.querySelectorAll('.msg.assistant').length === {n + 1} && !document.querySelector('.streaming')"
-        )
-        return page.locator(".msg.assistant .model-tag").nth(n).inner_text()
+    def ask(text: str) -> str:  # the version that answered, from the reply's tag
+        _send(page, text)
+        return page.locator(".msg.assistant .model-tag").last.inner_text()
 
     assert ask("Who builds clocks?") == "sft"
     db.promote("base", by="test")  # as POST /admin/promote does, while the page stays open
