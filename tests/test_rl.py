@@ -85,6 +85,45 @@ def test_ppo_resume_replays_exactly(tok, base_state, tmp_path) -> None:
         assert torch.equal(a, b), k
 
 
+def test_ppo_interrupted_inside_an_iteration_resumes_exactly(tok, base_state, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during an iteration's learning phase: a checkpoint there would redraw that iteration's
+    rollouts from half-updated weights on resume, so the run resumes from the iteration's start."""
+
+    def fresh():
+        m = tiny_chat_model(tok, steps=0)
+        m.load_state_dict(base_state)
+        return m
+
+    def cfg():
+        c = _ppo_cfg(3)
+        c.train.ckpt_every = 1
+        return c
+
+    full, _ = ppo.train_ppo(fresh(), tok, says_yes, POOL, cfg(), tmp_path / "a", resume=False)
+    real, calls = ppo.ppo_loss_fn, {"n": 0}
+
+    def interrupting(pc):
+        fn = real(pc)
+
+        def loss_fn(model, batch):
+            calls["n"] += 1
+            if calls["n"] == 7:  # iteration 1 (4 updates each), its 3rd minibatch
+                raise KeyboardInterrupt
+            return fn(model, batch)
+
+        return loss_fn
+
+    monkeypatch.setattr(ppo, "ppo_loss_fn", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train_ppo(fresh(), tok, says_yes, POOL, cfg(), tmp_path / "c", resume=False)
+    monkeypatch.setattr(ppo, "ppo_loss_fn", real)
+    assert (tmp_path / "c" / "checkpoints" / "latest").read_text() == "step_0000004"
+    resumed, summary = ppo.train_ppo(fresh(), tok, says_yes, POOL, cfg(), tmp_path / "c", resume=True)
+    assert summary["resumed"]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_grpo_raises_a_verifiable_reward_with_bounded_kl(tok, base, tmp_path) -> None:
     c = GRPOConfig(steps=14, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.1)
     c.train.batch_size, c.train.lr, c.train.progress = 8, 1e-3, False

@@ -199,8 +199,12 @@ class Trainer:
         runtime: Runtime | None = None,
         desc: str = "train",
         flops_per_token: float = 0.0,
+        resume_every: int = 1,
     ) -> None:
         self.cfg = cfg
+        # Only a step that is a multiple of this replays exactly from a checkpoint (RL: an iteration's
+        # boundary; mid-iteration the rollouts it learns from would be redrawn from changed weights).
+        self.resume_every = max(1, resume_every)
         self.rt = runtime or setup_runtime(cfg)
         self.work_dir = Path(work_dir)
         self.loss_fn, self.batch_fn, self.evaluate = loss_fn, batch_fn, evaluate
@@ -420,10 +424,18 @@ class Trainer:
                     window_t = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            if self.step > 0:
+            if self.step > 0 and self.step % self.resume_every == 0:
                 self.save_checkpoint()
                 print(
                     f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume",
+                    file=sys.stderr,
+                )
+            elif self.step > 0:
+                last = self.latest_checkpoint()
+                then = f"resumes from {last.name}" if last else "starts over"
+                print(
+                    f"\ninterrupted at step {self.step}, inside an iteration of {self.resume_every} steps"
+                    f" (a checkpoint there would not replay exactly); the next run {then}",
                     file=sys.stderr,
                 )
             raise

@@ -349,6 +349,7 @@ def fit(
         load_fn=load_fn,
         runtime=runtime,
         desc=desc,
+        resume_every=its.updates,
     )
     batches.log = trainer.metrics.log
     summary = trainer.fit(resume=resume)
