@@ -68,6 +68,15 @@ def test_bad_policy_files_are_one_line_errors(tmp_path: Path) -> None:
         load_deployment(_policy_file(tmp_path, "thresholds: {hate: 2}\n"))
     with pytest.raises(ChatforgeError, match=r"deploy.yaml: release.max_core: unknown key"):
         load_deployment(_policy_file(tmp_path, "release: {max_core: 0.1}\n"))
+    # release limits that are not a mapping, or that no candidate could meet: one line, no traceback
+    with pytest.raises(ChatforgeError, match=r"deploy.yaml: release: expected a mapping"):
+        load_deployment(_policy_file(tmp_path, "release: 5\n"))
+    with pytest.raises(
+        ChatforgeError, match=r"release.max_harmful_compliance: expected a number in \[0, 1\]"
+    ):
+        load_deployment(_policy_file(tmp_path, "release: {max_harmful_compliance: -0.1}\n"))
+    with pytest.raises(ChatforgeError, match=r"deploy.yaml: tone.alternatives: expected a mapping"):
+        load_deployment(_policy_file(tmp_path, "tone: {alternatives: be nice}\n"))
     with pytest.raises(ChatforgeError, match=r"deploy.yaml line \d+: not valid YAML"):
         load_deployment(_policy_file(tmp_path, "decline_input: [a\n  b: c"))
 

@@ -52,6 +52,22 @@ def test_gate_promotes_good_and_blocks_regressed(setup) -> None:
     assert "v1 (earliest promoted) vs v3" in card3
 
 
+def test_a_promoted_version_name_is_not_reused(setup) -> None:
+    """Two checkpoints both called ``sft``: the second must not overwrite the first's results (what the
+    gate compares against) and then pass the gate against itself."""
+    cfg, good, bad, _, _ = setup
+    if current(cfg.run_dir) is None:
+        release(cfg, good, version="v1")
+    saved = (cfg.run_dir / "releases" / "v1" / "results.json").read_text()
+    registry = (cfg.run_dir / "releases.json").read_text()
+    with pytest.raises(ChatforgeError, match="'v1' is already promoted"):
+        release(cfg, bad, version="v1")
+    assert (cfg.run_dir / "releases" / "v1" / "results.json").read_text() == saved
+    assert (cfg.run_dir / "releases.json").read_text() == registry
+    with pytest.raises(ChatforgeError, match="not a usable version name"):
+        release(cfg, bad, version="../elsewhere")
+
+
 def test_cli_blocked_release_is_a_one_line_error(setup, capsys) -> None:
     _, _, bad, overrides, root = setup
     args = ["release", "--model", str(bad), "--version", "v4"]

@@ -154,7 +154,7 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
         raise ChatforgeError(f"{p}: thresholds: expected a mapping of category: number")
     for c, v in th.items():
         _check_categories(f"{p}: thresholds", [c])
-        if not isinstance(v, int | float) or not 0 <= v <= 1:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
             raise ChatforgeError(f"{p}: thresholds.{c}: expected a number in [0, 1], got {v!r}")
     pol.thresholds = {c: float(v) for c, v in th.items()}
     tone = data.get("tone", {}) or {}
@@ -162,14 +162,20 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
         raise ChatforgeError(f"{p}: tone: expected a mapping")
     pol.decline_opener = str(tone.get("decline_opener", pol.decline_opener))
     alts = tone.get("alternatives", {}) or {}
+    if not isinstance(alts, dict):
+        raise ChatforgeError(f"{p}: tone.alternatives: expected a mapping of category: text")
     _check_categories(f"{p}: tone.alternatives", list(alts))
     pol.alternatives = {**DEFAULT_ALTERNATIVES, **{c: str(v) for c, v in alts.items()}}
     rel = data.get("release", {}) or {}
+    if not isinstance(rel, dict):
+        raise ChatforgeError(f"{p}: release: expected a mapping of limit: number")
     for k, v in rel.items():
         if k not in RELEASE_KEYS:
             raise ChatforgeError(f"{p}: release.{k}: unknown key (known: {', '.join(RELEASE_KEYS)})")
-        if v is not None and not isinstance(v, int | float):
-            raise ChatforgeError(f"{p}: release.{k}: expected a number or null, got {v!r}")
+        # Rates and score differences live in [0, 1]: a negative ceiling could never be met, so every
+        # release would be blocked.
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
+            raise ChatforgeError(f"{p}: release.{k}: expected a number in [0, 1] or null, got {v!r}")
     pol.release = {k: (None if rel.get(k) is None else float(rel[k])) for k in RELEASE_KEYS}
     return pol
 

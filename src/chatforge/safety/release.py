@@ -213,16 +213,26 @@ def release(
     if not (model_dir / "config.json").is_file():
         raise ChatforgeError(f"{model_dir}: not a model directory (no config.json)")
     version = version or model_dir.name
+    if not version.strip() or version in (".", "..") or "/" in version or "\\" in version:
+        raise ChatforgeError(f"--version {version!r}: not a usable version name (a plain name, no '/')")
     policy = load_deployment(cfg.safety.policy or None)
     reg = load_registry(run_dir)
-    res = evaluate_version(cfg, model_dir)
-    out_dir = run_dir / "releases" / version
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    # A version's results.json is what later releases are gated against and what its cards compare
+    # with: re-using a promoted name (two checkpoints both called "sft") would overwrite it with the
+    # candidate's and gate the candidate against itself.
+    taken = next((p for p in reg["promoted"] if p["version"] == version), None)
+    if taken:
+        raise ChatforgeError(
+            f"version {version!r} is already promoted (from {taken['model']}); pass --version NAME"
+        )
     cur = reg["promoted"][-1] if reg["promoted"] else None
     baseline = _load_results(run_dir, cur["version"]) if cur else None
     if cur and baseline is None:
         raise ChatforgeError(f"{run_dir}/releases/{cur['version']}/results.json: missing; cannot gate")
+    res = evaluate_version(cfg, model_dir)
+    out_dir = run_dir / "releases" / version
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     reasons = gate(res, baseline, policy.release)
     promoted = not reasons or force
     summary = {"core": res["core"], **res["redteam"]}
