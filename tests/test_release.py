@@ -91,6 +91,12 @@ def test_gate_limits_and_bad_inputs(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     with pytest.raises(ChatforgeError, match="not a model directory"):
         release(cfg, tmp_path / "nope")
+    modr = tmp_path / "modr"
+    modr.mkdir()
+    (modr / "config.json").write_text("{}")
+    (modr / "moderation.json").write_text("{}")
+    with pytest.raises(ChatforgeError, match="a moderation classifier, not a chat model to release"):
+        release(cfg, modr)
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "releases.json").write_text(json.dumps({"promoted": []}))
     with pytest.raises(ChatforgeError, match="malformed release registry"):

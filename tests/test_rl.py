@@ -195,6 +195,22 @@ def test_paired_interval_separates_a_real_gain_from_noise() -> None:
     assert "+0.050 [+0.010, +0.090]" in table_markdown({"ppo": row})
 
 
+def test_a_reward_model_is_not_taken_for_a_policy(tok, base, tmp_path) -> None:
+    """ppo.init / dpo.init / grpo.init naming the RM: its backbone loads as a GPT, but it is not a chat
+    model; training it silently wrote a policy from the wrong weights."""
+    from chatforge.checkpoint import save_model
+    from chatforge.train.reward import RewardModel, save_reward_model
+    from chatforge.train.rollout import load_init
+
+    save_reward_model(RewardModel(base), tmp_path / "rm", tok)
+    save_model(base, tmp_path / "sft", tokenizer=tok)
+    for what in ("PPO", "DPO", "GRPO"):
+        with pytest.raises(ChatforgeError, match=f"rm: a reward model, not a language model to start {what}"):
+            load_init(tmp_path, "rm", what)
+    assert load_init(tmp_path, "sft", "PPO")[0] == tmp_path / "sft"
+    assert load_init(tmp_path, "rm", "the reward model")[0] == tmp_path / "rm"
+
+
 def test_rl_configs_reject_bad_values_in_one_line() -> None:
     for override, needle in [
         ("ppo.clip_range=0", "ppo.clip_range"),

@@ -174,6 +174,20 @@ def save_model(
     return final
 
 
+# Files that mark a checkpoint directory as something other than a language model: its backbone loads as
+# a GPT, but its LM head was never what it was trained for.
+_NOT_A_POLICY = {
+    "reward_head.safetensors": "a reward model",
+    "moderation.json": "a moderation classifier",
+}
+
+
+def not_a_policy(path: str | Path) -> str | None:
+    """``"a reward model"`` / ``"a moderation classifier"`` when ``path`` is one (not a chat model to
+    train or release), else None."""
+    return next((what for f, what in _NOT_A_POLICY.items() if (Path(path) / f).is_file()), None)
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GPT:

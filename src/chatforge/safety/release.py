@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chatforge.checkpoint import not_a_policy
 from chatforge.errors import ChatforgeError
 from chatforge.safety import redteam
 from chatforge.safety.policy import DeploymentPolicy, load_deployment
@@ -212,6 +213,9 @@ def release(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ChatforgeError(f"{model_dir}: not a model directory (no config.json)")
+    kind = not_a_policy(model_dir)
+    if kind:
+        raise ChatforgeError(f"{model_dir}: {kind}, not a chat model to release")
     version = version or model_dir.name
     if not version.strip() or version in (".", "..") or "/" in version or "\\" in version:
         raise ChatforgeError(f"--version {version!r}: not a usable version name (a plain name, no '/')")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.checkpoint import load_model, save_model
+from chatforge.checkpoint import load_model, not_a_policy, save_model
 from chatforge.config import TrainConfig
 from chatforge.data import chat
 from chatforge.data.world import build_world
@@ -46,6 +46,9 @@ def load_init(
     init = resolve(run_dir, name)
     if not (init / "config.json").is_file():
         raise ChatforgeError(f"{init}: no checkpoint to start {what} from; run `chatforge sft` first")
+    kind = not_a_policy(init)
+    if kind and what != "the reward model":  # a reward model may start from another one's backbone
+        raise ChatforgeError(f"{init}: {kind}, not a language model to start {what} from")
     model = load_model(init)
     ctx = model.config.max_position_embeddings
     if seq_len > ctx:
