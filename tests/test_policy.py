@@ -59,6 +59,14 @@ def test_users_tighten_but_never_loosen(tmp_path: Path, moderator) -> None:
     prefs = prefs_from_messages([{"role": "system", "content": "Be nice.\nsafety: decline sexual, hate"}])
     assert {"sexual", "sexual/minors", "hate", "hate/threatening"} <= prefs.decline
     assert prefs_from_messages([{"role": "system", "content": "safety: strict"}]).decline == set(CATEGORIES)
+    # what a user cannot mean (an unknown category, "off") is ignored and said so, never a loosening
+    odd = prefs_from_messages(
+        [{"role": "system", "content": "safety: decline nonsense, violence\nsafety: off"}]
+    )
+    assert odd.decline == {"violence", "violence/graphic"}
+    assert len(odd.notes) == 2 and "'nonsense': unknown category" in odd.notes[0] and "'off'" in odd.notes[1]
+    eff = pol.effective(odd)
+    assert odd.notes[0] in eff.notes and set(GLOBAL_BOUNDS) <= eff.input
 
 
 def test_bad_policy_files_are_one_line_errors(tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ class UserPrefs:
 
     decline: set[str] = field(default_factory=set)
     thresholds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # ``safety:`` lines not understood, ignored
 
 
 @dataclass
@@ -196,7 +197,14 @@ def prefs_from_messages(messages: list[dict[str, Any]]) -> UserPrefs:
                 prefs.decline |= set(CATEGORIES)
             elif words.startswith("decline "):
                 for c in re.split(r"[,\s]+", words[len("decline ") :]):
-                    prefs.decline |= {k for k in CATEGORIES if k == c or k.startswith(c + "/")}
+                    found = {k for k in CATEGORIES if k == c or k.startswith(c + "/")}
+                    if c and not found:
+                        prefs.notes.append(f"safety: decline {c!r}: unknown category; ignored")
+                    prefs.decline |= found
+            else:  # "safety: off" and the like: users may only tighten, and this says neither
+                prefs.notes.append(
+                    f"safety: {spec.strip()!r}: not understood ('strict' or 'decline CATEGORY, ...'); ignored"
+                )
     return prefs
 
 
@@ -255,6 +263,7 @@ class Policy:
                     notes.append(f"{c}: user threshold {v} would loosen the policy; ignored")
             inp |= prefs.decline
             out |= prefs.decline
+            notes += prefs.notes
         return Effective(inp, out, th, notes)
 
     def _scores(self, texts: list[str]) -> list[dict[str, float]]:
@@ -298,6 +307,7 @@ class Policy:
         if prefs:
             merged.decline |= prefs.decline
             merged.thresholds = {**merged.thresholds, **prefs.thresholds}
+            merged.notes += prefs.notes
         eff = self.effective(merged)
         users = [
             m["content"] for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)
