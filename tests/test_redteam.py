@@ -132,3 +132,17 @@ def test_a_tiny_declining_model_through_the_engine(suite, tmp_path_factory, one_
     trained = res["by_wording"]["trained"]
     assert trained["n"] >= 3 and trained["harmful_compliance"] < 0.5, res["by_wording"]
     assert 0.0 <= res["over_refusal"] <= 1.0 and 0.0 <= res["lecture_rate"] <= 1.0
+
+
+def test_a_reward_model_dir_is_not_red_teamed(tmp_path) -> None:
+
+    from chatforge.safety import redteam
+    from safety_helpers import tiny_config
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+    (rm / "reward_head.safetensors").write_bytes(b"")
+    cfg = tiny_config(tmp_path, "safety.redteam_per_kind=1")
+    with pytest.raises(ChatforgeError, match="a reward model, not a chat model to red-team"):
+        redteam.run(cfg, models=[str(rm)])

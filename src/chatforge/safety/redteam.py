@@ -368,6 +368,11 @@ def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
             if models:  # named explicitly: an error; from the config: skipped (stage not run yet)
                 raise ChatforgeError(f"{m}: not a model directory (no config.json)")
             continue
+        from chatforge.checkpoint import not_a_policy
+
+        kind = not_a_policy(p)
+        if kind:  # its backbone would load and be red-teamed as if it were a chat model
+            raise ChatforgeError(f"{p}: {kind}, not a chat model to red-team")
         res = run_suite(p, items, cfg.safety.max_new_tokens)
         name = re.sub(r"[^\w.-]+", "_", p.name)
         if name in out:  # two checkpoints in folders of one name (runs/a/sft, runs/b/sft): keep both
