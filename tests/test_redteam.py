@@ -135,7 +135,6 @@ def test_a_tiny_declining_model_through_the_engine(suite, tmp_path_factory, one_
 
 
 def test_a_reward_model_dir_is_not_red_teamed(tmp_path) -> None:
-
     from chatforge.safety import redteam
     from safety_helpers import tiny_config
 
