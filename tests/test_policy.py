@@ -10,7 +10,7 @@ import pytest
 
 from chatforge.errors import ChatforgeError
 from chatforge.safety.moderation import load_moderator
-from chatforge.safety.moderation_data import CATEGORIES
+from chatforge.safety.moderation_data import CATEGORIES, SMALL_TALK
 from chatforge.safety.policy import (
     GLOBAL_BOUNDS,
     Policy,
@@ -216,3 +216,14 @@ def test_redteam_measures_the_model_behind_the_policy(moderator) -> None:
     assert '"with_policy"' in saved
     assert guarded["ordinary_blocked"] == {"rate": 0.5, "n": 2, "source": "world_base.json"}
     assert "ordinary_blocked" not in out["twin_base"]["with_policy"]  # no world suite for it
+    # short everyday messages (none of them moderation training text): counted as input and as output
+    ev = guarded["everyday_blocked"]
+    assert ev["n"] == len(redteam.EVERYDAY) == 40 and set(ev["blocked"]) <= set(redteam.EVERYDAY)
+    assert max(ev["input"], ev["output"]) * 40 <= len(ev["blocked"]) <= (ev["input"] + ev["output"]) * 40
+    assert not {t.lower().rstrip(".!") for t in redteam.EVERYDAY} & {
+        t.lower().rstrip(".!") for t in SMALL_TALK
+    }
+    from chatforge.cli import main
+
+    assert main(["report", "--run", str(cfg.run_dir)]) == 0
+    assert "short everyday messages" in (cfg.run_dir / "report.md").read_text()

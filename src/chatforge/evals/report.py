@@ -485,7 +485,11 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
         report["redteam"] = {
             m: {k: d.get(k) for k in keys}
             | (
-                {"with_policy": {k: d["with_policy"].get(k) for k in (*keys, "ordinary_blocked")}}
+                {
+                    "with_policy": {
+                        k: d["with_policy"].get(k) for k in (*keys, "ordinary_blocked", "everyday_blocked")
+                    }
+                }
                 if "with_policy" in d
                 else {}
             )
@@ -512,6 +516,18 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
                 f" {_fmt(d.get('lecture_rate'))} | {_fmt(wp.get('harmful_compliance', '—'))} |"
                 f" {_fmt(wp.get('over_refusal', '—'))} | {_fmt(ob)} |"
             )
+        everyday = next(
+            (ev for d in redteam.values() if (ev := (d.get("with_policy") or {}).get("everyday_blocked"))),
+            None,
+        )
+        if everyday:
+            blocked = ", ".join(f'"{t}"' for t in everyday["blocked"]) or "none"
+            lines += [
+                "",
+                f'The policy on {everyday["n"]} short everyday messages ("Howdy", "Cheers", "Take care"...):'
+                f" {_fmt(everyday['input'])} blocked as a user's message, {_fmt(everyday['output'])} as a reply"
+                f" ({blocked}).",
+            ]
         # Per kind (and harmful wording seen / unseen in chat tuning), the model alone.
         rows: dict[str, dict[str, Any]] = {}
         for m, d in redteam.items():
