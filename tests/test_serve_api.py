@@ -422,25 +422,25 @@ def test_replacing_a_version_lets_its_in_flight_requests_finish(ckpts: dict[str,
         want = c.completions.create(**kw).choices[0].text
         old = app.state.versions.get("base").scheduler
         results: list = []
-        first_chunk = threading.Event()
 
         def one(stream: bool) -> None:
             try:
                 if stream:
-                    text = ""
-                    for ch in c.completions.create(stream=True, **kw):
-                        first_chunk.set()
-                        text += ch.choices[0].text
-                    results.append(text)
+                    results.append(
+                        "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw))
+                    )
                 else:
                     results.append(c.completions.create(**kw).choices[0].text)
             except Exception as e:  # recorded, asserted on below
                 results.append(e)
 
+        old.call(lambda: time.sleep(1.0))  # hold the model thread: all six are in flight at the swap
         threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(6)]
         for t in threads:
             t.start()
-        assert first_chunk.wait(30)
+        deadline = time.time() + 30
+        while len(old._live) < 6 and time.time() < deadline:
+            time.sleep(0.01)
         busy = len(old._live)  # one slot: the rest wait in its queue
         r = httpx.post(
             url + "/admin/versions",
