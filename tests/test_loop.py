@@ -113,3 +113,105 @@ def test_newton_schulz_orthogonalizes() -> None:
     # The quintic iteration trades exactness for speed: singular values land near 1, not on it.
     assert s.min() > 0.5 and s.max() < 1.3
     assert o.shape == g.shape
+
+
+def test_resume_drops_a_metrics_line_torn_by_the_kill(tmp_path: Path) -> None:
+    """A run killed while appending to metrics.jsonl leaves half a JSON line; resuming must not trip on it."""
+    work = tmp_path / "torn"
+    res = _run([str(work), "7", "4"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": 8, "lo')
+    assert max(_losses(work)) == 7  # the report's reader skips the torn last line too
+    res = _run([str(work), "10", "4"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "'resumed': True" in res.stdout
+    assert sorted(_losses(work)) == list(range(1, 11))
+
+
+def test_read_metrics_names_a_corrupt_line(tmp_path: Path) -> None:
+    from chatforge.errors import ChatforgeError
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"event": "train", "step": 1, "loss": 2.0}\nnot json\n{"event": "train", "step": 2}\n')
+    with pytest.raises(ChatforgeError, match=r"metrics.jsonl:2"):
+        read_metrics(p)
+
+
+def _tiny_trainer(work: Path):
+    import numpy as np
+
+    from chatforge.checkpoint import load_weights, save_model
+    from chatforge.config import ModelConfig
+    from chatforge.model import GPT, lm_loss
+    from chatforge.train.loop import Trainer, seed_everything, setup_runtime
+
+    corpus = np.random.default_rng(0).integers(0, 64, size=5_000)
+    cfg = TrainConfig(
+        steps=8,
+        batch_size=4,
+        seq_len=16,
+        optimizer="muon",
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=0,
+        ckpt_every=3,
+        log_every=1,
+        progress=False,
+        threads=1,
+    )
+    rt = setup_runtime(cfg)
+    seed_everything(cfg.seed)
+    model = GPT(
+        ModelConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
+
+    def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        starts = np.random.default_rng([cfg.seed, step, micro]).integers(0, len(corpus) - 17, size=4)
+        w = torch.from_numpy(np.stack([corpus[s : s + 17] for s in starts]))
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    def loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, int]:
+        return lm_loss(m(b["input_ids"]), b["labels"]), {}, b["labels"].numel()
+
+    return Trainer(
+        model,
+        cfg,
+        work,
+        loss_fn=loss_fn,
+        batch_fn=batch_fn,
+        save_fn=lambda m, p, st: save_model(m, p, train_state=st),
+        load_fn=load_weights,
+        runtime=rt,
+    )
+
+
+def test_ctrl_c_during_the_optimizer_update_still_resumes_exactly(tmp_path: Path) -> None:
+    """Ctrl-C that lands between the Muon and AdamW updates (weights half-stepped, step counter not yet
+    moved) must not be saved as a checkpoint: the resume would apply that step twice."""
+    _tiny_trainer(tmp_path / "ref").fit()
+    reference = _losses(tmp_path / "ref")
+
+    t = _tiny_trainer(tmp_path / "int")
+    fired: list[int] = []
+
+    def interrupt_after_first_optimizer(*_: object) -> None:
+        if t.step == 4 and not fired:
+            fired.append(t.step)
+            raise KeyboardInterrupt
+
+    t.optimizer.optimizers[0].register_step_post_hook(interrupt_after_first_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert fired and len(t.optimizer.optimizers) == 2
+    out = _tiny_trainer(tmp_path / "int").fit()
+    assert out["resumed"]
+    assert _losses(tmp_path / "int") == reference

@@ -144,11 +144,12 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not (self.enabled and self.path.exists()):
             return
-        kept = [
-            ln
-            for ln in self.path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step
-        ]
+        kept = []
+        for ln in self.path.read_text().splitlines():
+            rec = _parse_line(ln)
+            # A line that does not parse is a record torn by the crash being resumed from: drop it.
+            if rec is not None and rec.get("step", 0) <= step:
+                kept.append(ln)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, self.path)
@@ -165,11 +166,34 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
 
 
+def _parse_line(ln: str) -> dict[str, Any] | None:
+    if not ln.strip():
+        return None
+    try:
+        rec = json.loads(ln)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def read_metrics(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL. A torn last line (a run killed mid-write) is skipped; a corrupt line
+    anywhere else is a one-line error naming it."""
     p = Path(path)
     if not p.exists():
         return []
-    recs = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    lines = p.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    recs = []
+    for i, ln in enumerate(lines, 1):
+        rec = _parse_line(ln)
+        if rec is None and ln.strip():
+            if i == len(lines):
+                break
+            raise ChatforgeError(f"{p}:{i}: not a JSON record (corrupt metrics log?)")
+        if rec is not None:
+            recs.append(rec)
     return [r for r in recs if event is None or r.get("event") == event]
 
 
@@ -218,6 +242,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self._updating = False
         wrapped: nn.Module = self.model
         if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -326,6 +351,9 @@ class Trainer:
         grad_norm = 0.0
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        # From here until the step counter moves, weights and optimizer state are part-way between two
+        # steps: an interrupt that lands here must not be saved as a checkpoint of either.
+        self._updating = True
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_val = loss_sum / cfg.grad_accum
@@ -336,12 +364,14 @@ class Trainer:
         else:
             loss_f = loss_val.item()
         if not math.isfinite(loss_f):
+            self._updating = False
             raise ChatforgeError(
                 f"{self.desc}: loss became {loss_f} at step {self.step}; lower the learning rate"
                 " or check the data (the last good checkpoint is kept)"
             )
         self.step += 1
         self.tokens += n_tokens
+        self._updating = False
         return {
             "loss": loss_f,
             "grad_norm": grad_norm,
@@ -424,7 +454,14 @@ class Trainer:
                     window_t = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            if self.step > 0 and self.step % self.resume_every == 0:
+            if self._updating:
+                last = self.latest_checkpoint()
+                print(
+                    f"\ninterrupted during an optimizer update; run again to resume from "
+                    f"{last.name if last else 'the start'}",
+                    file=sys.stderr,
+                )
+            elif self.step > 0 and self.step % self.resume_every == 0:
                 self.save_checkpoint()
                 print(
                     f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume",
