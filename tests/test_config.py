@@ -60,6 +60,9 @@ def test_list_elements_can_be_overridden() -> None:
         ("noequals", r"expected key=value"),
         ("name=", r"name: must name a run directory inside runs_dir, got ''"),  # was runs/ itself
         ("name=..", r"name: must name a run directory inside runs_dir, got '..'"),
+        ("pretrain.log_every=0", r"pretrain.log_every: must be positive, got 0"),  # was ZeroDivisionError
+        ("sft.ckpt_every=-1", r"sft.ckpt_every: must be 0 \(off\) or positive, got -1"),  # saved every step
+        ("pretrain.eval_every=-5", r"pretrain.eval_every: must be 0 \(off\) or positive, got -5"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -199,6 +199,11 @@ class TrainConfig:
                 raise ConfigError(f"{key}.{name}: must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr: must be positive, got {self.lr}")
+        if self.log_every <= 0:  # the loop takes step % log_every
+            raise ConfigError(f"{key}.log_every: must be positive, got {self.log_every}")
+        for name in ("eval_every", "ckpt_every"):  # 0 = off; a negative one fired on every step
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must be 0 (off) or positive, got {getattr(self, name)}")
         _check_range(f"{key}.decay_frac", self.decay_frac, 0.0, 1.0)
         _check_range(f"{key}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
