@@ -183,3 +183,51 @@ def test_pretrain_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "run `chatforge tokenizer` first" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_interrupted_stage_restarts_when_its_settings_changed(tmp_path: Path) -> None:
+    """Pretraining interrupted, then the data changed: the rerun must not continue the old run's checkpoint
+    (trained on the old corpus and tokenizer, with the old step count)."""
+    import os
+    import signal
+    import time
+
+    small = [
+        "speedrun.rl=none",
+        "speedrun.reward=false",
+        "speedrun.safety=false",
+        "pretrain.steps=400",
+        "pretrain.ckpt_every=5",
+        "pretrain.eval_every=0",
+        "sft.steps=2",
+        "evals.models=[base]",
+        "evals.max_new_tokens=4",
+    ]
+    args = [
+        sys.executable,
+        "-m",
+        "chatforge.cli",
+        "speedrun",
+        "--name",
+        "tiny",
+        "--set",
+        f"runs_dir={tmp_path}",
+    ]
+    for o in [*TINY, *small]:
+        args += ["--set", o]
+    latest = tmp_path / "tiny" / "train" / "pretrain" / "checkpoints" / "latest"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert latest.exists(), "no checkpoint was written before the interrupt"
+    assert proc.returncode == 130
+
+    res = _speedrun(tmp_path, *small, "data.sources[0].n_docs=300", "pretrain.steps=8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[pretrain] settings changed since it was interrupted: starting afresh" in res.stdout
+    done = json.loads((tmp_path / "tiny" / "stages.json").read_text())["pretrain"]["result"]
+    assert done["resumed"] is False and done["steps"] == 8

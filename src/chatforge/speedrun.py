@@ -2,7 +2,8 @@
 
 A stage is skipped when its outputs exist and were made from the same config (a hash of the config
 sections it reads is kept in ``<run>/stages.json``); change a setting and that stage and every later one
-run again. An interrupted pretraining resumes from its last checkpoint.
+run again. An interrupted training stage resumes from its last checkpoint if its settings are unchanged,
+and starts afresh if they changed.
 """
 
 from __future__ import annotations
@@ -140,14 +141,23 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
             results[name] = book[name].get("result", {})
             continue
         ran.append(set(sections))
-        if fresh and name in ("pretrain", "sft", "reward", "rlhf", "moderation"):
-            _drop(run_dir / "train" / (cfg.speedrun.rl if name == "rlhf" else name))
+        if name in ("pretrain", "sft", "reward", "rlhf", "moderation"):
+            work = run_dir / "train" / (cfg.speedrun.rl if name == "rlhf" else name)
+            # Checkpoints left by an interrupted run resume only under the settings they were started with:
+            # after a change (other data, tokenizer, model, steps) they would continue the old run.
+            started = book.get(name, {}).get("started")
+            if fresh or (started is not None and started != h):
+                if not fresh and (work / "checkpoints").exists():
+                    log(f"[{name}] settings changed since it was interrupted: starting afresh")
+                _drop(work)
+            book[name] = {**book.get(name, {}), "started": h}
+            book_path.write_text(json.dumps(book, indent=2))
         log(f"[{name}] running")
         t0 = time.perf_counter()
         res = fns[name](cfg)
         secs = time.perf_counter() - t0
         log(f"[{name}] done in {secs:.1f}s")
-        book[name] = {"hash": h, "seconds": round(secs, 2), "result": _jsonable(res)}
+        book[name] = {"hash": h, "started": h, "seconds": round(secs, 2), "result": _jsonable(res)}
         results[name] = book[name]["result"]
         book_path.write_text(json.dumps(book, indent=2))
     from chatforge.evals import report
