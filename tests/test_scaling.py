@@ -465,3 +465,25 @@ def test_a_killed_rung_resumes_from_its_checkpoint(tmp_path: Path, one_thread: N
     assert rows[victim.name]["resumed"] is True and rows[victim.name]["ran"] is True
     steps = [r["step"] for r in read_metrics(victim / "metrics.jsonl", "train")]
     assert steps == sorted(set(steps)) and steps[-1] == rows[victim.name]["steps"]  # no gap, no duplicate
+
+
+def test_shards_of_a_speedrun_with_other_data_are_refused(tmp_path: Path) -> None:
+    """A run directory whose data and tokenizer a speedrun made for another data config (another recipe
+    under the same --name) has no scaling stamp yet: the ladder must not adopt (and stamp) its shards."""
+    from chatforge import speedrun, tokenizer
+    from chatforge.data import corpus
+
+    made = load_config("scaling-world", [f"runs_dir={tmp_path}", "name=shared", *TINY])
+    corpus.prepare(made)
+    tokenizer.run(made)
+    book = {"tokenizer": {"hash": speedrun._hash(made, speedrun.STAGES["tokenizer"][0]), "seconds": 1.0}}
+    (made.run_dir / "stages.json").write_text(json.dumps(book))
+
+    other = load_config(
+        "scaling-world", [f"runs_dir={tmp_path}", "name=shared", *TINY, "data.sources[0].n_docs=250"]
+    )
+    with pytest.raises(ChatforgeError, match="built by a speedrun with another data or tokenizer config"):
+        scaling.run(other, until="ladder")
+    assert not (made.run_dir / "scaling" / "data_config.json").exists()
+    scaling._check_data_stamp(made)  # the config that made them is accepted, and stamped
+    assert (made.run_dir / "scaling" / "data_config.json").is_file()

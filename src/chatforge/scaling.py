@@ -224,6 +224,21 @@ def _check_data_stamp(cfg: RunConfig) -> None:
                 f" {cfg.run_dir}/data, {cfg.run_dir}/tokenizer and {stamp} to rebuild them"
             )
         return
+    # No stamp yet: shards a speedrun made record their config's hash in stages.json (a run directory of
+    # another recipe, or the same recipe with other data settings).
+    book = cfg.run_dir / "stages.json"
+    if book.is_file():
+        from chatforge.speedrun import STAGES, _hash
+
+        try:
+            made = json.loads(book.read_text()).get("tokenizer", {}).get("hash")
+        except (json.JSONDecodeError, AttributeError):
+            made = None
+        if made is not None and made != _hash(cfg, STAGES["tokenizer"][0]):
+            raise ChatforgeError(
+                f"{cfg.run_dir}/data was built by a speedrun with another data or tokenizer config ({book});"
+                f" use another --name, or remove {cfg.run_dir}/data and {cfg.run_dir}/tokenizer to rebuild them"
+            )
     stamp.parent.mkdir(parents=True, exist_ok=True)
     _write_json(stamp, want)
 
