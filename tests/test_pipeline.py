@@ -231,3 +231,21 @@ def test_interrupted_stage_restarts_when_its_settings_changed(tmp_path: Path) ->
     assert "[pretrain] settings changed since it was interrupted: starting afresh" in res.stdout
     done = json.loads((tmp_path / "tiny" / "stages.json").read_text())["pretrain"]["result"]
     assert done["resumed"] is False and done["steps"] == 8
+
+
+def test_stage_book_cut_short_is_rerun_not_a_traceback(tmp_path: Path) -> None:
+    """stages.json is rewritten after every stage; a crash or a full disk mid-write used to leave it
+    truncated and every later speedrun died in json.loads. It is written atomically now, and a damaged one
+    only means the stages run again."""
+    from chatforge import speedrun
+
+    book = tmp_path / "stages.json"
+    speedrun._write_book(book, {"data": {"hash": "abc", "seconds": 1.0}})
+    assert json.loads(book.read_text())["data"]["hash"] == "abc"
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.json"]  # no temporary left behind
+    book.write_text(book.read_text()[:25])  # what a non-atomic write cut short leaves
+    said: list[str] = []
+    assert speedrun._read_book(book, said.append) == {}
+    assert said and "every stage runs again" in said[0]
+    book.write_text("[1, 2]")
+    assert speedrun._read_book(book, said.append) == {}

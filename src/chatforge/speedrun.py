@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,7 +122,7 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     book_path = run_dir / "stages.json"
-    book: dict[str, Any] = {} if fresh or not book_path.exists() else json.loads(book_path.read_text())
+    book = {} if fresh else _read_book(book_path, log)
     fns = _stage_fns(cfg)
     t_start = time.perf_counter()
     ran: list[set[str]] = []  # the config sections of each stage that ran this time
@@ -151,7 +152,7 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
                     log(f"[{name}] settings changed since it was interrupted: starting afresh")
                 _drop(work)
             book[name] = {**book.get(name, {}), "started": h}
-            book_path.write_text(json.dumps(book, indent=2))
+            _write_book(book_path, book)
         log(f"[{name}] running")
         t0 = time.perf_counter()
         res = fns[name](cfg)
@@ -159,13 +160,33 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
         log(f"[{name}] done in {secs:.1f}s")
         book[name] = {"hash": h, "started": h, "seconds": round(secs, 2), "result": _jsonable(res)}
         results[name] = book[name]["result"]
-        book_path.write_text(json.dumps(book, indent=2))
+        _write_book(book_path, book)
     from chatforge.evals import report
 
     paths = report.write_report(cfg)
     total = time.perf_counter() - t_start
     log(f"report: {paths['md']}  (speedrun wall time {total:.1f}s)")
     return {"stages": results, "report": str(paths["md"]), "seconds": total}
+
+
+def _read_book(path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        book = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        book = None
+    if not isinstance(book, dict):
+        log(f"{path}: unreadable (a write cut short?); every stage runs again")
+        return {}
+    return book
+
+
+def _write_book(path: Path, book: dict[str, Any]) -> None:
+    """Atomically: a crash or a full disk mid-write leaves the previous book, not a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(book, indent=2))
+    os.replace(tmp, path)
 
 
 def _drop(path: Path) -> None:
