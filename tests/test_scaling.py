@@ -487,3 +487,18 @@ def test_shards_of_a_speedrun_with_other_data_are_refused(tmp_path: Path) -> Non
     assert not (made.run_dir / "scaling" / "data_config.json").exists()
     scaling._check_data_stamp(made)  # the config that made them is accepted, and stamped
     assert (made.run_dir / "scaling" / "data_config.json").is_file()
+
+
+def test_a_damaged_ladder_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """result.json / prediction.json edited or damaged by hand: a ChatforgeError naming the file, not a
+    JSONDecodeError traceback from the CLI."""
+    cfg = load_config("scaling-world", [f"runs_dir={tmp_path}", "name=bad", *TINY])
+    rung = scaling.plan_ladder(cfg.scaling, 512)[0]
+    work = tmp_path / "rung"
+    work.mkdir()
+    (work / "result.json").write_text('{"hash": ')
+    with pytest.raises(ChatforgeError, match=r"result.json: not valid JSON .*fix or remove it"):
+        scaling._done(cfg, rung, work)
+    (work / "result.json").write_text("[]")
+    with pytest.raises(ChatforgeError, match=r"result.json: expected a JSON object, got list"):
+        scaling._done(cfg, rung, work)

@@ -217,7 +217,7 @@ def _check_data_stamp(cfg: RunConfig) -> None:
     stamp = cfg.run_dir / "scaling" / "data_config.json"
     want = {"data": to_dict(cfg.data), "tokenizer": to_dict(cfg.tokenizer), **text_version(cfg.data.sources)}
     if stamp.is_file():
-        if json.loads(stamp.read_text()) != json.loads(json.dumps(want)):
+        if _read_json(stamp) != json.loads(json.dumps(want)):
             raise ChatforgeError(
                 f"{cfg.run_dir}/data was built for another data or tokenizer config or world text version"
                 f" ({stamp}): remove"
@@ -274,6 +274,17 @@ def _rung_hash(cfg: RunConfig, rung: Rung) -> str:
         **text_version(cfg.data.sources),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    """One of the ladder's own JSON files (written atomically, so a bad one was edited or damaged)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    if not isinstance(obj, dict):
+        raise ChatforgeError(f"{path}: expected a JSON object, got {type(obj).__name__}; fix or remove it")
+    return obj
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -355,7 +366,7 @@ def train_rung(
 def _done(cfg: RunConfig, rung: Rung, work_dir: Path) -> dict | None:
     p = work_dir / "result.json"
     if p.is_file():
-        res = json.loads(p.read_text())
+        res = _read_json(p)
         if res.get("hash") == _rung_hash(cfg, rung):
             return res
     return None
@@ -365,7 +376,7 @@ def _prepare_rung_dir(cfg: RunConfig, rung: Rung, work_dir: Path) -> None:
     """A rung dir left by a different config (another budget, schedule or data) starts afresh."""
     marker = work_dir / "rung.json"
     h = _rung_hash(cfg, rung)
-    if marker.is_file() and json.loads(marker.read_text()).get("hash") != h:
+    if marker.is_file() and _read_json(marker).get("hash") != h:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     _write_json(marker, {**dataclasses.asdict(rung), "hash": h})
@@ -712,7 +723,7 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
     target = plan_target(cfg.scaling, data.tok.vocab_size)
     h = _prediction_hash(cfg, rows, target, data.train.n_tokens)
     if out.is_file():
-        old = json.loads(out.read_text())
+        old = _read_json(out)
         if old.get("hash") == h:
             return old
         if not fit:
