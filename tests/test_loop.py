@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from chatforge.config import TrainConfig
+from chatforge.errors import ChatforgeError
 from chatforge.train.loop import read_metrics
 from chatforge.train.optim import lr_multiplier, orthogonalize
 
@@ -215,3 +217,24 @@ def test_ctrl_c_during_the_optimizer_update_still_resumes_exactly(tmp_path: Path
     out = _tiny_trainer(tmp_path / "int").fit()
     assert out["resumed"]
     assert _losses(tmp_path / "int") == reference
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_resumes(tmp_path: Path) -> None:
+    """A full disk (here: the pointer file's name taken by a folder) mid-run is one line that names the
+    last good checkpoint, not a traceback; once the space is back the run resumes from it, exactly."""
+    _tiny_trainer(tmp_path / "ref").fit()
+    t = _tiny_trainer(tmp_path / "run")
+    blocker = tmp_path / "run" / "checkpoints" / "latest.tmp" / "x"
+
+    def fill_the_disk(*_: object) -> None:
+        if t.step == 4:  # after the step-3 checkpoint
+            blocker.mkdir(parents=True, exist_ok=True)
+
+    t.optimizer.optimizers[0].register_step_post_hook(fill_the_disk)
+    with pytest.raises(
+        ChatforgeError, match=r"cannot write the checkpoint at step 6 .* step_0000003, is intact"
+    ):
+        t.fit()
+    shutil.rmtree(blocker.parent)
+    out = _tiny_trainer(tmp_path / "run").fit()
+    assert out["resumed"] and _losses(tmp_path / "run") == _losses(tmp_path / "ref")

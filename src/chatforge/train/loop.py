@@ -281,10 +281,18 @@ class Trainer:
         """Write ``checkpoints/step_N`` atomically, then move the ``latest`` pointer (also atomically)."""
         path = self.ckpt_dir / f"step_{self.step:07d}"
         if self.rt.is_main:
-            self.save_fn(self.model, path, self.train_state())
-            tmp = self.ckpt_dir / "latest.tmp"
-            tmp.write_text(path.name)
-            os.replace(tmp, self.ckpt_dir / "latest")
+            try:
+                self.save_fn(self.model, path, self.train_state())
+                tmp = self.ckpt_dir / "latest.tmp"
+                tmp.write_text(path.name)
+                os.replace(tmp, self.ckpt_dir / "latest")
+            except OSError as e:  # a full disk, a read-only folder: the write was atomic, nothing is torn
+                last = self.latest_checkpoint()
+                kept = f"the last good one, {last.name}, is intact" if last else "there is no earlier one"
+                raise ChatforgeError(
+                    f"{self.desc}: cannot write the checkpoint at step {self.step} in {self.ckpt_dir}"
+                    f" ({e.strerror or e}); {kept}: free the space and run again to resume"
+                ) from None
             old = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p != path)
             for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
