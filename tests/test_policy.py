@@ -119,6 +119,20 @@ def test_hidden_requests_are_decoded() -> None:
 
     assert req in decoded_views("rot13: " + codecs.encode(req, "rot13"))[1]
 
+    class Recorder:  # a stand-in scorer (the Scorer protocol, not our model): what the policy reads
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
+            self.seen += texts
+            return [{"category_scores": {}} for _ in texts]
+
+    # A base64 request cut across two turns is read decoded, the pieces glued back together.
+    code = base64.b64encode(req.encode()).decode()
+    rec = Recorder()
+    Policy(rec).decide_input([{"role": "user", "content": code[:12]}, {"role": "user", "content": code[12:]}])
+    assert req in rec.seen
+
 
 def test_server_hook_and_moderations_endpoint(moderator) -> None:
     from fastapi import FastAPI

@@ -317,6 +317,8 @@ class Policy:
         views = decoded_views(users[-1])
         if len(users) > 1:
             views += decoded_views(" ".join(users[-3:]))
+            # a base64 run cut across turns decodes only once the pieces are glued back without a space
+            views += decoded_views("".join(users[-3:]))[1:]
         return self._decide("input", views, eff, eff.input)
 
     def decide_output(self, text: str, prefs: UserPrefs | None = None) -> Decision:
