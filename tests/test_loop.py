@@ -238,3 +238,15 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_resumes(tmp_pa
     shutil.rmtree(blocker.parent)
     out = _tiny_trainer(tmp_path / "run").fit()
     assert out["resumed"] and _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+
+
+def test_a_checkpoint_past_the_steps_asked_for_is_refused(tmp_path: Path) -> None:
+    """Resuming a step-6 checkpoint with steps=4 used to "finish" at once, reporting 6 steps and the
+    step-6 weights as a 4-step run: now a one-line error that points at --fresh."""
+    t = _tiny_trainer(tmp_path / "run")
+    t.fit()  # 8 steps, checkpoints at 3 and 6 (and the end)
+    short = _tiny_trainer(tmp_path / "run")
+    short.cfg.steps = 4
+    with pytest.raises(ChatforgeError, match=r"past train's steps=4; run with --fresh"):
+        short.fit()
+    assert short.fit(resume=False)["steps"] == 4

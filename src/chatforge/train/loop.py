@@ -320,6 +320,11 @@ class Trainer:
                 f"{self.desc}: resuming {path.name} with changed settings: {', '.join(changed)}",
                 file=sys.stderr,
             )
+        if state["step"] > self.cfg.steps:  # it would "finish" at once with more steps than asked for
+            raise ChatforgeError(
+                f"{path}: a checkpoint at step {state['step']}, past {self.desc}'s steps={self.cfg.steps};"
+                " run with --fresh to train the shorter run from the start"
+            )
         self.load_fn(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
