@@ -105,6 +105,21 @@ def test_transformers_model_loads_trains_and_saves_back(family: str, tmp_path: P
         assert max_diff(after, back(ids).logits) <= TOL  # ...and transformers sees the same change
 
 
+def test_a_sliding_window_caps_the_context_so_the_logits_stay_exact(tmp_path: Path) -> None:
+    """Mistral's sliding-window attention is not built here, but inside the window it is full causal
+    attention: the loaded model's context is the window, and up to it the logits are transformers'."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=16)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    assert ours.config.max_position_embeddings == 16
+    ids = tokens(2, 16)
+    with torch.no_grad():
+        assert max_diff(ours(ids), hf(ids).logits) <= TOL
+
+
 def test_ours_round_trips_through_our_own_loader(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, qk_norm=True))

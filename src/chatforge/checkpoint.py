@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,16 @@ def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Model
     if rope_type not in ("default", None):
         raise ChatforgeError(f"{where}: rope scaling {rope_type!r} is not supported")
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or d.get("rope_theta", 10000.0)
+    context = d.get("max_position_embeddings", 2048)
+    # Sliding-window attention (Mistral v0.1; Qwen with use_sliding_window) is not built here, but within
+    # the window it equals full causal attention: cap the context there, so the logits stay exact.
+    window = d.get("sliding_window") if mt == "mistral" or d.get("use_sliding_window") else None
+    if isinstance(window, int) and 0 < window < context:
+        print(
+            f"{where}: sliding-window attention ({window} tokens): context capped at {window}",
+            file=sys.stderr,
+        )
+        context = window
     try:
         n_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
@@ -101,7 +112,7 @@ def model_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Model
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
             intermediate_size=d["intermediate_size"],
             head_dim=head_dim if head_dim != d["hidden_size"] // n_heads else 0,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            max_position_embeddings=context,
             rope_theta=float(theta),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
