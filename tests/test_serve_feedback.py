@@ -18,7 +18,7 @@ from chatforge.config import ServeConfig
 from chatforge.data.prefs import read_pairs
 from chatforge.serve.api import create_app
 from chatforge.serve.db import Database
-from chatforge.serve.feedback import Pair, leaderboard, rater_stats
+from chatforge.serve.feedback import Pair, export, leaderboard, rater_stats
 from serve_util import fresh_database, make_checkpoints, running, throwaway_postgres
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who builds clocks?"}]
@@ -96,11 +96,13 @@ def test_export_round_trips_to_the_preference_format(db_url: str, tmp_path: Path
     _vote(db, "b", answer_a="A2", answer_b="B2")
     _vote(db, "tie")
     _vote(db, "both_bad")
+    _vote(db, "a", answer_b=" ")  # the other answer came back empty (Stop pressed): no preference
     db.close()
     out = tmp_path / "prefs.jsonl"
     assert cli(["feedback", "export", "--db", url, "--out", str(out)]) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 2
+    assert export(Database(url), tmp_path / "again.jsonl")["empty_answer_votes"] == 1
     assert recs[0]["messages"] == PROMPT  # the system message is part of the prompt
     assert recs[0]["chosen"] == {"role": "assistant", "content": "Ada."}
     assert recs[0]["rejected"] == {"role": "assistant", "content": "Bob."}

@@ -73,7 +73,10 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
     votes = db.votes()
     weights = {r["rater"]: r["weight"] for r in rater_stats(pairs_of(votes))}
     kept = [v for v in votes if weights.get(v.rater, 1.0) >= min_weight]
-    recs = preference_records(kept, weights if weighted else None)
+    # An answer that came back empty (stopped, or nothing generated) is no preference `chatforge reward`
+    # can learn from: it would count the pair as malformed.
+    full = [v for v in kept if (v.answer_a or "").strip() and (v.answer_b or "").strip()]
+    recs = preference_records(full, weights if weighted else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w") as f:
@@ -88,6 +91,7 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
         "pairs": len(recs),
         "votes": len(votes),
         "dropped_raters": sorted({v.rater for v in votes} - {v.rater for v in kept}),
+        "empty_answer_votes": len(kept) - len(full),
         **{f"votes_{k}": counts[k] for k in ("a", "b", "tie", "both_bad")},
     }
 
