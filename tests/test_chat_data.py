@@ -560,6 +560,29 @@ def test_read_openai_jsonl() -> None:
     assert "invalid JSON" in errors[0] and "'robot'" in errors[1] and "alternate" in errors[2]
 
 
+def test_openai_content_parts_are_read_as_text(tmp_path) -> None:
+    """OpenAI's messages may hold content as a list of parts: the text parts are the message, and a
+    conversation with an image part is reported, not half read."""
+    text = [{"type": "text", "text": "Where is "}, {"type": "text", "text": "Mirth?"}]
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    f = tmp_path / "parts.jsonl"
+    f.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "North."}]}
+        )
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": image}, {"role": "assistant", "content": "A cat."}]}
+        )
+        + "\n"
+    )
+    convs, errors = read_openai_jsonl(f)
+    assert convs[0]["messages"][0] == {"role": "user", "content": "Where is Mirth?"}
+    assert len(convs) == 1 and errors == [
+        f"{f}:2: message 0 (user) has a content part that is not text (images are not read)"
+    ]
+
+
 def test_read_alpaca_list_and_jsonl() -> None:
     convs, errors = read_alpaca(FIXTURES / "alpaca.json")
     assert len(convs) == 4

@@ -1925,6 +1925,10 @@ def _check_messages(messages: Any, prompt: bool = False) -> Messages:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise _Bad(f"message {i} has unknown role {role!r}")
+        if isinstance(content, list):  # OpenAI's content parts: the text parts are the message
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise _Bad(f"message {i} ({role}) has a content part that is not text (images are not read)")
+            content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str) or not content.strip():
             raise _Bad(f"message {i} ({role}) has no text")
         msg = {"role": role, "content": content}
