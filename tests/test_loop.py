@@ -236,8 +236,11 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_resumes(tmp_pa
     ):
         t.fit()
     shutil.rmtree(blocker.parent)
+    killed = tmp_path / "run" / "checkpoints" / ".step_0000006.tmp-abc"  # a save cut short by SIGKILL
+    killed.mkdir()
     out = _tiny_trainer(tmp_path / "run").fit()
     assert out["resumed"] and _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+    assert not killed.exists()  # swept when the next run starts
 
 
 def test_a_checkpoint_past_the_steps_asked_for_is_refused(tmp_path: Path) -> None:

@@ -421,6 +421,9 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg = self.cfg
+        if self.rt.is_main and self.ckpt_dir.is_dir():  # half-written folders of a save that was killed
+            for p in [*self.ckpt_dir.glob(".step_*.tmp-*"), *self.ckpt_dir.glob(".step_*.old-*")]:
+                shutil.rmtree(p, ignore_errors=True)
         resumed = self.resume() if resume else False
         if not resumed:
             self.metrics.reset()
