@@ -61,6 +61,7 @@ def test_list_elements_can_be_overridden() -> None:
         ("name=", r"name: must name a run directory inside runs_dir, got ''"),  # was runs/ itself
         ("name=..", r"name: must name a run directory inside runs_dir, got '..'"),
         ("pretrain.log_every=0", r"pretrain.log_every: must be positive, got 0"),  # was ZeroDivisionError
+        ("chat_data.sources[0].n=0", r"chat_data.sources\[0\].n: a world source needs at least one"),
         ("sft.ckpt_every=-1", r"sft.ckpt_every: must be 0 \(off\) or positive, got -1"),  # saved every step
         ("pretrain.eval_every=-5", r"pretrain.eval_every: must be 0 \(off\) or positive, got -5"),
     ],

@@ -250,6 +250,8 @@ class ChatSourceConfig:
         if self.kinds and self.kind != "world":
             raise ConfigError(f"{key}.kinds: only a world source has kinds")
         _check_kinds(f"{key}.kinds", self.kinds)
+        if self.kind == "world" and self.n <= 0:  # found here, not after a whole pretraining
+            raise ConfigError(f"{key}.n: a world source needs at least one conversation, got {self.n}")
 
 
 @dataclass
