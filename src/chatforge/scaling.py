@@ -732,6 +732,11 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
         return None
     if (cfg.run_dir / "scaling" / "target").is_dir():
         # A new prediction would postdate the trained target: retrain it after predicting again.
+        print(
+            f"scaling: {out} was made for another ladder or target (or its hash was edited): predicting"
+            " again, and the target trained after the old prediction is removed to be trained again",
+            file=sys.stderr,
+        )
         shutil.rmtree(cfg.run_dir / "scaling" / "target")
     metric = None if data.kind == "none" else data.kind
     t0 = time.perf_counter()
