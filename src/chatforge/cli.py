@@ -144,17 +144,12 @@ def cmd_moderation(args: argparse.Namespace) -> None:
 
 
 def cmd_redteam(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from chatforge.safety import redteam
 
     cfg = _config(args)
     # The speedrun's stage skips the configured checkpoints not trained yet; asked for by hand, finding
     # none is an error, not an empty result (and no suite written into a run directory that isn't there).
-    if not args.model and not any(
-        (Path(m) / "config.json").is_file() or (cfg.run_dir / m / "config.json").is_file()
-        for m in cfg.safety.models
-    ):
+    if not args.model and not redteam.checkpoints(cfg):
         raise ChatforgeError(
             f"{cfg.run_dir}: none of safety.models ({', '.join(cfg.safety.models)}) is a checkpoint there;"
             " pass --model DIR, or train them first"

@@ -375,28 +375,39 @@ def everyday_blocked(policy: Any) -> dict[str, Any]:
     }
 
 
-def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
-    """``chatforge redteam`` / the speedrun stage: every model (dirs, or names inside the run) on the
-    suite; results in ``<run>/evals/redteam_<name>.json``."""
+def checkpoints(cfg: Any, models: Sequence[str] | None = None) -> list[Path]:
+    """The chat models to red-team: ``models`` (dirs, or names inside the run), else ``safety.models``
+    that are trained already (the speedrun's stage skips the rest; a model named explicitly must exist)."""
     from chatforge.checkpoint import not_a_policy
-    from chatforge.evals.runner import world_eval_path
-    from chatforge.safety.policy import serving_policy
 
-    items = suite_for(cfg)
-    policy, _ = serving_policy(cfg)  # <run>/moderation when trained (safety.moderator=none: model only)
-    everyday = everyday_blocked(policy) if policy is not None else None
-    out: dict[str, Any] = {}
+    found = []
     for m in models or cfg.safety.models:
         p = Path(m)
         if not (p / "config.json").is_file():
             p = cfg.run_dir / m
         if not (p / "config.json").is_file():
-            if models:  # named explicitly: an error; from the config: skipped (stage not run yet)
+            if models:
                 raise ChatforgeError(f"{m}: not a model directory (no config.json)")
             continue
         kind = not_a_policy(p)
         if kind:  # its backbone would load and be red-teamed as if it were a chat model
             raise ChatforgeError(f"{p}: {kind}, not a chat model to red-team")
+        found.append(p)
+    return found
+
+
+def run(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
+    """``chatforge redteam`` / the speedrun stage: every model of ``checkpoints`` on the suite; results
+    in ``<run>/evals/redteam_<name>.json``."""
+    from chatforge.evals.runner import world_eval_path
+    from chatforge.safety.policy import serving_policy
+
+    found = checkpoints(cfg, models)
+    items = suite_for(cfg)
+    policy, _ = serving_policy(cfg)  # <run>/moderation when trained (safety.moderator=none: model only)
+    everyday = everyday_blocked(policy) if policy is not None else None
+    out: dict[str, Any] = {}
+    for p in found:
         res = run_suite(p, items, cfg.safety.max_new_tokens)
         name = re.sub(r"[^\w.-]+", "_", p.name)
         if name in out:  # two checkpoints in folders of one name (runs/a/sft, runs/b/sft): keep both

@@ -378,8 +378,8 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     """The ``chatforge reward`` stage: ``<run>/prefs/`` pairs -> ``<run>/rm/``."""
     run_dir = cfg.run_dir
     rc = cfg.reward
-    init, tok, backbone = load_init(
-        run_dir, rc.init, "the reward model", rc.train.seq_len, "reward.train.seq_len"
+    init, tok, backbone = load_init(  # any backbone: a reward model may start from another one's
+        run_dir, rc.init, "the reward model", rc.train.seq_len, "reward.train.seq_len", any_backbone=True
     )
     if rc.init_random:  # same architecture and tokenizer, no pretraining: what does pretraining add?
         seed_everything(rc.train.seed)

@@ -39,15 +39,21 @@ def resolve(run_dir: Path, name: str) -> Path:
 
 
 def load_init(
-    run_dir: Path, name: str, what: str, seq_len: int = 0, seq_len_key: str = ""
+    run_dir: Path,
+    name: str,
+    what: str,
+    seq_len: int = 0,
+    seq_len_key: str = "",
+    any_backbone: bool = False,
 ) -> tuple[Path, Tokenizer, GPT]:
     """(path, tokenizer, model) of the checkpoint a stage starts from (``resolve``d), or a one-line error
-    when it is not there; the stage's ``seq_len`` (config key ``seq_len_key``) must fit its context."""
+    when it is not there; the stage's ``seq_len`` (config key ``seq_len_key``) must fit its context.
+    A reward model or moderator is refused unless ``any_backbone`` (a stage that trains a new head)."""
     init = resolve(run_dir, name)
     if not (init / "config.json").is_file():
         raise ChatforgeError(f"{init}: no checkpoint to start {what} from; run `chatforge sft` first")
     kind = not_a_policy(init)
-    if kind and what != "the reward model":  # a reward model may start from another one's backbone
+    if kind and not any_backbone:
         raise ChatforgeError(f"{init}: {kind}, not a language model to start {what} from")
     model = load_model(init)
     ctx = model.config.max_position_embeddings
