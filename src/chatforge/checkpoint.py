@@ -129,6 +129,14 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
+def sweep_unfinished(parent: Path) -> None:
+    """Remove what a save killed mid-way leaves in ``parent``: ``_atomic_dir``'s temp folders and
+    ``_commit_dir``'s swapped-out old ones (never a finished checkpoint)."""
+    for p in [*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _commit_dir(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into ``final``; the old directory is removed only after the new one is in place."""
     for f in tmp.iterdir():

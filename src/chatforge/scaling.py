@@ -228,12 +228,9 @@ def _check_data_stamp(cfg: RunConfig) -> None:
     # another recipe, or the same recipe with other data settings).
     book = cfg.run_dir / "stages.json"
     if book.is_file():
-        from chatforge.speedrun import STAGES, _hash
+        from chatforge.speedrun import STAGES, _hash, _read_book
 
-        try:
-            made = json.loads(book.read_text()).get("tokenizer", {}).get("hash")
-        except (json.JSONDecodeError, AttributeError):
-            made = None
+        made = (_read_book(book, lambda _msg: None).get("tokenizer") or {}).get("hash")
         if made is not None and made != _hash(cfg, STAGES["tokenizer"][0]):
             raise ChatforgeError(
                 f"{cfg.run_dir}/data was built by a speedrun with another data or tokenizer config ({book});"

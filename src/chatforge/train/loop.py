@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from chatforge.checkpoint import sweep_unfinished
 from chatforge.config import TrainConfig, to_dict
 from chatforge.errors import ChatforgeError
 from chatforge.train.optim import Optimizers, build_optimizer, lr_multiplier
@@ -421,9 +422,8 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg = self.cfg
-        if self.rt.is_main and self.ckpt_dir.is_dir():  # half-written folders of a save that was killed
-            for p in [*self.ckpt_dir.glob(".step_*.tmp-*"), *self.ckpt_dir.glob(".step_*.old-*")]:
-                shutil.rmtree(p, ignore_errors=True)
+        if self.rt.is_main and self.ckpt_dir.is_dir():
+            sweep_unfinished(self.ckpt_dir)  # half-written folders of a save that was killed
         resumed = self.resume() if resume else False
         if not resumed:
             self.metrics.reset()
@@ -470,25 +470,27 @@ class Trainer:
                     window_t = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            if self._updating:
-                last = self.latest_checkpoint()
-                print(
-                    f"\ninterrupted during an optimizer update; run again to resume from "
-                    f"{last.name if last else 'the start'}",
-                    file=sys.stderr,
-                )
-            elif self.step > 0 and self.step % self.resume_every == 0:
+            # A checkpoint here must replay exactly: not half-way through an optimizer update, nor inside
+            # an RL iteration (its rollouts would be redrawn from changed weights).
+            where = (
+                "during an optimizer update"
+                if self._updating
+                else f"inside an iteration of {self.resume_every} steps"
+                if self.step % self.resume_every
+                else ""
+            )
+            if self.step > 0 and not where:
                 self.save_checkpoint()
                 print(
                     f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume",
                     file=sys.stderr,
                 )
-            elif self.step > 0:
+            elif where:
                 last = self.latest_checkpoint()
                 then = f"resumes from {last.name}" if last else "starts over"
                 print(
-                    f"\ninterrupted at step {self.step}, inside an iteration of {self.resume_every} steps"
-                    f" (a checkpoint there would not replay exactly); the next run {then}",
+                    f"\ninterrupted at step {self.step}, {where} (a checkpoint there would not replay"
+                    f" exactly); the next run {then}",
                     file=sys.stderr,
                 )
             raise
