@@ -718,16 +718,10 @@ def create_app(
                 lo, hi = c.sent_lps, c.ok_ids
                 c.sent_lps = max(lo, hi)
                 toks = [tok.decode([t]) for t in c.ids[lo:hi]]
-                offs = []
-                for s in toks:
-                    offs.append(offsets[j])
-                    offsets[j] += len(s)
-                return {
-                    "tokens": toks,
-                    "token_logprobs": c.raw_lps[lo:hi],
-                    "top_logprobs": c.raw_tops[lo:hi] if k else [None] * len(toks),
-                    "text_offset": offs,
-                }
+                tops = c.raw_tops[lo:hi] if k else [None] * len(toks)
+                lp = P.completion_logprobs(toks, c.raw_lps[lo:hi], tops, offsets[j])
+                offsets[j] += sum(map(len, toks))
+                return lp
 
             async def sse() -> AsyncIterator[str]:
                 async def all_batches() -> AsyncIterator[list[tuple[int, Any]]]:
@@ -795,16 +789,7 @@ def create_app(
                         toks += [tok.decode([t]) for t in c.ids]
                         tlps += c.raw_lps
                         ttops += c.raw_tops if k else [None] * len(c.ids)
-                        offsets, pos = [], 0
-                        for s in toks:
-                            offsets.append(pos)
-                            pos += len(s)
-                        lp = {
-                            "tokens": toks,
-                            "token_logprobs": tlps,
-                            "top_logprobs": ttops,
-                            "text_offset": offsets,
-                        }
+                        lp = P.completion_logprobs(toks, tlps, ttops)
                     out.append(
                         {"index": i * body.n + j, "text": text, "logprobs": lp, "finish_reason": c.finish}
                     )

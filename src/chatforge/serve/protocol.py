@@ -115,6 +115,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def completion_logprobs(tokens: list[str], lps: list, tops: list, start: int = 0) -> dict[str, Any]:
+    """``/v1/completions``' logprobs: each token's text, logprob and top alternatives, and where it starts
+    in the text (counted from ``start``: a streamed chunk continues where the last one ended)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(start)
+        start += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
 class ChatChunks:
     """The server-sent events of one streamed chat completion. Every chunk shares its head and tail, so
     they are encoded once and only each choice per token (streaming is on the hot path)."""
