@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from chatforge.data.chat import no_surrogates
 from chatforge.engine import Engine, SamplingParams
 from chatforge.errors import ChatforgeError
 
@@ -104,7 +104,7 @@ def _valid_text(line: str) -> str:
     try:
         return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:  # a surrogate that no undecodable byte made (a JSON "\\ud83d")
-        return re.sub("[\ud800-\udfff]", "\ufffd", line)
+        return no_surrogates(line)
 
 
 class Repl:

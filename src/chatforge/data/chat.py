@@ -2054,15 +2054,15 @@ def _open_text(path: Path) -> str:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _no_surrogates(obj: Any) -> Any:
+def no_surrogates(obj: Any) -> Any:
     """``obj`` with every lone surrogate (a JSON ``"\\ud83d"`` whose pair was cut off, common in scraped
     chat dumps) replaced by U+FFFD: such a string cannot be written as UTF-8 or tokenized."""
     if isinstance(obj, str):
         return _LONE_SURROGATE.sub("\ufffd", obj)
     if isinstance(obj, list):
-        return [_no_surrogates(v) for v in obj]
+        return [no_surrogates(v) for v in obj]
     if isinstance(obj, dict):
-        return {_no_surrogates(k): _no_surrogates(v) for k, v in obj.items()}
+        return {no_surrogates(k): no_surrogates(v) for k, v in obj.items()}
     return obj
 
 
@@ -2071,7 +2071,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     text = _open_text(path)
     start = len(text) - len(text.lstrip())
     # Only a \uD800-\uDFFF escape can make a lone surrogate: look for one once, not in every record.
-    fix = _no_surrogates if re.search(r"\\u[dD][89a-fA-F]", text) else (lambda rec: rec)
+    fix = no_surrogates if re.search(r"\\u[dD][89a-fA-F]", text) else (lambda rec: rec)
     if text[start : start + 1] == "[":
         for lineno, rec in _json_list_records(text, start + 1):
             yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
