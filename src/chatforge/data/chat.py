@@ -2168,16 +2168,15 @@ def read_oasst_threads(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     the best-ranked reply at each step and skipping deleted messages.
     """
     p = Path(path)
-    records = list(_records(p))
-    if not _is_oasst_tree(records):
-        return _convert_file(p, _from_oasst_thread, records)
-    return _oasst_trees(p, records)
+    return _oasst_records(p, list(_records(p)))
 
 
-def _is_oasst_tree(records: list[tuple[int, Any]]) -> bool:
-    """A raw oasst1 message dump (message_id / parent_id a line), not thread records."""
+def _oasst_records(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict], list[str]]:
+    """Thread records, or a raw oasst1 message dump (message_id / parent_id a line) made into threads."""
     first = next((r for _, r in records if isinstance(r, dict)), None)
-    return first is not None and "message_id" in first
+    if first is None or "message_id" not in first:
+        return _convert_file(path, _from_oasst_thread, records)
+    return _oasst_trees(path, records)
 
 
 def _oasst_trees(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict], list[str]]:
@@ -2256,11 +2255,7 @@ def read_hf_chat(
                 raise ChatforgeError(f"{name_or_path}: no JSON records")
             fmt = _detect_format(list(first), first)
         if fmt == "oasst":  # thread files and raw message trees alike
-            return (
-                _oasst_trees(path, records)
-                if _is_oasst_tree(records)
-                else _convert_file(path, _from_oasst_thread, records)
-            )
+            return _oasst_records(path, records)
         return _convert_file(path, _ROW_CONVERTERS[fmt], records)
     try:
         import datasets  # heavy import: only when this reader is used
