@@ -141,59 +141,13 @@ def test_read_metrics_names_a_corrupt_line(tmp_path: Path) -> None:
 
 
 def _tiny_trainer(work: Path):
-    import numpy as np
+    """The Trainer that tests/scripts/tiny_train.py runs (8 steps of 4), built in this process."""
+    import importlib.util
 
-    from chatforge.checkpoint import load_weights, save_model
-    from chatforge.config import ModelConfig
-    from chatforge.model import GPT, lm_loss
-    from chatforge.train.loop import Trainer, seed_everything, setup_runtime
-
-    corpus = np.random.default_rng(0).integers(0, 64, size=5_000)
-    cfg = TrainConfig(
-        steps=8,
-        batch_size=4,
-        seq_len=16,
-        optimizer="muon",
-        lr=3e-3,
-        warmup_steps=2,
-        eval_every=0,
-        ckpt_every=3,
-        log_every=1,
-        progress=False,
-        threads=1,
-    )
-    rt = setup_runtime(cfg)
-    seed_everything(cfg.seed)
-    model = GPT(
-        ModelConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-    )
-
-    def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        starts = np.random.default_rng([cfg.seed, step, micro]).integers(0, len(corpus) - 17, size=4)
-        w = torch.from_numpy(np.stack([corpus[s : s + 17] for s in starts]))
-        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
-
-    def loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, int]:
-        return lm_loss(m(b["input_ids"]), b["labels"]), {}, b["labels"].numel()
-
-    return Trainer(
-        model,
-        cfg,
-        work,
-        loss_fn=loss_fn,
-        batch_fn=batch_fn,
-        save_fn=lambda m, p, st: save_model(m, p, train_state=st),
-        load_fn=load_weights,
-        runtime=rt,
-    )
+    spec = importlib.util.spec_from_file_location("tiny_train", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.make_trainer(work, steps=8, batch=4)
 
 
 def test_ctrl_c_during_the_optimizer_update_still_resumes_exactly(tmp_path: Path) -> None:
