@@ -150,8 +150,17 @@ def test_compare_mode_vote_lands_in_db_and_export(site, page) -> None:
     assert vote.winner == ("a" if vote.a_left else "b")
     assert {vote.model_a, vote.model_b} == {"sft", "base"} and vote.model_a == "sft"
     assert vote.prompt[-1] == {"role": "user", "content": "Tell me about Ada."}
+    page.wait_for_function("location.hash.length > 1")
+    # a first-turn vote names its conversation, which goes on with the chosen answer
+    assert vote.conversation_id == int(page.evaluate("location.hash.slice(1)"))
     chosen = vote.answer_a if vote.winner == "a" else vote.answer_b
     assert chosen.strip() == left.strip() and vote.answer_a.strip() and vote.answer_b.strip()
+    for _ in range(50):  # the thread is saved again with the answer just after "vote saved" shows
+        msgs = db.conversation(vote.conversation_id)["messages"]
+        if len(msgs) == 2:
+            break
+        page.wait_for_timeout(100)
+    assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[1]["content"] == chosen
     summary = export(db, root / "prefs.jsonl")
     rec = json.loads((root / "prefs.jsonl").read_text().splitlines()[0])
     assert summary["pairs"] == 1 and rec["chosen"]["content"] == chosen and rec["messages"] == vote.prompt

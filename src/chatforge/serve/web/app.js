@@ -298,6 +298,8 @@ async function compareTurn() {
       const winner = choice === "left" ? order[0] : choice === "right" ? order[1] : choice;
       votes.querySelectorAll("button").forEach((b) => { b.disabled = true; });
       try {
+        // A first-turn vote needs the conversation saved first, so that the vote names it.
+        if (!state.convId) await save();
         await api("/ui/votes", {
           prompt, answer_a: out.a.text, answer_b: out.b.text, model_a: out.a.model, model_b: out.b.model,
           sampling: sampling(), seed_a: seeds.a, seed_b: seeds.b, a_left: aLeft, winner, rater: raterId(),
