@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
-from chatforge.train.loop import read_metrics
+from chatforge.train.loop import fingerprint, read_metrics, weights_fingerprint
 from chatforge.train.optim import lr_multiplier, orthogonalize
 
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_train.py"
@@ -207,3 +208,46 @@ def test_a_checkpoint_past_the_steps_asked_for_is_refused(tmp_path: Path) -> Non
     with pytest.raises(ChatforgeError, match=r"past train's steps=4; run with --fresh"):
         short.fit()
     assert short.fit(resume=False)["steps"] == 4
+
+
+def test_a_checkpoint_trained_on_other_inputs_is_refused(tmp_path: Path) -> None:
+    """A standalone `chatforge sft` (or pretrain, dpo, ...) resumes the last checkpoint it finds; after
+    its data or start model changed, that silently finished another run's training. The checkpoint keeps
+    the fingerprints of its inputs: other data is a one-line error pointing at --fresh, the same data
+    resumes, and a checkpoint from before this check (no fingerprints) still resumes."""
+    t = _tiny_trainer(tmp_path / "run")
+    t.inputs = {"data": fingerprint([np.arange(5)]), "init": weights_fingerprint(t.model)}
+    t.cfg.steps = 6
+    t.fit()
+    longer = _tiny_trainer(tmp_path / "run")
+    longer.inputs = {"data": fingerprint([np.arange(6)]), "init": t.inputs["init"]}
+    with pytest.raises(ChatforgeError, match=r"other inputs \(training data changed.*--fresh"):
+        longer.fit()
+    longer.inputs = dict(t.inputs)
+    assert longer.fit()["resumed"] and longer.step == 8
+    path = tmp_path / "run" / "checkpoints" / "step_0000006" / "train_state.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["inputs"] == t.inputs
+    del state["inputs"]
+    torch.save(state, path)
+    old = _tiny_trainer(tmp_path / "run")
+    old.inputs = {"data": "other"}
+    assert old.fit()["resumed"]
+
+
+def test_fingerprint_tells_inputs_apart_cheaply(tmp_path: Path) -> None:
+    big = tmp_path / "shard.bin"
+    data = np.random.default_rng(0).integers(0, 60000, 3_000_000, dtype=np.uint16)
+    data.tofile(big)
+    a = fingerprint([big], [(np.arange(3), np.ones(3))])
+    assert a == fingerprint([big], [(np.arange(3), np.ones(3))])
+    assert a != fingerprint([big], [(np.arange(3), np.zeros(3))])
+    data[-1] ^= 1  # the last MiB is read
+    data.tofile(big)
+    assert a != fingerprint([big], [(np.arange(3), np.ones(3))])
+    assert fingerprint([1, 2, 3]) != fingerprint([1, 2, 4]) and fingerprint({"a": 1}) != fingerprint({"a": 2})
+    model = _tiny_trainer(tmp_path / "m").model
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0
+    assert weights_fingerprint(model) != before

@@ -32,7 +32,14 @@ from chatforge.errors import ChatforgeError
 from chatforge.model import GPT
 from chatforge.safety.moderation_data import CATEGORIES, real_examples, world_examples
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import (
+    Batch,
+    Trainer,
+    fingerprint,
+    seed_everything,
+    setup_runtime,
+    weights_fingerprint,
+)
 
 HEAD_FILE = "moderation.json"
 
@@ -343,6 +350,7 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     rt = setup_runtime(tc)
     seed_everything(tc.seed)
     backbone = load_model(init)
+    start = weights_fingerprint(backbone)
     max_len = min(tc.seq_len, backbone.config.max_position_embeddings)
     model = Moderator(backbone)
     data = build_dataset(cfg)
@@ -393,6 +401,7 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         evaluate=evaluate,
         runtime=rt,
         desc="moderation",
+        inputs={"data": fingerprint(seqs, targets, known), "init": start},
     )
     summary = trainer.fit(resume=resume)
     # Thresholds: best F1 per category on the validation split (world + real).

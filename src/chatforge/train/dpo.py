@@ -21,7 +21,7 @@ from chatforge.checkpoint import load_weights, save_model
 from chatforge.data import prefs
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, Trainer
+from chatforge.train.loop import Batch, Trainer, fingerprint, weights_fingerprint
 from chatforge.train.reward import pair_batch, pair_batches, tokenize_pairs, weighted_mean
 from chatforge.train.rollout import load_init, save_policy, start, token_logprobs
 
@@ -92,6 +92,7 @@ def train_dpo(
     save_fn: Any = None,
 ) -> tuple[GPT, dict[str, Any]]:
     tc = dc.train
+    init = weights_fingerprint(policy)
     rt, ref = start(policy, tc)
     examples = [e for e in tokenize_pairs(train_pairs, tok, tc.seq_len) if any(e[1]) and any(e[3])]
     held = [e for e in tokenize_pairs(heldout, tok, tc.seq_len) if any(e[1]) and any(e[3])]
@@ -109,6 +110,7 @@ def train_dpo(
         evaluate=lambda m, step: dpo_eval(m, ref, held, tok.pad_id, dc.beta),
         runtime=rt,
         desc="dpo",
+        inputs={"data": fingerprint(examples), "init": init},
     )
     summary = trainer.fit(resume=resume)
     summary["init_loss_log2"] = round(math.log(2), 5)

@@ -23,7 +23,7 @@ from chatforge.engine import Engine
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import rollout as ro
-from chatforge.train.loop import Batch
+from chatforge.train.loop import Batch, fingerprint, model_fingerprint, weights_fingerprint
 from chatforge.train.reward import load_reward_model, score
 
 
@@ -77,7 +77,10 @@ def train_grpo(
     gc: Any,
     work_dir: Path,
     resume: bool = True,
+    inputs: dict[str, str] | None = None,
 ) -> tuple[GPT, dict[str, Any]]:
+    """GRPO on ``policy`` (trained in place); ``inputs`` as in ``train_ppo``."""
+    inputs = {"data": fingerprint(pool), "init": weights_fingerprint(policy), **(inputs or {})}
     its = ro.iterations(gc)
     rt, ref = ro.start(policy, its.train)
     policy = policy.to(rt.device)
@@ -120,6 +123,7 @@ def train_grpo(
         runtime=rt,
         desc="grpo",
         resume=resume,
+        inputs=inputs,
     )
     return policy, summary
 
@@ -130,7 +134,8 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     gc = cfg.grpo
     _, tok, policy = ro.load_init(run_dir, gc.init, "GRPO")
 
-    rm = load_reward_model(ro.resolve(run_dir, gc.reward_model)) if gc.rm_coef else None
+    rm_dir = ro.resolve(run_dir, gc.reward_model) if gc.rm_coef else None
+    rm = load_reward_model(rm_dir) if rm_dir else None
 
     def reward_fn(items: list[dict], texts: list[str]) -> list[float]:
         rewards = verifiable_reward(items, texts, gc.safety_penalty)
@@ -140,6 +145,9 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
         return [v + gc.rm_coef * s for v, s in zip(rewards, rm_s, strict=True)]
 
     pool = ro.world_prompts(cfg, gc.prompt_pool, gc.prompt_seed, gc.kinds)
-    policy, summary = train_grpo(policy, tok, reward_fn, pool, gc, run_dir / "train" / "grpo", resume)
+    inputs = {"reward": model_fingerprint(rm_dir)} if rm_dir else {}
+    policy, summary = train_grpo(
+        policy, tok, reward_fn, pool, gc, run_dir / "train" / "grpo", resume, inputs=inputs
+    )
     ro.save_policy(policy, run_dir / "rlhf" / "grpo", tok, summary)
     return summary

@@ -12,6 +12,7 @@ Exact resume rests on one rule: a batch is a pure function of ``(step, micro_ste
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -198,6 +199,65 @@ def read_metrics(path: str | Path, event: str | None = None) -> list[dict[str, A
     return [r for r in recs if event is None or r.get("event") == event]
 
 
+# ---------------------------------------------------------------- what a run learns from
+
+_SAMPLE = 1 << 20  # bytes read from each end of a large file
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of what a run learns from: arrays, strings, numbers, files (a large file by its size
+    and its first and last MiB, so a multi-GB shard costs milliseconds), and lists of these. The Trainer
+    keeps it in every checkpoint and refuses to resume one that was trained on other inputs."""
+    h = hashlib.sha256()
+
+    def add(x: Any) -> None:
+        if isinstance(x, np.ndarray):
+            h.update(f"a{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            add((x.float() if x.dtype == torch.bfloat16 else x).numpy())
+        elif isinstance(x, Path):
+            size = x.stat().st_size if x.is_file() else -1
+            h.update(f"f{size}".encode())
+            if size > 0:
+                with x.open("rb") as f:
+                    h.update(f.read(_SAMPLE))
+                    if size > 2 * _SAMPLE:
+                        f.seek(size - _SAMPLE)
+                        h.update(f.read(_SAMPLE))
+        elif isinstance(x, list | tuple) and all(type(y) in (int, float, str, bool) for y in x):
+            h.update(f"v{x!r}".encode())  # token ids and the like: one update, not one per item
+        elif isinstance(x, list | tuple):
+            h.update(f"l{len(x)}".encode())
+            for y in x:
+                add(y)
+        elif isinstance(x, dict):
+            add(sorted(x.items(), key=lambda kv: str(kv[0])))
+        else:
+            h.update(f"s{x!r}".encode())
+
+    for p in parts:
+        add(p)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """``fingerprint`` of a saved model's weights file (a reward model an RL run scores with)."""
+    return fingerprint(Path(model_dir) / "model.safetensors")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """``fingerprint`` of a model's start weights, before training: each tensor's name, shape and first
+    4096 values (training moves every tensor, so that tells two checkpoints apart at any size)."""
+    return fingerprint(
+        [
+            (k, tuple(v.shape), v.detach().reshape(-1)[:4096].float().cpu())
+            for k, v in model.state_dict().items()
+        ]
+    )
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -225,8 +285,12 @@ class Trainer:
         desc: str = "train",
         flops_per_token: float = 0.0,
         resume_every: int = 1,
+        inputs: dict[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        # What this run learns from ({"data": fingerprint(...), "init": model_fingerprint(...)}): a
+        # checkpoint saved with other inputs is not resumed (its weights belong to another run).
+        self.inputs = dict(inputs or {})
         # Only a step that is a multiple of this replays exactly from a checkpoint (RL: an iteration's
         # boundary; mid-iteration the rollouts it learns from would be redrawn from changed weights).
         self.resume_every = max(1, resume_every)
@@ -276,6 +340,7 @@ class Trainer:
             "rng": _rng_state(),
             "world_size": self.rt.world_size,
             "config": to_dict(self.cfg),
+            "inputs": self.inputs,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -311,6 +376,15 @@ class Trainer:
             raise ChatforgeError(
                 f"{path}: saved with {state.get('world_size')} processes, resuming with {self.rt.world_size};"
                 " resume with the same number of processes for an exact replay"
+            )
+        before = state.get("inputs") or {}  # absent in checkpoints older than this check
+        moved = [k for k in self.inputs if k in before and before[k] != self.inputs[k]]
+        if moved:
+            what = {"data": "training data", "init": "start model", "reward": "reward model"}
+            raise ChatforgeError(
+                f"{path}: this {self.desc} checkpoint was trained on other inputs"
+                f" ({', '.join(what.get(k, k) for k in moved)} changed since it was saved);"
+                " run with --fresh to start over, or restore them to resume"
             )
         saved = state.get("config", {})
         changed = [

@@ -26,7 +26,7 @@ from chatforge.engine import Engine
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import rollout as ro
-from chatforge.train.loop import Batch
+from chatforge.train.loop import Batch, fingerprint, model_fingerprint, weights_fingerprint
 from chatforge.train.reward import RewardModel, load_reward_model, score
 
 VALUE_FILE = "value_head.safetensors"
@@ -125,8 +125,11 @@ def train_ppo(
     pc: Any,
     work_dir: Path,
     resume: bool = True,
+    inputs: dict[str, str] | None = None,
 ) -> tuple[PolicyWithValue, dict[str, Any]]:
-    """PPO on ``policy`` (trained in place) against a frozen copy of it; returns (model, summary)."""
+    """PPO on ``policy`` (trained in place) against a frozen copy of it; returns (model, summary).
+    ``inputs`` names what else the run learns from (its reward model), for the checkpoints' resume check."""
+    inputs = {"data": fingerprint(pool), "init": weights_fingerprint(policy), **(inputs or {})}
     its = ro.iterations(pc)
     rt, ref = ro.start(policy, its.train)
     model = PolicyWithValue(policy, pc.kl_coef).to(rt.device)
@@ -188,6 +191,7 @@ def train_ppo(
         runtime=rt,
         desc="ppo",
         resume=resume,
+        inputs=inputs,
     )
     return model, summary
 
@@ -206,10 +210,18 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     run_dir = cfg.run_dir
     pc = cfg.ppo
     _, tok, policy = ro.load_init(run_dir, pc.init, "PPO")
-    rm = load_reward_model(ro.resolve(run_dir, pc.reward_model))
+    rm_dir = ro.resolve(run_dir, pc.reward_model)
+    rm = load_reward_model(rm_dir)
     pool = ro.world_prompts(cfg, pc.prompt_pool, pc.prompt_seed, pc.kinds)
     model, summary = train_ppo(
-        policy, tok, rm_reward_fn(rm, tok), pool, pc, run_dir / "train" / "ppo", resume
+        policy,
+        tok,
+        rm_reward_fn(rm, tok),
+        pool,
+        pc,
+        run_dir / "train" / "ppo",
+        resume,
+        inputs={"reward": model_fingerprint(rm_dir)},
     )
     ro.save_policy(model.policy, run_dir / "rlhf" / "ppo", tok, summary)
     return summary

@@ -26,7 +26,7 @@ from chatforge.data.corpus import TokenShards
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, lm_loss
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, BatchFn, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import Batch, BatchFn, Trainer, fingerprint, seed_everything, setup_runtime
 
 
 def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -125,6 +125,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     batch_fn = lm_batch_fn(train, tc)
     chat_rows = min(round(cfg.chat_data.pretrain_fraction * tc.batch_size), tc.batch_size - 1)
     chat_stats: dict[str, Any] = {}
+    convs: list = []
     if chat_rows:
         from chatforge.data import chat
         from chatforge.train.sft import tokenize_conversations
@@ -151,6 +152,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         runtime=rt,
         desc="pretrain",
         flops_per_token=model.flops_per_token(tc.seq_len),
+        inputs={"data": fingerprint(train.files, convs)},
     )
     summary = trainer.fit(resume=resume)
     summary.update(

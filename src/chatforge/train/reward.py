@@ -28,7 +28,14 @@ from chatforge.data import prefs
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import (
+    Batch,
+    Trainer,
+    fingerprint,
+    seed_everything,
+    setup_runtime,
+    weights_fingerprint,
+)
 from chatforge.train.rollout import load_init, token_logprobs
 
 HEAD_FILE = "reward_head.safetensors"
@@ -336,10 +343,10 @@ def train_reward_model(
     tc = rc.train
     rt = setup_runtime(tc)
     seed_everything(tc.seed)
+    init = weights_fingerprint(backbone)
     rm = RewardModel(backbone, lm_feature=rc.lm_feature)
-    batch_fn = pair_batches(
-        tokenize_pairs(train_pairs, tok, tc.seq_len), tc, pair_batch, tok.pad_id, "reward"
-    )
+    encoded = tokenize_pairs(train_pairs, tok, tc.seq_len)
+    batch_fn = pair_batches(encoded, tc, pair_batch, tok.pad_id, "reward")
     n_eval = max(tc.eval_batches * tc.batch_size, 1)
     held_eval = heldout[:: max(1, len(heldout) // n_eval)][:n_eval]  # spread over every source
 
@@ -358,6 +365,7 @@ def train_reward_model(
         evaluate=evaluate,
         runtime=rt,
         desc="reward",
+        inputs={"data": fingerprint(encoded), "init": init},
     )
     summary = trainer.fit(resume=resume)
     # Normalise so that held-out replies (chosen and rejected alike) score mean 0, std 1.

@@ -344,6 +344,7 @@ def fit(
     runtime: Runtime,
     desc: str,
     resume: bool = True,
+    inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on the loop core with fresh experience from ``make`` every iteration; the summary
     adds the iteration counts, the rollout/learning time split and the peak memory."""
@@ -359,6 +360,7 @@ def fit(
         runtime=runtime,
         desc=desc,
         resume_every=its.updates,
+        inputs=inputs,
     )
     batches.log = trainer.metrics.log
     summary = trainer.fit(resume=resume)

@@ -23,7 +23,15 @@ from chatforge.errors import ChatforgeError
 from chatforge.evals.runner import during_training_hook
 from chatforge.model import lm_loss
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Batch, BatchFn, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import (
+    Batch,
+    BatchFn,
+    Trainer,
+    fingerprint,
+    seed_everything,
+    setup_runtime,
+    weights_fingerprint,
+)
 
 IGNORE = -100
 
@@ -162,6 +170,10 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         runtime=rt,
         desc="sft",
         flops_per_token=model.flops_per_token(tc.seq_len),
+        inputs={
+            "data": fingerprint(train, replay.files if replay else None),
+            "init": weights_fingerprint(model),
+        },
     )
     summary = trainer.fit(resume=resume)
     summary.update(
