@@ -249,3 +249,50 @@ def test_stage_book_cut_short_is_rerun_not_a_traceback(tmp_path: Path) -> None:
     assert said and "every stage runs again" in said[0]
     book.write_text("[1, 2]")
     assert speedrun._read_book(book, said.append) == {}
+
+
+def test_a_standalone_stage_refuses_a_checkpoint_from_another_start_model(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`chatforge sft` interrupted, then the base retrained: the rerun used to finish the old SFT run's
+    checkpoint (the speedrun guards this with its stage hash, the stage alone did not)."""
+    import shutil
+
+    from chatforge.checkpoint import save_model
+    from chatforge.config import load_config
+    from chatforge.errors import ChatforgeError
+    from chatforge.train import sft
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "tiny", ignore=shutil.ignore_patterns("train", "rlhf", "moderation"))
+    cfg = load_config(None, [f"{k}" for k in TINY] + [f"runs_dir={runs}", "name=tiny", "sft.ckpt_every=2"])
+    real = sft.length_grouped_batch_fn
+
+    def interrupted(*a, **k):  # Ctrl-C while the batch for step 4 is drawn: step 4's checkpoint is saved
+        fn = real(*a, **k)
+
+        def batch(step, micro, rank, world):
+            if step == 4:
+                raise KeyboardInterrupt
+            return fn(step, micro, rank, world)
+
+        return batch
+
+    monkeypatch.setattr(sft, "length_grouped_batch_fn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg)
+    monkeypatch.setattr(sft, "length_grouped_batch_fn", real)
+    ckpt = runs / "tiny" / "train" / "sft" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_0000004"
+
+    base = runs / "tiny" / "base"
+    model, tok = load_model(base), Tokenizer.load(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # "retrained"
+    save_model(model, base, tokenizer=tok)
+    with pytest.raises(ChatforgeError, match=r"other inputs \(start model changed.*--fresh"):
+        sft.run(cfg)
+    assert (ckpt / "latest").is_file()  # nothing lost: restoring the old base would resume it
+    out = sft.run(cfg, resume=False)
+    assert out["resumed"] is False and out["steps"] == 10
