@@ -180,8 +180,26 @@ def test_served_with_the_policy_on_loopback(moderator) -> None:
         assert r.text.rstrip().endswith("data: [DONE]")
         benign = {**harmful, "messages": [{"role": "user", "content": "How do I sharpen a kitchen knife?"}]}
         r = httpx.post(f"{url}/v1/chat/completions", json=benign, timeout=30)
-        assert r.status_code == 200
+        assert r.status_code == 200 and "x-chatforge-safety-notes" not in r.headers
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length", "content_filter")
+        # A "safety:" line the policy cannot apply is not silently dropped: the answer says so.
+        off = [{"role": "system", "content": "safety: off"}, *benign["messages"]]
+        for extra in ({}, {"stream": True}):
+            r = httpx.post(
+                f"{url}/v1/chat/completions", json={**benign, "messages": off, **extra}, timeout=30
+            )
+            (note,) = json.loads(r.headers["x-chatforge-safety-notes"])
+            assert r.status_code == 200 and note.startswith("safety: 'off': not understood")
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                **harmful,
+                "messages": [{"role": "system", "content": "safety: décline ünknown"}, *harmful["messages"]],
+            },
+            timeout=30,
+        )
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+        assert "ünknown" in json.loads(r.headers["x-chatforge-safety-notes"])[0]  # ASCII-safe in a header
         m = httpx.post(f"{url}/v1/moderations", json={"input": "I will make you pay, I know where you live"})
         assert m.status_code == 200 and len(m.json()["results"]) == 1
     off = tiny_config(cfg.runs_dir, "safety.moderator=none")

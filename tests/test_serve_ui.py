@@ -9,6 +9,8 @@ import pytest
 
 from chatforge.config import ServeConfig
 from chatforge.data.prefs import read_pairs
+from chatforge.safety.moderation_data import CATEGORIES
+from chatforge.safety.policy import Policy
 from chatforge.serve.api import create_app
 from chatforge.serve.feedback import export
 from serve_util import make_checkpoints, running
@@ -22,6 +24,12 @@ EVIL = '<script>window.__xss=1</script> <img src=x onerror="window.__xss=2"> **b
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread: None) -> None:
     """Tiny models: one thread (see conftest)."""
+
+
+class _FlagsNothing:
+    def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
+        zero = dict.fromkeys(CATEGORIES, 0.0)
+        return [{"flagged": False, "categories": {}, "category_scores": zero} for _ in texts]
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +195,21 @@ def _thread(page) -> list[tuple[str, str]]:
     return page.evaluate(
         "[...document.querySelectorAll('#messages .msg')].map(m => [m.dataset.testid, m.querySelector('.content').innerText])"
     )
+
+
+def test_a_safety_line_the_policy_ignores_is_shown(site, page) -> None:
+    _, _, root = site
+    # The real layered policy over a scorer that flags nothing (its own server: a policy holds streamed
+    # text back for the output check, which the streaming test above must not see).
+    app = create_app({"sft": root / "sft"}, cfg=ServeConfig(max_batch=4), policy=Policy(_FlagsNothing()))
+    with running(app) as url:
+        _new_chat(page, url)
+        page.fill("[data-testid=system]", "Be brief.\nsafety: off")
+        _send(page, "Where is Mirth?")
+        assert "safety: 'off': not understood" in page.inner_text("#error")
+        page.fill("[data-testid=system]", "Be brief.")
+        _send(page, "And Ada?")
+        assert not page.is_visible("#error")
 
 
 def test_reload_reopens_the_conversation(site, page) -> None:

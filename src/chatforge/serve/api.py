@@ -242,6 +242,10 @@ class Limits:
         )
 
 
+# The safety policy's notes on a request (JSON list of strings), e.g. a "safety:" line it did not apply.
+SAFETY_NOTES_HEADER = "X-Chatforge-Safety-Notes"
+
+
 def _prompt_logprobs(engine: Engine, ids: list[int], k: int) -> tuple[list[float | None], list[dict | None]]:
     """Log-probability of each prompt token given the ones before it, from one forward pass."""
     with torch.inference_mode(), engine._autocast():
@@ -540,17 +544,23 @@ def create_app(
         v = version_of(name)
         return {"id": v.name, "object": "model", "created": 0, "owned_by": "chatforge"}
 
-    def input_decline(messages: list[dict]) -> str | None:
-        """The policy's brief decline for a flagged input, or None when the input may go to the model."""
+    def input_decline(messages: list[dict]) -> tuple[str | None, dict[str, str]]:
+        """The policy's brief decline for a flagged input (None when the input may go to the model), and
+        the headers that carry the policy's notes: a ``safety:`` line it ignored, a user threshold that
+        would have loosened it. Without them a user who wrote "safety: off" would never learn it did
+        nothing."""
         assert policy is not None
         decide = getattr(policy, "decide_input", None)  # safety.policy.Policy: a decline worded for users
         if decide is not None:
             d = decide(messages)
-            return None if d.allowed else d.message or f"I can't help with that ({d.reason()})."
+            notes = {SAFETY_NOTES_HEADER: json.dumps(d.notes)} if d.notes else {}
+            return (None if d.allowed else d.message or f"I can't help with that ({d.reason()})."), notes
         reason = policy.check_input(messages)
-        return None if reason is None else f"I can't help with that ({reason})."
+        return (None if reason is None else f"I can't help with that ({reason})."), {}
 
-    def declined(body: P.ChatRequest, name: str, text: str, prompt_tokens: int) -> Response:
+    def declined(
+        body: P.ChatRequest, name: str, text: str, prompt_tokens: int, headers: dict[str, str]
+    ) -> Response:
         """A flagged request is answered, not errored: the decline as the reply of every choice, with
         ``finish_reason: "content_filter"``, so clients show it like any other answer."""
         cid, created = P.new_id("chatcmpl"), P.now()
@@ -567,7 +577,9 @@ def create_app(
                 for j in range(n)
             ]
             usage = P.usage(prompt_tokens, 0)
-            return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+            return JSONResponse(
+                {**base, "object": "chat.completion", "choices": choices, "usage": usage}, headers=headers
+            )
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk = P.ChatChunks(cid, created, name, include_usage)
@@ -575,7 +587,9 @@ def create_app(
         parts += [chunk({}, j, "content_filter") for j in range(n)]
         if include_usage:
             parts.append(chunk.usage(prompt_tokens, 0))
-        return StreamingResponse(iter(["".join(parts) + "data: [DONE]\n\n"]), media_type="text/event-stream")
+        return StreamingResponse(
+            iter(["".join(parts) + "data: [DONE]\n\n"]), media_type="text/event-stream", headers=headers
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
@@ -592,8 +606,9 @@ def create_app(
         )
         await check_schema(v, params)
         # After validation: a request the server would refuse is a 400 whether or not its input is flagged.
-        if policy is not None and (decline := input_decline(messages)) is not None:
-            return declined(body, v.name, decline, len(prompt))
+        decline, notes = input_decline(messages) if policy is not None else (None, {})
+        if decline is not None:
+            return declined(body, v.name, decline, len(prompt), notes)
         gen = v.scheduler.submit(prompt, params)
         first, batches = await first_batch(v, gen)
         metrics.ttft.observe(time.perf_counter() - gen.submitted)
@@ -640,7 +655,7 @@ def create_app(
             return StreamingResponse(
                 sse(),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **notes},
             )
 
         watcher = asyncio.create_task(watch_disconnect(request, v, gen))
@@ -671,7 +686,8 @@ def create_app(
                     for j, c in enumerate(choices)
                 ],
                 "usage": P.usage(len(prompt), sum(c.tokens for c in choices)),
-            }
+            },
+            headers=notes,
         )
 
     @app.post("/v1/completions")

@@ -84,6 +84,9 @@ async function streamChat(model, messages, extra, onDelta) {
     const data = await res.json().catch(() => ({}));
     throw new Error((data.error && data.error.message) || res.statusText);
   }
+  // The safety policy says when it ignored part of the system message (e.g. "safety: off").
+  const notes = res.headers.get("x-chatforge-safety-notes");
+  if (notes) showError("Safety settings: " + JSON.parse(notes).join("; "));
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = "", text = "", finish = null, served = model;
