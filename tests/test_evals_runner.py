@@ -142,6 +142,27 @@ def test_endpoint_target_matches_in_process(ckpt: Path) -> None:
                 assert na == nb and abs(la - lb) < 1e-3
 
 
+def test_cli_eval_endpoint_writes_into_the_run(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``chatforge eval --endpoint`` ignored ``--name``/``--set``: its results went to ``evals/`` in
+    whatever directory it ran from, not ``<run>/evals/`` as ``--help`` says, and a bad key passed."""
+    serve = pytest.importorskip("chatforge.serve.api")
+    from chatforge.cli import main
+    from serve_util import running
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    with running(serve.create_app({"tiny": ckpt})) as url:
+        argv = ["eval", "--endpoint", f"{url}/v1", "--model", "tiny", "--suite", "world-mini"]
+        argv += ["--limit", "1", "--max-new-tokens", "4", "--set", f"runs_dir={runs}", "--name", "r"]
+        assert main(argv) == 0
+    assert json.loads((runs / "r" / "evals" / "world-mini_tiny.json").read_text())["suite"] == "world-mini"
+    assert not (tmp_path / "evals").exists()
+    assert main(["eval", "--list", "--set", "evals.nn=1"]) == 2
+    assert "evals.nn: unknown key" in capsys.readouterr().err
+
+
 def test_during_training_hook_logs_suite_scores(ckpt: Path, tmp_path: Path) -> None:
     from chatforge.checkpoint import load_model, load_weights
     from chatforge.config import TrainConfig

@@ -185,6 +185,9 @@ def cmd_feedback(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from chatforge.evals import registry, runner
 
+    # Loaded even though only an endpoint's results use it: a bad --set or --recipe should stop here, not
+    # be silently ignored.
+    cfg = _config(args)
     if args.list:
         for name, spec in sorted(registry.load_registry(args.registry).items()):
             print(f"{name:16s} {spec.grader:15s} {spec.description}")
@@ -204,6 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out=args.out,
         limit=args.limit,
         concurrency=args.concurrency,
+        run_dir=cfg.run_dir,
         n=args.n,
         seed=args.seed,
         temperature=args.temperature,
@@ -351,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
             p.add_argument("--limit", type=int, default=0, help="only the first N items")
             p.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoints)")
-            p.add_argument("--out", default=None, help="results JSON (default: <run>/evals/SUITE_MODEL.json)")
+            p.add_argument(
+                "--out",
+                default=None,
+                help="results JSON (default: evals/SUITE_MODEL.json in the checkpoint's run, or in <run> for --endpoint)",
+            )
         if name == "report":
             p.add_argument("--run", default=None, help="run directory (default: runs/<recipe name>)")
         if name == "chat":

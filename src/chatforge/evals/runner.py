@@ -272,12 +272,14 @@ def run(
     out: str | Path | None = None,
     limit: int = 0,
     concurrency: int = 8,
+    run_dir: str | Path | None = None,
     **sampling: Any,
 ) -> tuple[dict[str, Any], Path]:
     """``chatforge eval``: a registry suite on a checkpoint or an endpoint, written as JSON.
 
     A checkpoint inside a run (``runs/x/sft``) writes ``runs/x/evals/<suite>_<sft>.json`` (what the
-    report card reads); otherwise ``out`` or ``evals/<suite>_<model>.json``.
+    report card reads); an endpoint writes ``<run_dir>/evals/<suite>_<model>.json``; ``out`` overrides
+    both (without a ``run_dir``, ``evals/`` in the working directory).
     """
     spec = get_spec(suite, registry)
     if out is not None and Path(out).is_dir():  # found now, not after the whole suite has run
@@ -285,7 +287,7 @@ def run(
     context: dict[str, Any] = {}
     if endpoint:
         target = make_target(endpoint=endpoint, model=model, api_key_env=api_key_env, concurrency=concurrency)
-        default_dir = Path("evals")
+        default_dir = Path(run_dir or ".") / "evals"
     else:
         if not model:
             raise ChatforgeError(
