@@ -135,6 +135,7 @@ def test_chat_missing_model_is_a_clear_error(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr
+    assert "nope: no such checkpoint directory" in r.stderr  # not "no tokenizer.json beside the model"
 
 
 class Recorder(io.StringIO):

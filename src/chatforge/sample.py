@@ -17,6 +17,8 @@ from chatforge.tokenizer import Tokenizer
 
 def load_engine(model_dir: str | Path, device: str = "auto", compile: bool = False) -> Engine:
     p = Path(model_dir)
+    if not p.is_dir():
+        raise ChatforgeError(f"{p}: no such checkpoint directory (train it first, or check the path)")
     if not (p / "tokenizer.json").is_file():
         raise ChatforgeError(f"{p}: no tokenizer.json beside the model (is this a chatforge checkpoint?)")
     dev = (
