@@ -137,6 +137,21 @@ def test_sandbox_kills_infinite_loop_and_memory_hog_and_blocks_network() -> None
     assert files.passed  # a private temp dir it may write in (deleted afterwards)
 
 
+def test_code_that_exits_before_the_tests_does_not_pass() -> None:
+    """sys.exit(0) / exit() / unittest.main() in a reply ended the process with status 0 before the
+    item's asserts ran, and the reply counted as passing."""
+    item = {"input": U, "test": "assert add(2, 3) == 5", "entry_point": "add"}
+    gr = graders.make_grader("code_exec")
+    wrong = "def add(a, b):\n    return a - b\n"
+    for tail in ("import sys\nsys.exit(0)\n", "exit()\n", "import os\nos._exit(0)\n"):
+        assert gr.grade(item, wrong + tail) == 0, tail
+    main_guard = "import unittest\nif __name__ == '__main__':\n    unittest.main()\n"
+    assert not run_python(wrong + main_guard + item["test"]).passed  # no tests found: status 0 or 5
+    res = run_python(wrong + "raise SystemExit\n" + item["test"])
+    assert res.status == "failed" and "exited before the end" in res.stderr_tail
+    assert gr.grade(item, "def add(a, b):\n    return a + b\n") == 1
+
+
 def test_pass_at_k_is_the_unbiased_estimator() -> None:
     for n, c, k in [(10, 3, 1), (10, 3, 5), (20, 0, 3), (5, 5, 2), (7, 2, 6)]:
         assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))

@@ -10,6 +10,7 @@ file writes), not a security boundary against a determined attacker: use a conta
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,12 +52,17 @@ def _limits(memory_mb: int, cpu_s: float) -> None:
 
 
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
-    """Run ``code`` (candidate + tests; a failing assert or any exception = failed) in the sandbox."""
+    """Run ``code`` (candidate + tests; a failing assert or any exception = failed) in the sandbox.
+
+    It passes only if it runs to its last line: a ``sys.exit(0)``, ``exit()`` or ``unittest.main()`` in
+    the candidate ends the process with status 0 before the tests have run, which is not a pass.
+    """
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chatforge-sandbox-") as tmp:
+        done = os.path.join(tmp, f".done-{secrets.token_hex(8)}")  # written by the script's last line only
         script = os.path.join(tmp, "candidate.py")
-        with open(script, "w") as f:
-            f.write(_PRELUDE + "\n" + code + "\n")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(_PRELUDE + "\n" + code + f"\nopen({done!r}, 'w').close()\n")
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "no_proxy": "*"}
         proc = subprocess.Popen(
             [sys.executable, "-I", "-B", script],
@@ -74,10 +80,13 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Sandb
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return SandboxResult(False, "timeout", time.perf_counter() - t0)
+        finished = os.path.exists(done)
     secs = time.perf_counter() - t0
     tail = err.decode(errors="replace")[-500:]
-    if proc.returncode == 0:
+    if proc.returncode == 0 and finished:
         return SandboxResult(True, "passed", secs, tail)
+    if proc.returncode == 0:
+        return SandboxResult(False, "failed", secs, tail + "\n(exited before the end of the tests)")
     if "MemoryError" in tail or proc.returncode == -signal.SIGKILL:
         return SandboxResult(False, "memory", secs, tail)
     if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
