@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from math import comb
 from pathlib import Path
 
@@ -150,6 +151,33 @@ def test_code_that_exits_before_the_tests_does_not_pass() -> None:
     res = run_python(wrong + "raise SystemExit\n" + item["test"])
     assert res.status == "failed" and "exited before the end" in res.stderr_tail
     assert gr.grade(item, "def add(a, b):\n    return a + b\n") == 1
+
+
+def test_sandbox_output_flood_and_leftover_processes(tmp_path: Path) -> None:
+    """stderr was a pipe read by communicate(): a print loop piled gigabytes into this process and ran
+    far past the timeout. os.posix_spawn was not blocked, and what the program started outlived it."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flood = run_python("import sys\nwhile True:\n    sys.stderr.write('y' * 65536)", timeout_s=1)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert not flood.passed and flood.seconds < 4 and grown_mb < 200, (flood.seconds, grown_mb)
+    spawn = run_python("import os\nos.posix_spawn('/bin/sleep', ['sleep', '30'], {})", timeout_s=3)
+    assert not spawn.passed and "disabled in the eval sandbox" in spawn.stderr_tail
+    # A child forked behind the prelude's back (libc directly) dies with the program.
+    pid_file = tmp_path / "child.pid"
+    fork = (
+        "import ctypes, os, time\n"
+        "if ctypes.CDLL(None).fork() == 0:\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "time.sleep(0.5)\n"
+    )
+    assert run_python(fork, timeout_s=5).passed
+    pid = int(pid_file.read_text())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] in ("Z", "X")
 
 
 def test_pass_at_k_is_the_unbiased_estimator() -> None:

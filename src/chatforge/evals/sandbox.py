@@ -21,13 +21,14 @@ from math import comb
 
 # Runs before the candidate: no network, no subprocesses spawning more work, no os.system.
 _PRELUDE = """\
-import socket as _s, os as _o, subprocess as _sp
+import socket as _s, os as _o, subprocess as _sp, _posixsubprocess as _ps
 def _blocked(*a, **k):
     raise OSError("network and subprocesses are disabled in the eval sandbox")
 _s.socket = _s.create_connection = _s.socketpair = _blocked
-_o.system = _o.fork = _o.execv = _o.execve = _o.popen = _blocked
+_o.system = _o.fork = _o.forkpty = _o.execv = _o.execve = _o.popen = _blocked
+_o.posix_spawn = _o.posix_spawnp = _ps.fork_exec = _blocked
 _sp.Popen = _sp.run = _sp.call = _sp.check_output = _blocked
-del _s, _o, _sp, _blocked
+del _s, _o, _sp, _ps, _blocked
 """
 
 
@@ -64,25 +65,36 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Sandb
         with open(script, "w", encoding="utf-8") as f:
             f.write(_PRELUDE + "\n" + code + f"\nopen({done!r}, 'w').close()\n")
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "no_proxy": "*"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", script],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: _limits(memory_mb, timeout_s),
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with _suppress():
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        # stderr goes to a file (capped by RLIMIT_FSIZE), not a pipe: communicate() on a pipe kept all of a
+        # print loop's output in this process (gigabytes within the timeout) and waited past the timeout.
+        err_path = os.path.join(tmp, ".stderr")
+        with open(err_path, "wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", script],
+                cwd=tmp,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                preexec_fn=lambda: _limits(memory_mb, timeout_s),
+            )
+            try:
+                proc.wait(timeout=timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # The whole process group, after a normal exit too: nothing it started outlives it.
+                with _suppress():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if timed_out:
             return SandboxResult(False, "timeout", time.perf_counter() - t0)
         finished = os.path.exists(done)
+        with open(err_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(err_path) - 500))
+            tail = f.read().decode(errors="replace")
     secs = time.perf_counter() - t0
-    tail = err.decode(errors="replace")[-500:]
     if proc.returncode == 0 and finished:
         return SandboxResult(True, "passed", secs, tail)
     if proc.returncode == 0:
