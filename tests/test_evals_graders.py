@@ -300,3 +300,28 @@ def test_registry_spec_values_and_encodings_are_one_line_errors(tmp_path: Path) 
     f.write_bytes((base + "  description: caf\xe9\n").encode("latin-1"))
     with pytest.raises(ChatforgeError, match=rf"^{re.escape(str(f))}:4: not UTF-8 text \(byte 0xe9\)"):
         registry.load_registry([tmp_path])
+
+
+def test_grader_option_types_are_one_line_errors_with_the_spec_line(tmp_path: Path) -> None:
+    """A wrong-typed grader option loaded fine and then raised a ValueError / TypeError traceback while
+    grading, after every reply had been generated (code_exec's k: only in pass@k, at the very end)."""
+    f = tmp_path / "s.yaml"
+    for grader, opts, want in (
+        ("fuzzy", "{threshold: high}", "option threshold must be a number, got 'high'"),
+        ("regex", "{pattern: 5}", "pattern must be a string, got 5"),
+        ("number", "{tolerance: tiny}", "option tolerance must be a number, got 'tiny'"),
+        ("exact", "{normalize: 'yes'}", "option normalize must be true or false, got 'yes'"),
+        ("code_exec", "{k: 1}", "option k must be a list, got 1"),
+        ("code_exec", "{k: [0, 1]}", "k must be a list of integers >= 1, got [0, 1]"),
+        ("code_exec", "{timeout_s: '5'}", "option timeout_s must be a number, got '5'"),
+        ("code_exec", "{workers: 0}", "workers must be > 0, got 0"),
+        (
+            "model_graded",
+            """{judge: {checkpoint: x}, rubric: '{completion} Answer as {"ok": Y}'}""",
+            "the rubric may use only {input}, {ideal} and {completion}",
+        ),
+    ):
+        msg = _error(tmp_path, f"ev:\n  samples: s.jsonl\n  grader: {grader}\n  grader_options: {opts}\n")
+        assert msg.startswith(f"{f}:3: grader '{grader}': ") and want in msg, msg
+    for grader, opts in (("fuzzy", {"threshold": 1}), ("code_exec", {"timeout_s": 3, "k": [1, 5]})):
+        graders.make_grader(grader, opts)  # an int where a float is the default is fine

@@ -40,6 +40,23 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def _option_type(default: Any) -> str:
+    """What an option's value must be, from its default ("" = anything, for defaults of None)."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int | float):
+        return "an integer" if isinstance(default, int) else "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(default), "")
+
+
+def _option_type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
+
+
 class Grader:
     """Base class: ``grade(item, reply) -> float``; ``grade_all`` may batch (model-graded does)."""
 
@@ -52,6 +69,13 @@ class Grader:
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"
             raise GraderError(f"grader {self.name!r}: unknown option(s) {sorted(unknown)} (known: {known})")
+        for (
+            key,
+            value,
+        ) in opts.items():  # a wrong type was a TypeError/ValueError while grading, after the run
+            want = _option_type(self.options[key])
+            if want and not _option_type_ok(self.options[key], value):
+                raise GraderError(f"grader {self.name!r}: option {key} must be {want}, got {value!r}")
         self.opts = {**self.options, **opts}
         self.check_options()
 
@@ -148,6 +172,8 @@ class RegexMatch(Grader):
 
     def check_options(self) -> None:
         if self.opts["pattern"] is not None:
+            if not isinstance(self.opts["pattern"], str):
+                raise GraderError(f"grader 'regex': pattern must be a string, got {self.opts['pattern']!r}")
             self._compile(self.opts["pattern"])
 
     def _compile(self, pattern: str) -> re.Pattern:
@@ -449,6 +475,19 @@ class ModelGraded(Grader):
         for key in ("{completion}",):
             if key not in self.opts["rubric"]:
                 raise GraderError(f"grader 'model_graded': the rubric must contain {key}")
+        try:  # other braces (a JSON example in the rubric) were a KeyError at grading time
+            self.opts["rubric"].format(input="", ideal="", completion="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise GraderError(
+                f"grader 'model_graded': the rubric may use only {{input}}, {{ideal}} and {{completion}};"
+                f" write other braces doubled ({{{{ }}}}) ({e.__class__.__name__}: {e})"
+            ) from None
+        if not all(_option_type_ok(0.0, v) for v in self.opts["choice_scores"].values()):
+            raise GraderError("grader 'model_graded': choice_scores must map verdicts to numbers")
+        if int(self.opts["max_tokens"]) < 1:
+            raise GraderError(
+                f"grader 'model_graded': max_tokens must be >= 1, got {self.opts['max_tokens']}"
+            )
         self._judge = None
         self.unparsed = 0
 
@@ -513,6 +552,14 @@ class CodeExecution(Grader):
 
     name = "code_exec"
     options: ClassVar[dict[str, Any]] = {"timeout_s": 5.0, "memory_mb": 512, "k": [1], "workers": 2}
+
+    def check_options(self) -> None:
+        o = self.opts
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in o["k"]):
+            raise GraderError(f"grader 'code_exec': k must be a list of integers >= 1, got {o['k']!r}")
+        for key, low in (("timeout_s", 0), ("memory_mb", 0), ("workers", 0)):
+            if not o[key] > low:
+                raise GraderError(f"grader 'code_exec': {key} must be > {low}, got {o[key]!r}")
 
     def program(self, item: dict, reply: str) -> str:
         code = _extract_code(reply)
