@@ -325,3 +325,31 @@ def test_grader_option_types_are_one_line_errors_with_the_spec_line(tmp_path: Pa
         assert msg.startswith(f"{f}:3: grader '{grader}': ") and want in msg, msg
     for grader, opts in (("fuzzy", {"threshold": 1}), ("code_exec", {"timeout_s": 3, "k": [1, 5]})):
         graders.make_grader(grader, opts)  # an int where a float is the default is fine
+
+
+def test_spec_field_types_and_loader_args_are_one_line_errors(tmp_path: Path) -> None:
+    """samples: [a, b] was a TypeError traceback, constrained_json: "no" silently true, and a misspelt or
+    wrong-typed loader_args key a TypeError from inside the loader once the eval ran."""
+    f = tmp_path / "s.yaml"
+    for body, want in (
+        (
+            "  samples: [a.jsonl, b.jsonl]\n  grader: exact\n",
+            "samples must be a JSONL file name, got ['a.jsonl', 'b.jsonl']",
+        ),
+        (
+            "  samples: s.jsonl\n  grader: exact\n  constrained_json: 'no'\n",
+            "must be true or false, got 'no'",
+        ),
+        (
+            "  loader: gsm8k\n  loader_args: {pth: /data/gsm8k}\n  grader: number\n",
+            "unknown loader_args key 'pth' (did you mean 'path'?)",
+        ),
+        (
+            "  loader: world\n  loader_args: {per_kind: many}\n  grader: world\n",
+            "loader_args.per_kind must be an integer, got 'many'",
+        ),
+    ):
+        msg = _error(tmp_path, "ev:\n" + body)
+        assert msg.startswith(f"{f}:") and msg.endswith(want), msg
+    f.write_text("ev:\n  loader: world\n  loader_args: {per_kind: 1, kinds: [fact]}\n  grader: world\n")
+    assert [it["kind"] for it in registry.load_samples(registry.get_spec("ev", [tmp_path]))] == ["fact"]

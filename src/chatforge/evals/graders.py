@@ -40,7 +40,7 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def _option_type(default: Any) -> str:
+def option_type(default: Any) -> str:
     """What an option's value must be, from its default ("" = anything, for defaults of None)."""
     if isinstance(default, bool):
         return "true or false"
@@ -49,7 +49,7 @@ def _option_type(default: Any) -> str:
     return {str: "a string", list: "a list", dict: "a mapping"}.get(type(default), "")
 
 
-def _option_type_ok(default: Any, value: Any) -> bool:
+def option_type_ok(default: Any, value: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float):
@@ -73,8 +73,8 @@ class Grader:
             key,
             value,
         ) in opts.items():  # a wrong type was a TypeError/ValueError while grading, after the run
-            want = _option_type(self.options[key])
-            if want and not _option_type_ok(self.options[key], value):
+            want = option_type(self.options[key])
+            if want and not option_type_ok(self.options[key], value):
                 raise GraderError(f"grader {self.name!r}: option {key} must be {want}, got {value!r}")
         self.opts = {**self.options, **opts}
         self.check_options()
@@ -482,7 +482,7 @@ class ModelGraded(Grader):
                 f"grader 'model_graded': the rubric may use only {{input}}, {{ideal}} and {{completion}};"
                 f" write other braces doubled ({{{{ }}}}) ({e.__class__.__name__}: {e})"
             ) from None
-        if not all(_option_type_ok(0.0, v) for v in self.opts["choice_scores"].values()):
+        if not all(option_type_ok(0.0, v) for v in self.opts["choice_scores"].values()):
             raise GraderError("grader 'model_graded': choice_scores must map verdicts to numbers")
         if int(self.opts["max_tokens"]) < 1:
             raise GraderError(

@@ -20,6 +20,7 @@ the line: a missing field, an unknown key or grader, a bad option, an unreadable
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,22 @@ def _line_map(node: yaml.Node) -> dict[str, tuple[int, dict[str, int]]]:
     return out
 
 
+def _check_loader_args(fn: Any, args: dict[str, Any], where: str) -> None:
+    """Each of ``args`` is a parameter of the loader, of its default's type where the default says one."""
+    from chatforge.evals.graders import option_type, option_type_ok
+
+    params = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k != "context"}
+    for key, value in args.items():
+        if key not in params:
+            close = difflib.get_close_matches(str(key), params, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(params)}"
+            raise RegistryError(f"{where}: unknown loader_args key {key!r} ({hint})")
+        default = params[key]
+        want = option_type(default) if default is not inspect.Parameter.empty else ""
+        if want and not option_type_ok(default, value):
+            raise RegistryError(f"{where}: loader_args.{key} must be {want}, got {value!r}")
+
+
 def load_spec_file(path: Path) -> dict[str, EvalSpec]:
     from chatforge.evals.benchmarks import LOADERS
 
@@ -147,6 +164,19 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
         for key in ("loader_args", "grader_options", "sampling"):
             if not isinstance(body.get(key, {}), dict):
                 raise RegistryError(f"{at(key)}: eval {name!r}: {key} must be a mapping")
+        if "samples" in body and not (isinstance(body["samples"], str) and body["samples"]):
+            raise RegistryError(
+                f"{at('samples')}: eval {name!r}: samples must be a JSONL file name, got {body['samples']!r}"
+            )
+        if not isinstance(body.get("constrained_json", False), bool):  # bool("no") would be True
+            raise RegistryError(
+                f"{at('constrained_json')}: eval {name!r}: constrained_json must be true or false,"
+                f" got {body['constrained_json']!r}"
+            )
+        if "loader" in body:  # else a TypeError from inside the loader when the eval runs
+            _check_loader_args(
+                LOADERS[body["loader"]], body.get("loader_args", {}), f"{at('loader_args')}: eval {name!r}"
+            )
         for key, value in body.get("sampling", {}).items():
             if key not in SAMPLING_KEYS:
                 raise RegistryError(
