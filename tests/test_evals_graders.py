@@ -353,3 +353,16 @@ def test_spec_field_types_and_loader_args_are_one_line_errors(tmp_path: Path) ->
         assert msg.startswith(f"{f}:") and msg.endswith(want), msg
     f.write_text("ev:\n  loader: world\n  loader_args: {per_kind: 1, kinds: [fact]}\n  grader: world\n")
     assert [it["kind"] for it in registry.load_samples(registry.get_spec("ev", [tmp_path]))] == ["fact"]
+
+
+def test_a_loader_with_no_items_is_a_one_line_error(tmp_path: Path) -> None:
+    """An empty benchmark file (or a world kinds filter the run's eval set lacks) gave a StatisticsError
+    traceback from the scores of zero items."""
+    (tmp_path / "empty.jsonl").write_text("\n")
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        f"ev:\n  loader: gsm8k\n  loader_args: {{path: {tmp_path / 'empty.jsonl'}}}\n  grader: number\n"
+    )
+    with pytest.raises(ChatforgeError) as e:
+        registry.load_samples(registry.get_spec("ev", [tmp_path]))
+    assert str(e.value) == f"{f}:1: eval 'ev': loader gsm8k found no items"

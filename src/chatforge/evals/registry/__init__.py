@@ -297,6 +297,8 @@ def load_samples(spec: EvalSpec, context: dict[str, Any] | None = None, limit: i
         items = LOADERS[spec.loader](**{**spec.loader_args, "context": context or {}})
         for k, it in enumerate(items):
             check_item(it, f"{spec.where} (loader {spec.loader}, item {k})", spec.grader)
+        if not items:  # else a StatisticsError from the scores of no items, after loading the model
+            raise RegistryError(f"{spec.where}: eval {spec.name!r}: loader {spec.loader} found no items")
     limit = limit or spec.limit
     items = items[:limit] if limit else items
     for k, it in enumerate(items):
