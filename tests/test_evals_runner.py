@@ -308,3 +308,24 @@ def test_report_reads_stages_in_pipeline_order(tmp_path: Path) -> None:
     for st in ("dpo", "base", "sft"):
         (ev / f"world_{st}.json").write_text(json.dumps(blob))
     assert list(report.find_stage_evals(tmp_path / "r", cfg.evals.models)) == ["base", "sft", "dpo"]
+
+
+def test_report_compares_checkpoints_evaluated_with_different_n_and_kinds(tmp_path: Path) -> None:
+    """The first checkpoint's n stood for all: base at n=1 hid the worst-of-n columns of an sft at n=4
+    and the text said "1 sample(s) per prompt"; a kind a checkpoint was not evaluated on showed as 0%."""
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r"])
+    ev = tmp_path / "r" / "evals"
+    ev.mkdir(parents=True)
+
+    def blob(n: int, kinds: dict[str, tuple[float, float]]) -> dict:
+        per = {k: {"mean": m, "median": m, "worst": w, "items": 2} for k, (m, w) in kinds.items()}
+        return {"per_kind": per, "overall": {"mean": 0.5, "worst": 0.25}, "samples": [], "n": n}
+
+    (ev / "world_base.json").write_text(json.dumps(blob(1, {"fact": (0.5, 0.5)})))
+    sft = blob(4, {"fact": (0.75, 0.5), "system_json_constrained": (1.0, 1.0)})
+    (ev / "world_sft.json").write_text(json.dumps(sft))
+    md = report.write_report(cfg)["md"].read_text()
+    assert "samples per prompt: base 1, sft 4" in md
+    assert "| behaviour | base mean | sft mean | base worst | sft worst |" in md
+    assert "| fact | 50% | 75% | 50% | 50% |" in md
+    assert "| system_json_constrained | — | 100% | — | 100% |" in md

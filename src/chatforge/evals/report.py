@@ -214,7 +214,7 @@ def plot_eval_bars(evals: dict[str, dict], out: Path) -> Path:
     width = 0.8 / len(evals)
     for i, (name, e) in enumerate(evals.items()):
         xs = [j + i * width for j in range(len(kinds))]
-        ax.bar(xs, [e["per_kind"].get(k, {}).get("mean", 0) * 100 for k in kinds], width, label=name)
+        ax.bar(xs, [e["per_kind"].get(k, {}).get("mean", math.nan) * 100 for k in kinds], width, label=name)
     ax.set_xticks([j + width * (len(evals) - 1) / 2 for j in range(len(kinds))])
     ax.set_xticklabels(kinds, rotation=35, ha="right")
     ax.set_ylabel("pass rate (%)")
@@ -334,23 +334,35 @@ def _suites_section(suites: dict[str, dict]) -> list[str]:
 
 def _eval_section(evals: dict[str, dict], png: Path | None, dist_png: Path | None = None) -> list[str]:
     names = list(evals)
-    n = next(iter(evals.values())).get("n", 1)
+    # Each checkpoint's own n: the first one's stood for all (its n in the text, worst-of-n columns
+    # hidden for every checkpoint when the first had n = 1).
+    ns = {m: e.get("n", 1) for m, e in evals.items()}
+    n = max(ns.values())
+    per_prompt = (
+        f"{n} sample(s) per prompt"
+        if len(set(ns.values())) == 1
+        else "samples per prompt: " + ", ".join(f"{m} {k}" for m, k in ns.items())
+    )
     lines = [
         "",
         "## Held-out world behaviours",
         "",
-        f"Eval-split entities only (never seen in chat tuning); {n} sample(s) per prompt. Pass rate: mean over"
+        f"Eval-split entities only (never seen in chat tuning); {per_prompt}. Pass rate: mean over"
         " samples" + ("; worst = an item passes only if all its samples pass." if n > 1 else "."),
         "",
     ]
     kinds = sorted({k for e in evals.values() for k in e["per_kind"]})
     cols = [f"{m} mean" for m in names] + ([f"{m} worst" for m in names] if n > 1 else [])
     lines += ["| behaviour | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+
+    def pct(r: dict | None, key: str) -> str:  # a kind a checkpoint was not evaluated on is not 0%
+        return "—" if r is None or r.get(key) is None else f"{r[key] * 100:.0f}%"
+
     for k in [*kinds, "overall"]:
-        row = [(evals[m]["overall"] if k == "overall" else evals[m]["per_kind"].get(k, {})) for m in names]
-        vals = [f"{r.get('mean', 0) * 100:.0f}%" for r in row]
+        row = [(evals[m]["overall"] if k == "overall" else evals[m]["per_kind"].get(k)) for m in names]
+        vals = [pct(r, "mean") for r in row]
         if n > 1:
-            vals += [f"{r.get('worst', 0) * 100:.0f}%" for r in row]
+            vals += [pct(r, "worst") for r in row]
         label = f"**{k}**" if k == "overall" else k
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     refusal = {m: e["refusal"] for m, e in evals.items() if e.get("refusal")}
