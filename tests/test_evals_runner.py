@@ -329,3 +329,21 @@ def test_report_compares_checkpoints_evaluated_with_different_n_and_kinds(tmp_pa
     assert "| behaviour | base mean | sft mean | base worst | sft worst |" in md
     assert "| fact | 50% | 75% | 50% | 50% |" in md
     assert "| system_json_constrained | — | 100% | — | 100% |" in md
+
+
+def test_report_skips_a_truncated_eval_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A half-written evals/world_sft.json (a killed eval stage wrote it in place) or suite result made
+    `chatforge report` die with a JSONDecodeError traceback and write no report card."""
+    from chatforge.cli import main
+
+    ev = tmp_path / "r" / "evals"
+    ev.mkdir(parents=True)
+    good = {"per_kind": {"fact": {"mean": 0.5, "worst": 0.5}}, "overall": {"mean": 0.5}, "samples": []}
+    (ev / "world_base.json").write_text(json.dumps(good))
+    (ev / "world_sft.json").write_text(json.dumps(good)[:20])
+    (ev / "caps_sft.json").write_bytes(b'{"suite": "caps", "overall": {"mean": 0.\xff')
+    assert main(["report", "--run", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {ev / 'world_sft.json'}: not readable JSON" in err and "Traceback" not in err
+    assert f"skipped {ev / 'caps_sft.json'}" in err
+    assert "| behaviour | base mean |" in (tmp_path / "r" / "report.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ from chatforge.train.loop import read_metrics
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The file's JSON; None when it is missing, or unreadable (said, and the card written without it:
+    a truncated evals/*.json from a killed run was a traceback and no report)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        print(f"report: skipped {path}: not readable JSON ({e})", file=sys.stderr)
+        return None
 
 
 def _pyplot() -> Any:

@@ -336,7 +336,9 @@ def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
         )
         dest = world_eval_path(run_dir, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        tmp = dest.with_name(dest.name + ".tmp")  # a killed run leaves no half-written results
+        tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(dest)
         out[name] = {
             "overall": res["overall"],
             "per_kind": {k: v["mean"] for k, v in res["per_kind"].items()},
