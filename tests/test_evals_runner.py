@@ -13,6 +13,7 @@ import torch
 from chatforge.checkpoint import save_model
 from chatforge.config import ModelConfig, load_config
 from chatforge.engine import SamplingParams
+from chatforge.errors import ChatforgeError
 from chatforge.evals import graders, report, runner
 from chatforge.evals.targets import CheckpointTarget, EndpointTarget
 from chatforge.model import GPT, lm_loss
@@ -140,6 +141,11 @@ def test_endpoint_target_matches_in_process(ckpt: Path) -> None:
         for ra, rb in zip(a, b):
             for (la, na), (lb, nb) in zip(ra, rb):
                 assert na == nb and abs(la - lb) < 1e-3
+        # Chat-message prompts: our server reads ChatML in a text prompt as plain text, so the scores came
+        # back silently different from the checkpoint's (another grade on the same model); now refused.
+        chats = [_conv(c, v)[:1] for c, v in FACTS.items()]
+        with pytest.raises(ChatforgeError, match="in a text prompt as plain text"):
+            remote.choice_logprobs(chats, choices)
 
 
 def test_cli_eval_endpoint_writes_into_the_run(

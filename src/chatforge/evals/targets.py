@@ -201,7 +201,7 @@ class EndpointTarget:
                 out[i][j] = text
         return out
 
-    def _score(self, prompt: str, choice: str) -> tuple[float, int]:
+    def _score(self, prompt: str, choice: str, chat: bool = False) -> tuple[float, int]:
         body = {
             "model": self.model,
             "prompt": prompt + choice,
@@ -216,6 +216,14 @@ class EndpointTarget:
             raise ChatforgeError(
                 f"{self.base}/completions: no echo logprobs in the reply (needed for choices)"
             )
+        if chat and "<|im_start|>" not in (lp.get("tokens") or []):
+            # The server read the ChatML markup as plain text (ours does, for text prompts): these would be
+            # the log-probabilities of another prompt, not the chat model's, with no sign of it.
+            raise ChatforgeError(
+                f"{self.base}/completions: the endpoint reads <|im_start|> in a text prompt as plain text, so"
+                " choice_logprob items with chat-message inputs cannot be scored through it; give the items"
+                " a raw-string input, or evaluate the checkpoint directly (--model DIR)"
+            )
         picked = [v for o, v in zip(offsets, values, strict=True) if o >= len(prompt) and v is not None]
         return float(sum(picked)), len(picked)
 
@@ -227,7 +235,13 @@ class EndpointTarget:
         out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(cs) for cs in choices]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             for (i, j), res in zip(
-                jobs, pool.map(lambda ij: self._score(texts[ij[0]], choices[ij[0]][ij[1]]), jobs)
+                jobs,
+                pool.map(
+                    lambda ij: self._score(
+                        texts[ij[0]], choices[ij[0]][ij[1]], not isinstance(prompts[ij[0]], str)
+                    ),
+                    jobs,
+                ),
             ):
                 out[i][j] = res
         return out
