@@ -353,3 +353,18 @@ def test_report_skips_a_truncated_eval_file(tmp_path: Path, capsys: pytest.Captu
     assert f"skipped {ev / 'world_sft.json'}: not readable JSON" in err and "Traceback" not in err
     assert f"skipped {ev / 'caps_sft.json'}" in err
     assert "| behaviour | base mean |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_during_training_settings_are_checked(ckpt: Path, tmp_path: Path) -> None:
+    """evals.during_training_limit=-3 ran the suite without its last three items (items[:-3]); an unknown
+    evals.during_training_suite was reported as '--suite NAME', an option SFT does not have."""
+    from chatforge.checkpoint import load_model
+    from chatforge.config import ConfigError
+    from chatforge.tokenizer import Tokenizer
+
+    with pytest.raises(ConfigError, match=r"evals.during_training_limit: must be >= 0"):
+        load_config(None, ["evals.during_training_suite=world-mini", "evals.during_training_limit=-3"])
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "evals.during_training_suite=world-mnii"])
+    with pytest.raises(ChatforgeError) as e:
+        runner.during_training_hook(cfg, Tokenizer.load(ckpt), load_model(ckpt))
+    assert str(e.value).startswith("evals.during_training_suite: world-mnii: no such eval (did you mean")

@@ -299,6 +299,10 @@ class EvalConfig:
             raise ConfigError(f"{key}.n: must be at least 1, got {self.n}")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+        if self.during_training_limit < 0:  # items[:-3] would silently drop the last three instead
+            raise ConfigError(
+                f"{key}.during_training_limit: must be >= 0 (0 = the whole suite), got {self.during_training_limit}"
+            )
         if self.during_training_suite and self.during_training_every < 1:
             raise ConfigError(
                 f"{key}.during_training_every: must be at least 1, got {self.during_training_every}"

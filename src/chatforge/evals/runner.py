@@ -355,7 +355,10 @@ def during_training_hook(cfg: Any, tokenizer: Any, model: Any) -> list[Any]:
     ec = cfg.evals
     if not ec.during_training_suite:
         return []
-    spec = get_spec(ec.during_training_suite)
+    try:
+        spec = get_spec(ec.during_training_suite)
+    except ChatforgeError as e:  # it is a config key here, not --suite
+        raise ChatforgeError(f"evals.during_training_suite: {str(e).removeprefix('--suite ')}") from None
     items = load_samples(spec, {"run_dir": cfg.run_dir}, ec.during_training_limit)
     grader = spec.make_grader()
     params = spec_params(spec)
