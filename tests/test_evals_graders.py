@@ -366,3 +366,20 @@ def test_a_loader_with_no_items_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ChatforgeError) as e:
         registry.load_samples(registry.get_spec("ev", [tmp_path]))
     assert str(e.value) == f"{f}:1: eval 'ev': loader gsm8k found no items"
+
+
+def test_benchmark_data_in_another_format_is_a_one_line_error(tmp_path: Path) -> None:
+    """loader_args.path pointing at records of another shape gave a KeyError traceback from the loader."""
+    (tmp_path / "mine.jsonl").write_text('{"q": "1 + 1?", "a": "2"}\n')
+    f = tmp_path / "s.yaml"
+    for loader, grader, missing in (
+        ("gsm8k", "number", "question"),
+        ("hellaswag", "choice_logprob", "ctx_a"),
+    ):
+        f.write_text(
+            f"ev:\n  loader: {loader}\n  loader_args: {{path: {tmp_path / 'mine.jsonl'}}}\n  grader: {grader}\n"
+        )
+        with pytest.raises(ChatforgeError) as e:
+            registry.load_samples(registry.get_spec("ev", [tmp_path]))
+        want = f"{f}:1: eval 'ev': the data is not in the {loader} loader's format (KeyError: '{missing}')"
+        assert str(e.value) == want

@@ -294,7 +294,14 @@ def load_samples(spec: EvalSpec, context: dict[str, Any] | None = None, limit: i
     if spec.samples is not None:
         items = read_samples(spec.samples, spec.grader)
     else:
-        items = LOADERS[spec.loader](**{**spec.loader_args, "context": context or {}})
+        try:
+            items = LOADERS[spec.loader](**{**spec.loader_args, "context": context or {}})
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            # A file in another shape (loader_args.path): a KeyError traceback from inside the loader.
+            raise RegistryError(
+                f"{spec.where}: eval {spec.name!r}: the data is not in the {spec.loader} loader's format"
+                f" ({e.__class__.__name__}: {e})"
+            ) from None
         for k, it in enumerate(items):
             check_item(it, f"{spec.where} (loader {spec.loader}, item {k})", spec.grader)
         if not items:  # else a StatisticsError from the scores of no items, after loading the model
