@@ -383,3 +383,38 @@ def test_benchmark_data_in_another_format_is_a_one_line_error(tmp_path: Path) ->
             registry.load_samples(registry.get_spec("ev", [tmp_path]))
         want = f"{f}:1: eval 'ev': the data is not in the {loader} loader's format (KeyError: '{missing}')"
         assert str(e.value) == want
+
+
+def test_ifeval_items_are_checked_when_they_load(tmp_path: Path) -> None:
+    """An instruction list longer than its kwargs list, or a number_words instruction without num_words,
+    was a ValueError / KeyError traceback while grading, after generation."""
+    f = tmp_path / "s.jsonl"
+    base = {"input": "Say hi", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    for bad, want in (
+        (
+            {"instruction_id_list": ["punctuation:no_comma", "change_case:english_lowercase"]},
+            "1 entries for 2",
+        ),
+        (
+            {
+                "instruction_id_list": ["length_constraints:number_words"],
+                "kwargs": [{"relation": "less than"}],
+            },
+            "instruction length_constraints:number_words needs kwargs 'num_words'",
+        ),
+        ({"instruction_id_list": "punctuation:no_comma"}, "'instruction_id_list' must be a list"),
+    ):
+        msg = _error(
+            tmp_path,
+            "ev:\n  samples: s.jsonl\n  grader: ifeval\n",
+            json.dumps({**base, **bad}) + "\n",
+            load=True,
+        )
+        assert msg.startswith(f"{f}:1: ") and want in msg, msg
+    ok = {
+        **base,
+        "instruction_id_list": ["keywords:frequency"],
+        "kwargs": [{"keyword": "hi", "frequency": 1}],
+    }
+    (tmp_path / "s.jsonl").write_text(json.dumps(ok) + "\n")
+    assert registry.load_samples(registry.get_spec("ev", [tmp_path]))[0]["kwargs"][0]["keyword"] == "hi"

@@ -628,6 +628,39 @@ IFEVAL_SUPPORTED = frozenset(
 )
 
 
+# The kwargs each implemented instruction reads (IFEval's own names).
+IFEVAL_KWARGS: dict[str, tuple[str, ...]] = {
+    "length_constraints:number_words": ("num_words",),
+    "length_constraints:number_sentences": ("num_sentences",),
+    "length_constraints:number_paragraphs": ("num_paragraphs",),
+    "detectable_format:number_bullet_lists": ("num_bullets",),
+    "detectable_format:number_highlighted_sections": ("num_highlights",),
+    "keywords:existence": ("keywords",),
+    "keywords:forbidden_words": ("forbidden_words",),
+    "keywords:frequency": ("keyword", "frequency"),
+    "startend:end_checker": ("end_phrase",),
+    "detectable_content:number_placeholders": ("num_placeholders",),
+}
+
+
+def ifeval_item_problem(item: dict) -> str | None:
+    """What is wrong with an IFEval item's instruction_id_list / kwargs (None when nothing): checked when
+    the samples load, not as a ValueError / KeyError while grading."""
+    ids, kws = item["instruction_id_list"], item["kwargs"]
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        return "'instruction_id_list' must be a list of instruction ids"
+    if not (isinstance(kws, list) and all(k is None or isinstance(k, dict) for k in kws)):
+        return "'kwargs' must be a list of objects"
+    if len(ids) != len(kws):
+        return f"'kwargs' has {len(kws)} entries for {len(ids)} instruction ids"
+    for iid, kw in zip(ids, kws, strict=True):
+        given = {k for k, v in (kw or {}).items() if v is not None}
+        for need in IFEVAL_KWARGS.get(iid, ()):
+            if need not in given:
+                return f"instruction {iid} needs kwargs {need!r}"
+    return None
+
+
 def _ifeval_check(iid: str, kw: dict, reply: str) -> bool | None:
     """One IFEval instruction; None when this id is not implemented here."""
     text = reply.strip()

@@ -265,6 +265,11 @@ def check_item(item: Any, where: str, grader: str) -> dict:
     for key in needs:
         if key not in item:
             raise RegistryError(f"{where}: missing field {key!r} (the {grader!r} grader needs it)")
+    if grader == "ifeval":
+        from chatforge.evals.graders import ifeval_item_problem
+
+        if problem := ifeval_item_problem(item):
+            raise RegistryError(f"{where}: {problem}")
     return item
 
 
