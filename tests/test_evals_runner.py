@@ -368,3 +368,28 @@ def test_during_training_settings_are_checked(ckpt: Path, tmp_path: Path) -> Non
     with pytest.raises(ChatforgeError) as e:
         runner.during_training_hook(cfg, Tokenizer.load(ckpt), load_model(ckpt))
     assert str(e.value).startswith("evals.during_training_suite: world-mnii: no such eval (did you mean")
+
+
+def test_cli_eval_unwritable_out_is_found_before_the_run(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An --out under a file (or a read-only directory) was found only when the results were written,
+    after every reply had been generated and graded: hours of a long suite lost to a typo. Here the
+    judge does not exist, so a run that got as far as grading says so instead."""
+    from chatforge.cli import main
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "caps.jsonl").write_text(json.dumps(_items(FACTS)[0]) + "\n")
+    (reg / "caps.yaml").write_text(
+        "caps:\n  samples: caps.jsonl\n  grader: model_graded\n"
+        f"  grader_options: {{judge: {{checkpoint: {tmp_path / 'no-judge'}}}}}\n"
+    )
+    (tmp_path / "file").write_text("")
+    argv = ["eval", "--model", str(ckpt), "--suite", "caps", "--registry", str(reg)]
+    assert main([*argv, "--out", str(tmp_path / "file" / "res.json")]) == 2
+    err = capsys.readouterr().err
+    assert "res.json: cannot write the results" in err and "no-judge" not in err
+    assert main([*argv, "--out", str(tmp_path / "ok" / "res.json")]) == 2
+    assert "no-judge: not a checkpoint directory" in capsys.readouterr().err
+    assert list((tmp_path / "ok").iterdir()) == []  # the write probe left nothing

@@ -298,19 +298,28 @@ def run(
         if (mdir.parent / "chat").is_dir() or (mdir.parent / "stages.json").is_file():
             context["run_dir"] = mdir.parent
         default_dir = mdir.parent / "evals"
-    res = run_suite(spec, target, context=context, limit=limit, **sampling)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.name).strip("-")
     dest = Path(out) if out else default_dir / f"{suite}_{safe}.json"
     tmp = dest.with_name(dest.name + ".tmp")
+    _write_json(tmp, dest, {})  # an unwritable path found now, not after the whole suite has run
+    res = run_suite(spec, target, context=context, limit=limit, **sampling)
+    _write_json(tmp, dest, res)
+    return res, dest
+
+
+def _write_json(tmp: Path, dest: Path, data: dict[str, Any]) -> None:
+    """``data`` to ``dest`` through ``tmp`` and a rename; the empty probe leaves nothing behind."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(dest)
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        if data:
+            tmp.replace(dest)
+        else:
+            tmp.unlink()
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise ChatforgeError(f"{dest}: cannot write the results ({e.strerror or e})") from None
-    return res, dest
 
 
 def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
