@@ -393,3 +393,34 @@ def test_cli_eval_unwritable_out_is_found_before_the_run(
     assert main([*argv, "--out", str(tmp_path / "ok" / "res.json")]) == 2
     assert "no-judge: not a checkpoint directory" in capsys.readouterr().err
     assert list((tmp_path / "ok").iterdir()) == []  # the write probe left nothing
+
+
+def test_cli_eval_of_a_checkpoint_two_levels_into_a_run(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`chatforge eval --model runs/x/rlhf/grpo` wrote runs/x/rlhf/evals/<suite>_grpo.json, where the
+    report card never looks, and the world suite ignored the run's own chat/eval.jsonl (items from the
+    default seed's world, not the one the model was trained on)."""
+    import shutil
+
+    from chatforge.cli import main
+
+    run = tmp_path / "runs" / "x"
+    shutil.copytree(ckpt, run / "rlhf" / "grpo")
+    (run / "stages.json").write_text("{}")
+    (run / "chat").mkdir()
+    mine = {
+        "id": "mine-0",
+        "kind": "fact",
+        "input": [{"role": "user", "content": "What is the capital of Velora?"}],
+        "ideal": "Mirth",
+        "check": {"type": "includes", "value": ["Mirth"]},
+    }
+    (run / "chat" / "eval.jsonl").write_text(json.dumps(mine) + "\n")
+    argv = ["eval", "--model", str(run / "rlhf" / "grpo"), "--suite", "world-facts", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    res = json.loads((run / "evals" / "world-facts_rlhf-grpo.json").read_text())
+    assert [s["id"] for s in res["samples"]] == ["mine-0"] and res["overall"]["mean"] == 1.0
+    assert not (run / "rlhf" / "evals").exists()
+    assert main(["report", "--run", str(run)]) == 0
+    assert "world-facts_rlhf-grpo" in json.loads((run / "report.json").read_text())["suites"]

@@ -277,14 +277,16 @@ def run(
 ) -> tuple[dict[str, Any], Path]:
     """``chatforge eval``: a registry suite on a checkpoint or an endpoint, written as JSON.
 
-    A checkpoint inside a run (``runs/x/sft``) writes ``runs/x/evals/<suite>_<sft>.json`` (what the
-    report card reads); an endpoint writes ``<run_dir>/evals/<suite>_<model>.json``; ``out`` overrides
-    both (without a ``run_dir``, ``evals/`` in the working directory).
+    A checkpoint inside a run (``runs/x/sft``, ``runs/x/rlhf/grpo``) writes
+    ``runs/x/evals/<suite>_sft.json`` / ``<suite>_rlhf-grpo.json`` (what the report card reads); another
+    checkpoint ``<its parent>/evals/<suite>_<dir>.json``; an endpoint ``<run_dir>/evals/<suite>_<model>.json``
+    (without a ``run_dir``, ``evals/`` in the working directory). ``out`` overrides all of them.
     """
     spec = get_spec(suite, registry)
     if out is not None and Path(out).is_dir():  # found now, not after the whole suite has run
         raise ChatforgeError(f"--out {out}: is a directory; give a file name, e.g. {Path(out) / suite}.json")
     context: dict[str, Any] = {}
+    name: str | None = None  # the results file's model part (default: the target's name)
     if endpoint:
         target = make_target(endpoint=endpoint, model=model, api_key_env=api_key_env, concurrency=concurrency)
         default_dir = Path(run_dir or ".") / "evals"
@@ -295,10 +297,16 @@ def run(
             )
         target = make_target(checkpoint=model)
         mdir = Path(model).resolve()
-        if (mdir.parent / "chat").is_dir() or (mdir.parent / "stages.json").is_file():
-            context["run_dir"] = mdir.parent
         default_dir = mdir.parent / "evals"
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.name).strip("-")
+        # The run a checkpoint is in may be a level up (runs/x/rlhf/grpo): its results go to runs/x/evals
+        # (where the report card looks) as <suite>_rlhf-grpo.json, and the world suite reads that run's
+        # eval set, not one generated from the default seed.
+        run_dir = next((d for d in mdir.parents[:3] if _is_run_dir(d)), None)
+        if run_dir is not None:
+            context["run_dir"] = run_dir
+            default_dir = run_dir / "evals"
+            name = "-".join(mdir.relative_to(run_dir).parts)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or target.name).strip("-")
     dest = Path(out) if out else default_dir / f"{suite}_{safe}.json"
     tmp = dest.with_name(dest.name + ".tmp")
     _write_json(tmp, dest, {})  # an unwritable path found now, not after the whole suite has run
@@ -320,6 +328,10 @@ def _write_json(tmp: Path, dest: Path, data: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise ChatforgeError(f"{dest}: cannot write the results ({e.strerror or e})") from None
+
+
+def _is_run_dir(d: Path) -> bool:
+    return (d / "chat").is_dir() or (d / "stages.json").is_file()
 
 
 def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
