@@ -135,6 +135,10 @@ def test_endpoint_target_matches_in_process(ckpt: Path) -> None:
         assert remote.generate([it["input"] for it in items], params) == local.generate(
             [it["input"] for it in items], params
         )
+        # top_k was not sent: a spec's top_k applied in process, and the endpoint sampled from everything
+        top1 = SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1, n=3, seed=5)
+        greedy = local.generate([it["input"] for it in items], params)
+        assert remote.generate([it["input"] for it in items], top1) == [r * 3 for r in greedy]
         prompts = [f"The capital of {c} is" for c in FACTS]
         choices = [[" Mirth.", " Rune."]] * len(prompts)
         a, b = remote.choice_logprobs(prompts, choices), local.choice_logprobs(prompts, choices)

@@ -257,7 +257,10 @@ def run_suite(
         description=spec.description,
         grader=spec.grader,
         target=target.name,
-        sampling={k: getattr(params, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "seed")},
+        sampling={
+            k: getattr(params, k)
+            for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "stop")
+        },
     )
     return res
 

@@ -181,6 +181,8 @@ class EndpointTarget:
             "top_p": params.top_p,
             "n": 1,
         }
+        if params.top_k:  # not OpenAI's (sent only when set), but ours and vLLM's: else ignored silently
+            body["top_k"] = params.top_k
         if params.seed is not None:
             body["seed"] = params.seed + i * params.n + j  # as CheckpointTarget: input i, sample j
         if params.stop:
