@@ -269,6 +269,10 @@ def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert main([*argv, "--out", str(tmp_path / "long.json")]) == 0
     assert json.loads((tmp_path / "long.json").read_text())["too_long_for_context"] == 1
     assert '"too_long_for_context": 1' in capsys.readouterr().out
+    # A suite named with a slash wrote evals/caps/v2_sft.json, a folder the report card never reads.
+    (reg / "caps.yaml").write_text("caps/v2:\n  samples: caps.jsonl\n  grader: includes\n")
+    assert main(["eval", "--model", str(ckpt), "--suite", "caps/v2", "--registry", str(reg)]) == 0
+    assert json.loads((run / "evals" / "caps-v2_sft.json").read_text())["suite"] == "caps/v2"
     assert main(["eval", "--model", str(ckpt), "--suite", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no such eval" in err and "Traceback" not in err

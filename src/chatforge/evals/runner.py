@@ -310,7 +310,9 @@ def run(
             default_dir = run_dir / "evals"
             name = "-".join(mdir.relative_to(run_dir).parts)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or target.name).strip("-")
-    dest = Path(out) if out else default_dir / f"{suite}_{safe}.json"
+    # The suite name too: "math/easy" made evals/math/easy_sft.json, a folder the report card never reads.
+    suite_safe = re.sub(r"[^\w.-]+", "-", suite).strip("-.") or "suite"
+    dest = Path(out) if out else default_dir / f"{suite_safe}_{safe}.json"
     tmp = dest.with_name(dest.name + ".tmp")
     _write_json(tmp, dest, {})  # an unwritable path found now, not after the whole suite has run
     res = run_suite(spec, target, context=context, limit=limit, **sampling)
