@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chatforge import scaling
 from chatforge import scaling_fit as sf
@@ -252,6 +253,34 @@ def test_cloze_on_the_most_mentioned_entities() -> None:
     for it in famous:
         assert it["answer"] == 0 and len(it["choices"]) == 4 and len(set(it["choices"])) == 4
         assert it["prompt"].startswith(it["subject"])
+
+
+def test_cloze_ties_earn_their_expected_credit_not_a_win() -> None:
+    """The answer is always choice 0: a model whose scores tie (zero weights, uniform next-token
+    distribution) used to get every item right by "the first of the tied wins"."""
+    from chatforge.evals.world_cloze import _encode, cloze_accuracy
+    from chatforge.model import GPT, ModelConfig
+    from chatforge.tokenizer import train_tokenizer
+    from serve_util import TEXT
+
+    tok = train_tokenizer(TEXT * 20, vocab_size=300)
+    choices = [" a", " b", " d", " e"]
+    items = [{"prompt": "Ada builds clocks in", "choices": choices, "answer": 0}] * 3
+    assert len({len(_encode(tok, items[0]["prompt"], c)[0]) for c in choices}) == 1  # equal lengths: a tie
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert cloze_accuracy(model, tok, items) == pytest.approx(0.25)
 
 
 # ---------------------------------------------------------------- a tiny real ladder

@@ -92,9 +92,12 @@ def cloze_accuracy(
         for r, (ids, start) in enumerate(chunk):
             pos = torch.arange(start - 1, len(ids) - 1)  # position t predicts token t+1
             scores.append(float(logp[r, pos, torch.tensor(ids[start:])].sum()))
-    correct, k = 0, 0
+    correct, k = 0.0, 0
     for it in items:
         s = scores[k : k + len(it["choices"])]
-        correct += int(max(range(len(s)), key=s.__getitem__) == it["answer"])
+        # A tie at the top earns its expected credit: the answer is always choice 0, so "first wins"
+        # would score a model that cannot tell the choices apart at 100%.
+        tied = [j for j, v in enumerate(s) if v == max(s)]
+        correct += (it["answer"] in tied) / len(tied)
         k += len(it["choices"])
     return correct / len(items)
