@@ -117,6 +117,9 @@ def test_code_exec_grader_and_sandbox() -> None:
     scores = gr.grade_all([item], [[good, bad, good]])
     assert scores == [[1.0, 0.0, 1.0]]
     assert gr.extra_metrics([item], scores) == {"pass@1": round(2 / 3, 4), "pass@2": 1.0}
+    # k above the samples drawn is said, not left out of the results without a word
+    three = graders.make_grader("code_exec", {"k": [1, 10]}).extra_metrics([item], scores)
+    assert three["pass@1"] == round(2 / 3, 4) and three["pass@10"].startswith("not measured: needs n >= 10")
     # HumanEval shape: the reply continues the prompt's function
     he = {
         "input": "def inc(x):\n",

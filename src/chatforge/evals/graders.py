@@ -599,6 +599,8 @@ class CodeExecution(Grader):
             if rows:
                 val = sum(pass_at_k(len(r), int(sum(r)), int(k)) for r in rows) / len(rows)
                 out[f"pass@{k}"] = round(val, 4)
+            else:  # said, not silently left out: pass@k needs k samples per problem
+                out[f"pass@{k}"] = f"not measured: needs n >= {k} samples per item (--n)"
         return out
 
 
