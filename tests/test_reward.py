@@ -82,7 +82,7 @@ def test_likelihood_feature_rm_learns_saves_and_reloads(tok, tmp_path) -> None:
         tiny_model(tok), tok, toy_pairs(160, 0), toy_pairs(40, 1), rc, tmp_path / "w", resume=False
     )
     assert summary["heldout"]["accuracy"] == 1.0
-    assert float(rm.lm_weight) != pytest.approx(0.1)  # learnt, not left at its start
+    assert float(rm.lm_weight.detach()) != pytest.approx(0.1)  # learnt, not left at its start
     save_reward_model(rm, tmp_path / "rm", tok)
     again = load_reward_model(tmp_path / "rm")
     assert float(again.lm_weight) == pytest.approx(float(rm.lm_weight))
