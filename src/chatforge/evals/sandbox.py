@@ -40,16 +40,21 @@ class SandboxResult:
     stderr_tail: str = ""
 
 
-def _limits(memory_mb: int, cpu_s: float) -> None:
-    import resource
-
-    os.setsid()  # its own process group, so a timeout kills everything it started
+def _limits(memory_mb: int, cpu_s: float) -> str:
+    """The prelude's first lines: the child sets its own limits once it runs. (A ``preexec_fn`` would do it
+    between fork and exec, which Python documents as unsafe when threads run, and ``code_exec`` grades
+    from a thread pool.)"""
     mem = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     cpu = max(1, int(cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    fsize = 16 * 1024 * 1024
+    return (
+        "import resource as _r\n"
+        f"_r.setrlimit(_r.RLIMIT_AS, ({mem}, {mem}))\n"
+        f"_r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu + 1}))\n"
+        f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
+        "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
+        "del _r\n"
+    )
 
 
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
@@ -63,7 +68,9 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Sandb
         done = os.path.join(tmp, f".done-{secrets.token_hex(8)}")  # written by the script's last line only
         script = os.path.join(tmp, "candidate.py")
         with open(script, "w", encoding="utf-8") as f:
-            f.write(_PRELUDE + "\n" + code + f"\nopen({done!r}, 'w').close()\n")
+            f.write(
+                _limits(memory_mb, timeout_s) + _PRELUDE + "\n" + code + f"\nopen({done!r}, 'w').close()\n"
+            )
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "no_proxy": "*"}
         # stderr goes to a file (capped by RLIMIT_FSIZE), not a pipe: communicate() on a pipe kept all of a
         # print loop's output in this process (gigabytes within the timeout) and waited past the timeout.
@@ -76,7 +83,7 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Sandb
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err_file,
-                preexec_fn=lambda: _limits(memory_mb, timeout_s),
+                start_new_session=True,  # its own process group: a timeout kills everything it started
             )
             try:
                 proc.wait(timeout=timeout_s)
