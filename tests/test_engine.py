@@ -261,3 +261,12 @@ def test_sampler_follows_the_distribution_and_never_picks_filtered_tokens() -> N
     top2 = SamplingParams(temperature=1.0, top_k=2)
     picked = {int(t) for _ in range(500) for t in Engine._sample(logits, top2, g)}
     assert picked == {0, 1}
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40])
+def test_a_vanishing_temperature_samples_like_greedy(engine: Engine, temperature: float) -> None:
+    """A temperature that is 0 (or subnormal) in float32 divided the logits into inf/NaN and the draw was
+    an index past the vocabulary: an IndexError, which in the server fails every request in the batch."""
+    greedy = engine.generate(["the quick"], SamplingParams(temperature=0, max_new_tokens=8))[0]
+    cold = SamplingParams(temperature=temperature, max_new_tokens=8, seed=0, top_p=0.9, top_k=5)
+    assert engine.generate(["the quick"], cold)[0].token_ids == greedy.token_ids

@@ -573,6 +573,7 @@ class EngineSession:
         return TokenEvent(row.request_id, t, text, lp, top, True, reason, row.completion(reason))
 
 
+_TINY = torch.finfo(torch.float32).tiny  # the smallest temperature a sampling step divides by
 _VERSION = operator.attrgetter("_version")  # a C-level loop over the parameters: 4x cheaper than a genexpr
 
 
@@ -880,7 +881,11 @@ class Engine:
                 # 1, ~0.2 ms at batch 8); both return the first index of the maximum.
                 return torch.from_numpy(logits.numpy().argmax(-1))
             return logits.argmax(-1)
-        probs = filter_logits(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+        # Shifted so the best logit is 0, and never divided by less than float32's smallest normal: a
+        # tiny temperature (1e-50 passes validation, and is 0 in float32) made the logits inf/NaN and the
+        # draw an index past the vocabulary. Now the others just go to -inf: greedy, as the limit is.
+        scaled = (logits - logits.amax(-1, keepdim=True)) / max(p.temperature, _TINY)
+        probs = filter_logits(scaled, p.top_k, p.top_p).softmax(-1)
         # Inverse CDF with one uniform per row from the row's own generator, so a row's samples do not
         # depend on who else is in the batch; ~15x cheaper on CPU than torch.multinomial row by row.
         u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in gens])
