@@ -104,6 +104,18 @@ def test_n_samples_are_seeded(client: openai.OpenAI) -> None:
     assert a.usage.completion_tokens == 24
 
 
+def test_seeded_completions_give_each_prompt_its_own_random_stream(client: openai.OpenAI) -> None:
+    """Every prompt of a /v1/completions batch used the same seed, so equal prompts got equal samples;
+    prompt i now draws from seed + i*n + j, as Engine.generate does, and stays reproducible."""
+    kw = dict(model="base", temperature=1.0, max_tokens=12, n=2)
+    both = client.completions.create(prompt=["Ada", "Ada"], seed=7, **kw)
+    texts = [c.text for c in sorted(both.choices, key=lambda c: c.index)]
+    assert len(set(texts)) == 4
+    assert [c.text for c in client.completions.create(prompt="Ada", seed=7, **kw).choices] == texts[:2]
+    second = client.completions.create(prompt="Ada", seed=9, **kw)  # seed + 1 * n
+    assert [c.text for c in sorted(second.choices, key=lambda c: c.index)] == texts[2:]
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="sft", messages=ASK, temperature=0, max_tokens=40, stop=["city"])
     assert r.choices[0].message.content == '{"name":"Ada","'

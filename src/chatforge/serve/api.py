@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -715,6 +716,10 @@ def create_app(
             limits.params(body, body.max_tokens, len(ids), v.context, body.logprobs is not None, k)
             for ids in ids_list
         ]
+        if body.seed is not None:
+            # Prompt i's samples draw from seed + i*n + j, as Engine.generate does: with one shared seed,
+            # sample j of every prompt got the same random stream (equal prompts, equal answers).
+            plist = [dataclasses.replace(p, seed=body.seed + i * body.n) for i, p in enumerate(plist)]
         if body.stream and (body.echo or len(ids_list) > 1):
             raise bad_request("stream: supported for one prompt without echo", "stream")
         cid, created = P.new_id("cmpl"), P.now()
