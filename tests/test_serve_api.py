@@ -174,6 +174,19 @@ def test_unenforceable_schema_is_a_400(client: openai.OpenAI) -> None:
         assert e.value.body["param"] == "response_format"
 
 
+def test_echo_scoring_a_prompt_that_fills_the_context(client: openai.OpenAI, server) -> None:
+    """max_tokens=0 asks for no room, but a prompt of exactly the context length was refused as
+    context_length_exceeded: lm-eval's loglikelihood requests (echo + logprobs, max_tokens 0) failed."""
+    context = server[0].state.versions.get("base").context
+    ids = [40 + i % 200 for i in range(context)]
+    r = client.completions.create(model="base", prompt=[ids], max_tokens=0, echo=True, logprobs=1)
+    assert len(r.choices[0].logprobs.token_logprobs) == context and r.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="base", prompt=[ids], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="base", prompt=[[*ids, 40]], max_tokens=0, echo=True, logprobs=1)
+
+
 def test_completions_echo_logprobs_on_token_ids_match_the_model(
     client: openai.OpenAI, server, ckpts: dict[str, Path]
 ) -> None:

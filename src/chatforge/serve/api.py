@@ -207,7 +207,9 @@ class Limits:
         if prompt_len == 0:
             raise bad_request("the prompt is empty", "messages")
         room = context - prompt_len
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
+        # max_tokens 0 needs no room: scoring a prompt that fills the context (lm-eval's echo +
+        # logprobs) is fine, as in the engine; only a default of at least one token needs one.
+        if (room <= 0) if max_tokens is None else (room < 0 or max_tokens > room):
             asked = max_tokens if max_tokens is not None else 1
             raise bad_request(
                 f"This model's maximum context length is {context} tokens. However, you requested"
