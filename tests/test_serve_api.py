@@ -521,3 +521,18 @@ def test_a_flagged_input_is_validated_like_any_other(ckpts: dict[str, Path]) -> 
         body = {"model": "base", "messages": too_long, "max_tokens": 5, "stream": True}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_legacy_top_logprobs_keep_the_best_of_tokens_that_read_the_same() -> None:
+    """Byte tokens of a split UTF-8 character all decode to "\ufffd": the dict was built best first and
+    the last (worst) one overwrote the best."""
+    from chatforge.serve.api import legacy_top_logprobs
+    from chatforge.tokenizer import train_tokenizer
+    from serve_util import TEXT
+
+    tok = train_tokenizer(TEXT * 40, vocab_size=320)
+    halves = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"][:2]
+    word = tok.encode(" clocks")[0]
+    assert len(halves) == 2
+    out = legacy_top_logprobs(tok, [(halves[0], -0.5), (word, -1.0), (halves[1], -3.0)])
+    assert out == {"\ufffd": -0.5, tok.decode([word]): -1.0}

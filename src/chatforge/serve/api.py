@@ -249,6 +249,16 @@ class Limits:
 SAFETY_NOTES_HEADER = "X-Chatforge-Safety-Notes"
 
 
+def legacy_top_logprobs(tok: Any, pairs: Any) -> dict[str, float]:
+    """``/v1/completions``' top_logprobs entry: text -> logprob from (id, logprob) pairs, best first. Two
+    ids can decode to the same text (each half of a split UTF-8 character is "\ufffd"): the best keeps
+    its place instead of being overwritten by a worse one."""
+    out: dict[str, float] = {}
+    for i, lp in pairs:
+        out.setdefault(tok.decode([i]), lp)
+    return out
+
+
 def _prompt_logprobs(engine: Engine, ids: list[int], k: int) -> tuple[list[float | None], list[dict | None]]:
     """Log-probability of each prompt token given the ones before it, from one forward pass."""
     with torch.inference_mode(), engine._autocast():
@@ -261,7 +271,7 @@ def _prompt_logprobs(engine: Engine, ids: list[int], k: int) -> tuple[list[float
         vals, idx = torch.topk(logp, k, dim=-1)
         tok = engine.tokenizer
         for vs, ix in zip(vals.tolist(), idx.tolist()):
-            tops.append({tok.decode([t]): v for t, v in zip(ix, vs)})
+            tops.append(legacy_top_logprobs(tok, zip(ix, vs)))
     else:
         tops += [None] * len(picked)
     return [None, *picked], tops
@@ -476,7 +486,7 @@ def create_app(
             if want_lp and ev.logprob is not None:
                 c.logprobs.append(token_info(v.engine, ev.token_id, ev.logprob, ev.top_logprobs))
                 c.raw_lps.append(ev.logprob)
-                c.raw_tops.append({v.engine.tokenizer.decode([i]): lp for i, lp in ev.top_logprobs or []})
+                c.raw_tops.append(legacy_top_logprobs(v.engine.tokenizer, ev.top_logprobs or []))
         c.held += ev.text
         if policy is not None and not ev.finished:
             # Checking re-scores the whole text with the moderation model: once per chunk, not per token.
