@@ -402,6 +402,7 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         runtime=rt,
         desc="moderation",
         inputs={"data": fingerprint(seqs, targets, known), "init": start},
+        find_unused_parameters=True,  # the backbone's LM head is not part of the classifier
     )
     summary = trainer.fit(resume=resume)
     # Thresholds: best F1 per category on the validation split (world + real).

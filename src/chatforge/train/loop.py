@@ -286,6 +286,7 @@ class Trainer:
         flops_per_token: float = 0.0,
         resume_every: int = 1,
         inputs: dict[str, str] | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.cfg = cfg
         # What this run learns from ({"data": fingerprint(...), "init": model_fingerprint(...)}): a
@@ -313,7 +314,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            wrapped = DDP(self.model, device_ids=ids)
+            # A model that leaves some weights out of its loss (a classifier on a backbone whose LM head it
+            # never calls) must say so, or DDP's gradient all-reduce waits for them and fails on step 2.
+            wrapped = DDP(self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
         if cfg.compile:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         self.train_model = wrapped
