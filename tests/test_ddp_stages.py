@@ -42,3 +42,81 @@ def test_moderation_trains_under_torchrun(runs: Path) -> None:
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
     start = read_metrics(runs / "t" / "train" / "moderation" / "metrics.jsonl", "start")
     assert [s["world_size"] for s in start] == [2]
+
+
+REWARD = [
+    *("--set", "reward.init=base", "--set", "reward.world_pairs=32", "--set", "reward.train.steps=2"),
+    *("--set", "reward.train.batch_size=4", "--set", "reward.train.seq_len=96"),
+    *("--set", "reward.train.progress=false"),
+]
+
+
+def test_reward_under_torchrun_prints_one_summary_and_saves(runs: Path) -> None:
+    res = _torchrun(runs, "reward", *REWARD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # One JSON summary on stdout (rank 0's), not one per process.
+    assert json.loads(res.stdout)["heldout"] is not None
+    assert (runs / "t" / "rm" / "training_summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("stage", "out"),
+    [
+        ("reward", "rm"),
+        ("dpo", "rlhf/dpo"),
+    ],
+)
+def test_a_non_main_rank_writes_no_model(tmp_path: Path, runs: Path, stage: str, out: str) -> None:
+    # Rank 1's view of a run: every rank used to swap its own copy of the model into the same folder,
+    # which collides (ENOTEMPTY) when two ranks finish together.
+    root = tmp_path / "r"
+    (root / "t").mkdir(parents=True)
+    (root / "t" / "base").symlink_to(runs / "t" / "base")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "1", "WORLD_SIZE": "1"}
+    extra = (
+        REWARD
+        if stage == "reward"
+        else [
+            *("--set", "dpo.init=base", "--set", "reward.world_pairs=32", "--set", "dpo.train.steps=2"),
+            *("--set", "dpo.train.batch_size=4", "--set", "dpo.train.seq_len=96"),
+            *("--set", "dpo.train.progress=false"),
+        ]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatforge.cli",
+        stage,
+        *extra,
+        "--set",
+        f"runs_dir={root}",
+        "--set",
+        "name=t",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == ""
+    assert not (root / "t" / out).exists()
+
+
+def _write_many(path: str) -> None:
+    from chatforge.data.chat import write_jsonl
+
+    for _ in range(200):
+        write_jsonl([{"i": i} for i in range(50)], path)
+
+
+def test_ranks_preparing_the_same_data_at_once_do_not_collide(tmp_path: Path) -> None:
+    # Every rank of a torchrun launch runs chat.prepare / prefs.prepare: with one shared temp name, one
+    # rank's rename took the file from under the other's (FileNotFoundError).
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(str(tmp_path / "train.jsonl"),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _print(obj: Any) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary (rank 0's), not one per process
+        return
     print(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
 
 

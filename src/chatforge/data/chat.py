@@ -2313,7 +2313,9 @@ def write_jsonl(convs: Iterable[dict], path: str | os.PathLike) -> int:
     """Write one JSON object a line (gzip when the name ends in .gz), atomically; returns the count."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")  # written aside, then renamed: a crash never leaves half a file
+    # Written aside, then renamed: a crash never leaves half a file. The temp name is per process: the
+    # ranks of a torchrun launch all prepare the same data, and a shared one was renamed from under them.
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
     n = 0
     with open(tmp, "wb") as raw:
         # no name and mtime=0 in the gzip header: the same conversations always give the same bytes

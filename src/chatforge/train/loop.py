@@ -106,6 +106,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device=dev, autocast_dtype=autocast_dtype, rank=rank, world_size=world, local_rank=local)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch, or a plain single process: the one that writes a stage's outputs
+    (usable before ``setup_runtime``, e.g. by a stage's ``run`` after its Trainer is gone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

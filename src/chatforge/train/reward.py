@@ -32,6 +32,7 @@ from chatforge.train.loop import (
     Batch,
     Trainer,
     fingerprint,
+    is_main_process,
     seed_everything,
     setup_runtime,
     weights_fingerprint,
@@ -400,6 +401,7 @@ def run(cfg: Any, resume: bool = True) -> dict[str, Any]:
     summary["data"] = data_stats
     summary["init"] = f"{init} (re-initialised)" if rc.init_random else str(init)
     out = run_dir / rc.out
-    save_reward_model(rm, out, tok, init=summary["init"], heldout=summary["heldout"])
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if is_main_process():  # one writer: every rank holds the same weights
+        save_reward_model(rm, out, tok, init=summary["init"], heldout=summary["heldout"])
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary

@@ -29,7 +29,7 @@ from chatforge.engine import Engine, SamplingParams
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Runtime, Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import Runtime, Trainer, is_main_process, seed_everything, setup_runtime
 
 
 def resolve(run_dir: Path, name: str) -> Path:
@@ -63,7 +63,10 @@ def load_init(
 
 
 def save_policy(policy: GPT, out_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None:
-    """The trained policy as a checkpoint, with its training summary beside the weights."""
+    """The trained policy as a checkpoint, with its training summary beside the weights (rank 0 only:
+    every rank holds the same weights, and two ranks swapping the same folder in can collide)."""
+    if not is_main_process():
+        return
     save_model(
         policy,
         out_dir,
