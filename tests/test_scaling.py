@@ -444,6 +444,10 @@ def test_plots_and_summary_exist(ladder: dict) -> None:
         ("scaling.sizes=[2x64, big, 3x96]", "scaling.sizes[1]: expected LAYERSxWIDTH"),
         ("scaling.budgets=[1e10, 2e10]", "scaling.budgets: at least 3 compute budgets"),
         ("scaling.budgets=[1e10, -2e10, 3e10]", "scaling.budgets[1]: must be positive"),
+        # inf planned infinitely many steps: an OverflowError traceback, not a config error
+        ("scaling.budgets=[1e10, .inf, 3e10]", "scaling.budgets[1]: must be positive and finite"),
+        ("scaling.budgets=[1e10, 2e10, 1e400]", "scaling.budgets[2]: must be positive and finite"),
+        ("scaling.target_mult=.inf", "scaling.target_mult: must be at least 1 and finite"),
         ("scaling.target_size=2x50", "scaling.target_size: width 50 must be a multiple of scaling.head_dim"),
         ("scaling.target_mult=0.5", "scaling.target_mult: must be at least 1"),
         ("scaling.train.schedule=linear", "scaling.train.schedule: must be"),

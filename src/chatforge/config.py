@@ -623,8 +623,8 @@ class ScalingConfig:
                 f"{key}.budgets: at least 3 compute budgets are needed, got {len(self.budgets)}"
             )
         for i, b in enumerate(self.budgets):
-            if b <= 0:
-                raise ConfigError(f"{key}.budgets[{i}]: must be positive, got {b}")
+            if not 0 < b < math.inf:  # inf (or 1e400) planned inf steps: an OverflowError traceback
+                raise ConfigError(f"{key}.budgets[{i}]: must be positive and finite, got {b}")
         if len(set(self.budgets)) != len(self.budgets):
             raise ConfigError(f"{key}.budgets: budgets must be distinct, got {self.budgets}")
         if len(self.sizes) < 3:
@@ -662,8 +662,8 @@ class ScalingConfig:
             raise ConfigError(f"{key}.cloze_choices: must be at least 2, got {self.cloze_choices}")
         if self.cloze_entities < 0:
             raise ConfigError(f"{key}.cloze_entities: must be >= 0, got {self.cloze_entities}")
-        if self.target_mult < 1:
-            raise ConfigError(f"{key}.target_mult: must be at least 1, got {self.target_mult}")
+        if not 1 <= self.target_mult < math.inf:
+            raise ConfigError(f"{key}.target_mult: must be at least 1 and finite, got {self.target_mult}")
         if self.bootstrap < 0:
             raise ConfigError(f"{key}.bootstrap: must be >= 0, got {self.bootstrap}")
         if self.workers < 1:
