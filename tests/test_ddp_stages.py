@@ -120,3 +120,18 @@ def test_ranks_preparing_the_same_data_at_once_do_not_collide(tmp_path: Path) ->
     assert [p.exitcode for p in procs] == [0, 0]
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 50
     assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
+
+
+def test_rl_minibatch_that_does_not_split_over_the_processes_is_refused(runs: Path) -> None:
+    # grpo.train.batch_size is a global minibatch split row by row: 1 row on 2 processes left rank 1 an
+    # empty batch (a RuntimeError deep in the loss), 3 would weigh rank 1's one row twice.
+    res = _torchrun(
+        runs,
+        "grpo",
+        *("--set", "grpo.init=base", "--set", "grpo.steps=1", "--set", "grpo.prompts_per_step=2"),
+        *("--set", "grpo.samples_per_prompt=2", "--set", "grpo.max_new_tokens=4"),
+        *("--set", "grpo.train.batch_size=1", "--set", "grpo.train.progress=false"),
+    )
+    assert res.returncode != 0
+    assert "grpo.train.batch_size: 1 rows per minibatch do not split evenly over 2 processes" in res.stderr
+    assert "RuntimeError" not in res.stderr

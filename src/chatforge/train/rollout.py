@@ -351,6 +351,14 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` on the loop core with fresh experience from ``make`` every iteration; the summary
     adds the iteration counts, the rollout/learning time split and the peak memory."""
+    world = runtime.world_size
+    if rc.train.batch_size % world:
+        # An RL minibatch is global, split row by row across processes: a rank left with fewer rows (or
+        # none: batch_size=1 on 2 processes crashed) would weigh its rows more than the others'.
+        raise ChatforgeError(
+            f"{desc}.train.batch_size: {rc.train.batch_size} rows per minibatch do not split evenly over"
+            f" {world} processes; use a multiple of {world}"
+        )
     batches = ExperienceBatches(make, its.rows, rc.train.batch_size, rc.epochs, its.train.seed)
     trainer = Trainer(
         model,
