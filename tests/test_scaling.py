@@ -535,3 +535,20 @@ def test_a_damaged_ladder_file_is_a_one_line_error(tmp_path: Path) -> None:
     (work / "result.json").write_text("[]")
     with pytest.raises(ChatforgeError, match=r"result.json: expected a JSON object, got list"):
         scaling._done(cfg, rung, work)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), None, "3.1", -1.0])
+def test_a_damaged_rung_result_is_a_one_line_error(tmp_path: Path, loss: object) -> None:
+    # The rung's hash still matched, so the NaN (or missing) val_loss went into the fits: a ValueError or
+    # KeyError traceback from numpy on every rerun.
+    cfg = load_config("scaling-world", [f"runs_dir={tmp_path}", "name=tiny", *TINY])
+    rung = scaling.plan_ladder(cfg.scaling, 512)[0]
+    work = cfg.run_dir / "scaling" / rung.name
+    work.mkdir(parents=True)
+    res = {"name": rung.name, "hash": scaling._rung_hash(cfg, rung)}
+    if loss is not None:
+        res["val_loss"] = loss
+    (work / "result.json").write_text(json.dumps(res))
+    with pytest.raises(ChatforgeError) as e:
+        scaling._done(cfg, rung, work)
+    assert f"{work / 'result.json'}: val_loss is" in str(e.value) and "\n" not in str(e.value)

@@ -365,6 +365,14 @@ def _done(cfg: RunConfig, rung: Rung, work_dir: Path) -> dict | None:
     if p.is_file():
         res = _read_json(p)
         if res.get("hash") == _rung_hash(cfg, rung):
+            # The fits take val_loss as it is: a NaN, a string or a missing one crashed them (a ValueError
+            # or KeyError traceback) on every rerun.
+            loss = res.get("val_loss")
+            if isinstance(loss, bool) or not isinstance(loss, int | float) or not 0 < loss < math.inf:
+                raise ChatforgeError(
+                    f"{p}: val_loss is {loss!r}, not a positive finite number; remove the file to train"
+                    f" rung {rung.name} again"
+                )
             return res
     return None
 
