@@ -251,3 +251,20 @@ def test_fingerprint_tells_inputs_apart_cheaply(tmp_path: Path) -> None:
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1.0
     assert weights_fingerprint(model) != before
+
+
+def test_resuming_a_two_process_checkpoint_in_one_process_says_how(tmp_path: Path) -> None:
+    # The message said only "the same number of processes": not how to launch that, nor how to start over.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = subprocess.run(
+        [*cmd, str(SCRIPT), str(tmp_path), "4", "4", "0", "adamw"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
+    with pytest.raises(ChatforgeError) as e:
+        _tiny_trainer(tmp_path).fit()
+    msg = str(e.value)
+    assert "saved with 2 process(es), resuming with 1" in msg
+    assert "torchrun --nproc_per_node=2" in msg and "--fresh" in msg and "\n" not in msg

@@ -381,10 +381,18 @@ class Trainer:
         if path is None:
             return False
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        if state.get("world_size", 1) != self.rt.world_size:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.rt.world_size:
+            # Say how: a run saved by torchrun is resumed by torchrun, a single-process one by plain python.
+            how = (
+                f"under torchrun --nproc_per_node={saved_world}"
+                if saved_world > 1
+                else "in one process (without torchrun)"
+            )
             raise ChatforgeError(
-                f"{path}: saved with {state.get('world_size')} processes, resuming with {self.rt.world_size};"
-                " resume with the same number of processes for an exact replay"
+                f"{path}: saved with {saved_world} process(es), resuming with {self.rt.world_size}; resume"
+                f" {how} for an exact replay (each process's batches depend on the count), or start over"
+                " with --fresh"
             )
         before = state.get("inputs") or {}  # absent in checkpoints older than this check
         moved = [k for k in self.inputs if k in before and before[k] != self.inputs[k]]
