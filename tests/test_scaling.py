@@ -259,24 +259,16 @@ def test_cloze_ties_earn_their_expected_credit_not_a_win() -> None:
     """The answer is always choice 0: a model whose scores tie (zero weights, uniform next-token
     distribution) used to get every item right by "the first of the tied wins"."""
     from chatforge.evals.world_cloze import _encode, cloze_accuracy
-    from chatforge.model import GPT, ModelConfig
+    from chatforge.model import GPT
     from chatforge.tokenizer import train_tokenizer
     from serve_util import TEXT
+    from tiny_models import tiny_config
 
     tok = train_tokenizer(TEXT * 20, vocab_size=300)
     choices = [" a", " b", " d", " e"]
     items = [{"prompt": "Ada builds clocks in", "choices": choices, "answer": 0}] * 3
     assert len({len(_encode(tok, items[0]["prompt"], c)[0]) for c in choices}) == 1  # equal lengths: a tie
-    cfg = ModelConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    model = GPT(cfg)
+    model = GPT(tiny_config(tok.vocab_size))
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
