@@ -217,13 +217,18 @@ def test_interrupted_stage_restarts_when_its_settings_changed(tmp_path: Path) ->
     for o in [*TINY, *small]:
         args += ["--set", o]
     latest = tmp_path / "tiny" / "train" / "pretrain" / "checkpoints" / "latest"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    # stderr to a file, not a pipe nobody reads while it runs: a full pipe would block the child.
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
     deadline = time.time() + 120
     while time.time() < deadline and not latest.exists() and proc.poll() is None:
         time.sleep(0.05)
+    exited = proc.poll()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    assert latest.exists(), "no checkpoint was written before the interrupt"
+    log.close()
+    err = (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert latest.exists(), f"no checkpoint before the interrupt (exit status then: {exited}): {err}"
     assert proc.returncode == 130
 
     res = _speedrun(tmp_path, *small, "data.sources[0].n_docs=300", "pretrain.steps=8")
