@@ -219,7 +219,14 @@ def test_interrupted_stage_restarts_when_its_settings_changed(tmp_path: Path) ->
     latest = tmp_path / "tiny" / "train" / "pretrain" / "checkpoints" / "latest"
     # stderr to a file, not a pipe nobody reads while it runs: a full pipe would block the child.
     log = (tmp_path / "stderr.txt").open("w")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    # A suite started in the background by a shell without job control ignores SIGINT, and an ignored
+    # signal stays ignored in every child: Ctrl-C could not reach the run. A handler here is reset to
+    # the default in the child, whose Python then turns SIGINT into KeyboardInterrupt as in a terminal.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    finally:
+        signal.signal(signal.SIGINT, before)
     deadline = time.time() + 120
     while time.time() < deadline and not latest.exists() and proc.poll() is None:
         time.sleep(0.05)
