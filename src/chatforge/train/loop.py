@@ -11,6 +11,7 @@ Exact resume rests on one rule: a batch is a pure function of ``(step, micro_ste
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -103,6 +104,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.set_num_threads(cfg.threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # Left to the interpreter's exit, the group's threads are torn down while still joinable: now and
+        # then a rank aborts after a finished run ("terminate called without an active exception").
+        atexit.register(_leave_process_group)
     return Runtime(device=dev, autocast_dtype=autocast_dtype, rank=rank, world_size=world, local_rank=local)
 
 
@@ -110,6 +114,11 @@ def is_main_process() -> bool:
     """Rank 0 of a ``torchrun`` launch, or a plain single process: the one that writes a stage's outputs
     (usable before ``setup_runtime``, e.g. by a stage's ``run`` after its Trainer is gone)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
