@@ -69,10 +69,8 @@ class Grader:
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"
             raise GraderError(f"grader {self.name!r}: unknown option(s) {sorted(unknown)} (known: {known})")
-        for (
-            key,
-            value,
-        ) in opts.items():  # a wrong type was a TypeError/ValueError while grading, after the run
+        # A wrong type was a TypeError / ValueError while grading, after the whole run.
+        for key, value in opts.items():
             want = option_type(self.options[key])
             if want and not option_type_ok(self.options[key], value):
                 raise GraderError(f"grader {self.name!r}: option {key} must be {want}, got {value!r}")
