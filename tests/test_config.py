@@ -103,6 +103,34 @@ def test_recipe_and_policy_files_that_are_not_utf8(tmp_path: Path) -> None:
         load_deployment(policy)
 
 
+def test_a_key_given_twice_is_refused_in_recipes_policies_and_set_values(tmp_path: Path) -> None:
+    """yaml.safe_load kept the last of two equal keys: a recipe with two `sft:` sections (or `lr:` twice)
+    ran with only the second, without a word."""
+    from chatforge.errors import ChatforgeError
+    from chatforge.safety.policy import load_deployment
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("sft:\n  steps: 5\npretrain:\n  lr: 0.01\nsft:\n  lr: 0.002\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice)
+    assert str(e.value) == f"recipe {twice}:5: duplicate key 'sft' (first on line 1)"
+    twice.write_text("pretrain:\n  lr: 0.01\n  steps: 3\n  lr: 0.02\n")  # nested, too
+    with pytest.raises(ConfigError, match=r"twice\.yaml:4: duplicate key 'lr' \(first on line 2\)$"):
+        load_config(twice)
+    # YAML's merge key overriding a merged value is not a repeat
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("pretrain: &t\n  lr: 0.01\n  steps: 3\nsft:\n  <<: *t\n  lr: 0.002\n")
+    cfg = load_config(merged)
+    assert (cfg.sft.steps, cfg.sft.lr, cfg.pretrain.lr) == (3, 0.002, 0.01)
+    with pytest.raises(ConfigError, match=r"^--set .*: duplicate key 'n'$"):
+        load_config(None, ["chat_data.sources[0]={kind: world, n: 5, n: 9}"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: strict\ndecline_input: [violence]\nname: lenient\n")
+    with pytest.raises(ChatforgeError) as e:
+        load_deployment(policy)
+    assert str(e.value) == f"{policy}:3: duplicate key 'name' (first on line 1)"
+
+
 def test_every_shipped_recipe_is_valid() -> None:
     for recipe in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
         cfg = load_config(recipe)

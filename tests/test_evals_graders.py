@@ -253,6 +253,11 @@ def test_registry_errors_name_file_and_line(tmp_path: Path) -> None:
     assert msg.startswith("world loader: kinds: unknown kind 'poetry' (known: fact, ")
     msg = _error(tmp_path, "ev: [1, 2\n")
     assert str(f) in msg and "not valid YAML" in msg
+    # a key given twice kept the last one silently: here the eval would have been graded 'includes'
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n  grader: includes\n")
+    assert msg == f"{f}:4: duplicate key 'grader' (first on line 3)"
+    msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\nev:\n  loader: gsm8k\n")
+    assert msg == f"{f}:4: duplicate key 'ev' (first on line 1)"
     good = '{"input": [{"role": "user", "content": "hi"}], "ideal": "x"}\n'
     s = tmp_path / "s.jsonl"
     msg = _error(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n", good + "{not json\n", load=True)

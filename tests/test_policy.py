@@ -85,7 +85,7 @@ def test_bad_policy_files_are_one_line_errors(tmp_path: Path) -> None:
         load_deployment(_policy_file(tmp_path, "release: {max_harmful_compliance: -0.1}\n"))
     with pytest.raises(ChatforgeError, match=r"deploy.yaml: tone.alternatives: expected a mapping"):
         load_deployment(_policy_file(tmp_path, "tone: {alternatives: be nice}\n"))
-    with pytest.raises(ChatforgeError, match=r"deploy.yaml line \d+: not valid YAML"):
+    with pytest.raises(ChatforgeError, match=r"deploy.yaml:\d+: not valid YAML"):
         load_deployment(_policy_file(tmp_path, "decline_input: [a\n  b: c"))
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from chatforge.errors import ChatforgeError, read_user_text
+from chatforge.yamlio import DuplicateKeyError, load_yaml, parse_yaml
 
 T = TypeVar("T")
 
@@ -869,7 +870,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {item}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:  # {a: 1, a: 2} would silently be {a: 2}
+        raise ConfigError(f"--set {item}: duplicate key {e.key!r}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -932,12 +935,7 @@ def resolve_recipe(recipe: str | Path | None) -> Path:
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a recipe, apply ``--set`` overrides, validate, and return a RunConfig."""
     path = resolve_recipe(recipe)
-    try:
-        data = yaml.safe_load(read_user_text(path, ConfigError)) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = load_yaml(read_user_text(path, ConfigError), f"recipe {path}", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
     # Overrides apply to the full config (recipe over defaults), so they can reach default list elements.

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from chatforge.errors import ChatforgeError, read_user_text
 from chatforge.safety.moderation_data import CATEGORIES
+from chatforge.yamlio import load_yaml
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 
@@ -134,13 +133,10 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
     """Read and validate a deployment policy YAML; every error names the file and key."""
     p = Path(path) if path else DEFAULT_POLICY
     try:
-        data = yaml.safe_load(read_user_text(p)) or {}
+        text = read_user_text(p)
     except OSError as e:
         raise ChatforgeError(f"{p}: cannot read the policy ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ChatforgeError(f"{p}{where}: not valid YAML") from None
+    data = load_yaml(text, str(p)) or {}
     if not isinstance(data, dict):
         raise ChatforgeError(f"{p}: the top level must be a mapping")
     known = {"name", "decline_input", "decline_output", "thresholds", "tone", "release"}

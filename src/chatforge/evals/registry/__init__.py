@@ -14,7 +14,7 @@ Each samples line is ``{"input": [{"role": ..., "content": ...}, ...] or "raw pr
 plus what the grader reads (``choices``, ``test``, ``check``...), optionally ``"id"`` and ``"kind"`` (the
 report breaks scores down by kind). Specs come from this directory and from user directories
 (``--registry DIR``, later ones override same-named evals). Every mistake is one line naming the file and
-the line: a missing field, an unknown key or grader, a bad option, an unreadable or malformed JSONL line.
+the line: a missing field, a key given twice, an unknown key or grader, a bad option, an unreadable or malformed JSONL line.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from chatforge.errors import ChatforgeError, read_user_text
+from chatforge.yamlio import load_yaml
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 SPEC_KEYS = (
@@ -125,13 +126,8 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
         text = read_user_text(path, RegistryError)
     except OSError as e:
         raise RegistryError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-        lines = _line_map(yaml.compose(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RegistryError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = load_yaml(text, str(path), RegistryError)
+    lines = _line_map(yaml.compose(text))
     if data is None:
         return {}
     if not isinstance(data, dict):
