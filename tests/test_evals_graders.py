@@ -130,6 +130,28 @@ def test_code_exec_grader_and_sandbox() -> None:
     assert gr.grade(he, "    return x + 1\n") == 1
 
 
+def test_sandbox_tracebacks_give_the_programs_own_line_numbers() -> None:
+    """The limits and the prelude ran above the program in one file: an error on the reply's line 3 was
+    reported on line 17, and a `from __future__` import (legal only at the top) was a SyntaxError."""
+    item = {"input": U, "test": "assert add(2, 3) == 5", "entry_point": "add"}
+    gr = graders.make_grader("code_exec")
+    reply = "def add(a, b):\n    total = a + b\n    return totl\n"
+    res = run_python(gr.program(item, reply))
+    assert res.status == "error" and 'candidate.py", line 3, in add' in res.stderr_tail
+    assert "return totl" in res.stderr_tail and "NameError" in res.stderr_tail
+    assert ".runner" not in res.stderr_tail  # no frame of the sandbox's own runner
+    bad = run_python("x = 1\ny = (\n")
+    assert (
+        bad.status == "error"
+        and 'candidate.py", line 2' in bad.stderr_tail
+        and "SyntaxError" in bad.stderr_tail
+    )
+    failing = run_python("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5\n")
+    assert failing.status == "failed" and 'candidate.py", line 4' in failing.stderr_tail
+    future = "from __future__ import annotations\ndef add(a: Num, b: Num) -> Num:\n    return a + b\n"
+    assert gr.grade(item, future) == 1
+
+
 def test_sandbox_kills_infinite_loop_and_memory_hog_and_blocks_network() -> None:
     loop = run_python("while True:\n    pass", timeout_s=1.5)
     assert loop.status == "timeout" and loop.seconds < 6

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from math import comb
 
+CODE_NAME = "candidate.py"  # the name a traceback gives the program (in the sandbox's working directory)
+
 # Runs before the candidate: no network, no subprocesses spawning more work, no os.system.
 _PRELUDE = """\
 import socket as _s, os as _o, subprocess as _sp, _posixsubprocess as _ps
@@ -29,6 +31,25 @@ _o.system = _o.fork = _o.forkpty = _o.execv = _o.execve = _o.popen = _blocked
 _o.posix_spawn = _o.posix_spawnp = _ps.fork_exec = _blocked
 _sp.Popen = _sp.run = _sp.call = _sp.check_output = _blocked
 del _s, _o, _sp, _ps, _blocked
+"""
+
+# The candidate runs from its own file, compiled under its own name, so a traceback's line numbers are
+# its own (they were shifted by the limits and the prelude above it). It runs in this module's globals:
+# __name__ == "__main__", and unittest.main() or pickle find what it defines. A traceback is printed
+# without this runner's frame (500 bytes of stderr are kept). SystemExit passes through: a sys.exit(0)
+# still ends the process before the last line, which alone writes the done marker.
+_RUN = """\
+__file__ = {path!r}
+try:
+    exec(compile(open({code!r}, encoding="utf-8").read(), {code!r}, "exec", dont_inherit=True))
+except SystemExit:
+    raise
+except BaseException as _e:
+    import sys as _sys
+    _e = _e.with_traceback(_e.__traceback__.tb_next)  # the hook prints the exception's own traceback
+    _sys.excepthook(type(_e), _e, _e.__traceback__)
+    _sys.exit(1)
+open({done!r}, "w").close()
 """
 
 
@@ -66,10 +87,14 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Sandb
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chatforge-sandbox-") as tmp:
         done = os.path.join(tmp, f".done-{secrets.token_hex(8)}")  # written by the script's last line only
-        script = os.path.join(tmp, "candidate.py")
+        script = os.path.join(tmp, ".runner.py")
+        with open(os.path.join(tmp, CODE_NAME), "w", encoding="utf-8") as f:
+            f.write(code)
         with open(script, "w", encoding="utf-8") as f:
             f.write(
-                _limits(memory_mb, timeout_s) + _PRELUDE + "\n" + code + f"\nopen({done!r}, 'w').close()\n"
+                _limits(memory_mb, timeout_s)
+                + _PRELUDE
+                + _RUN.format(code=CODE_NAME, path=os.path.join(tmp, CODE_NAME), done=done)
             )
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "no_proxy": "*"}
         # stderr goes to a file (capped by RLIMIT_FSIZE), not a pipe: communicate() on a pipe kept all of a
