@@ -227,6 +227,65 @@ def test_during_training_hook_logs_suite_scores(ckpt: Path, tmp_path: Path) -> N
     assert model.training  # the hook hands the model back in training mode
 
 
+def test_sft_runs_a_users_own_suite_from_evals_registry(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """evals.during_training_suite took only a built-in suite: a user's spec directory, which `chatforge
+    eval --registry DIR` reads, could not be evaluated during training. A real `chatforge sft` of the tiny
+    model on its own conversations, with the user's suite every 2 steps."""
+    import shutil
+
+    from chatforge.cli import main
+    from chatforge.train.loop import read_metrics
+
+    runs = tmp_path / "runs"
+    shutil.copytree(ckpt, runs / "r" / "base")
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text("".join(json.dumps({"messages": _conv(c, v)}) + "\n" for c, v in FACTS.items()) * 3)
+    reg = tmp_path / "my_evals"
+    reg.mkdir()
+    (reg / "caps.jsonl").write_text("".join(json.dumps(it) + "\n" for it in _items({**FACTS, **UNSEEN})))
+    (reg / "caps.yaml").write_text(
+        "caps:\n  samples: caps.jsonl\n  grader: includes\n  sampling: {max_new_tokens: 12}\n"
+    )
+    sets = [
+        f"runs_dir={runs}",
+        "name=r",
+        f"chat_data.sources=[{{kind: openai, path: {convs}}}]",
+        "chat_data.replay_fraction=0",
+        "sft.warmup_steps=0",
+        "sft.steps=4",
+        "sft.batch_size=4",
+        "sft.seq_len=64",
+        "sft.lr=1e-5",
+        "sft.eval_every=0",
+        "sft.ckpt_every=0",
+        "sft.progress=false",
+        "evals.during_training_suite=caps",
+        "evals.during_training_every=2",
+    ]
+    argv = ["sft"] + [x for s in sets for x in ("--set", s)]
+    # Without evals.registry the suite is not found, and the message says where a user's suite goes.
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chatforge sft: error: evals.during_training_suite: caps: no such eval")
+    assert err.endswith("a suite of your own needs its directory in evals.registry") and "\n" not in err
+    assert main([*argv, "--set", f"evals.registry=[{tmp_path / 'my_evalz'}]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"chatforge sft: error: evals.registry: {tmp_path / 'my_evalz'}: no such file or directory"
+
+    assert main([*argv, "--set", f"evals.registry=[{reg}]"]) == 0
+    recs = read_metrics(runs / "r" / "train" / "sft" / "metrics.jsonl", "eval_suite")
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        assert r["suite"] == "caps" and set(r["per_kind"]) == {"trained", "unseen"}
+        assert 0.0 <= r["worst"] <= r["mean"] <= 1.0
+    assert recs[-1]["per_kind"]["trained"] > recs[-1]["per_kind"]["unseen"]  # it memorised FACTS only
+    # `chatforge eval` finds the same suite through the same setting
+    assert main(["eval", "--list", "--set", f"evals.registry=[{reg}]"]) == 0
+    assert any(line.startswith("caps ") for line in capsys.readouterr().out.splitlines())
+
+
 def test_cli_eval_and_report(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from chatforge.cli import main
 
@@ -376,6 +435,17 @@ def test_during_training_settings_are_checked(ckpt: Path, tmp_path: Path) -> Non
     with pytest.raises(ChatforgeError) as e:
         runner.during_training_hook(cfg, Tokenizer.load(ckpt), load_model(ckpt))
     assert str(e.value).startswith("evals.during_training_suite: world-mnii: no such eval (did you mean")
+    # A speedrun finds a wrong suite or registry directory before its first stage, not after pretraining.
+    from chatforge import speedrun
+
+    cfg = load_config(
+        None, [f"runs_dir={tmp_path}", "evals.during_training_suite=mine", "evals.registry=[nope]"]
+    )
+    with pytest.raises(ChatforgeError, match=r"^evals.registry: nope: no such file or directory$"):
+        speedrun.run(cfg, log=lambda s: None)
+    assert not (cfg.run_dir / "data").exists()
+    with pytest.raises(ConfigError, match=r"^evals.registry\[0\]: empty path$"):
+        load_config(None, ["evals.registry=['']"])
 
 
 def test_cli_eval_unwritable_out_is_found_before_the_run(

@@ -191,8 +191,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # Loaded even though only an endpoint's results use it: a bad --set or --recipe should stop here, not
     # be silently ignored.
     cfg = _config(args)
+    # The recipe's evals.registry (the directories its during-training suite comes from), then --registry.
+    dirs = [*registry.check_dirs(cfg.evals.registry, "evals.registry:"), *args.registry]
     if args.list:
-        for name, spec in sorted(registry.load_registry(args.registry).items()):
+        for name, spec in sorted(registry.load_registry(dirs).items()):
             print(f"{name:16s} {spec.grader:15s} {spec.description}")
         return
     if not args.suite:
@@ -206,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model=args.model,
         endpoint=args.endpoint,
         api_key_env=args.api_key_env,
-        registry=args.registry,
+        registry=dirs,
         out=args.out,
         limit=args.limit,
         concurrency=args.concurrency,

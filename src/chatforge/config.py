@@ -289,8 +289,12 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     max_new_tokens: int = 64
     seed: int = 0
-    # During training: this registry suite runs every `during_training_every` steps of SFT (and any stage
-    # that passes evals.during_training_hook to its Trainer); scores go to the metrics JSONL. "" = off.
+    # More eval registry directories (or single spec YAMLs), relative to the working directory: what
+    # `chatforge eval --registry DIR` adds, for `chatforge eval` and for during_training_suite.
+    registry: list[str] = field(default_factory=list)
+    # During training: this registry suite (built in or in `registry`) runs every `during_training_every`
+    # steps of SFT (and any stage that passes evals.during_training_hook to its Trainer); scores go to the
+    # metrics JSONL. "" = off.
     during_training_suite: str = ""
     during_training_every: int = 100
     during_training_limit: int = 0  # 0 = the whole suite
@@ -300,6 +304,9 @@ class EvalConfig:
             raise ConfigError(f"{key}.n: must be at least 1, got {self.n}")
         if self.temperature < 0:
             raise ConfigError(f"{key}.temperature: must be >= 0, got {self.temperature}")
+        for i, d in enumerate(self.registry):
+            if not d.strip():  # Path("") is the working directory: every YAML there would be read as specs
+                raise ConfigError(f"{key}.registry[{i}]: empty path")
         if self.during_training_limit < 0:  # items[:-3] would silently drop the last three instead
             raise ConfigError(
                 f"{key}.during_training_limit: must be >= 0 (0 = the whole suite), got {self.during_training_limit}"

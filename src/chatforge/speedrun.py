@@ -124,6 +124,10 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     book_path = run_dir / "stages.json"
     book = {} if fresh else _read_book(book_path, log)
     fns = _stage_fns(cfg)
+    if "sft" in enabled_stages(cfg):  # a wrong suite or registry dir found now, not after pretraining
+        from chatforge.evals.runner import during_training_spec
+
+        during_training_spec(cfg)
     t_start = time.perf_counter()
     ran: list[set[str]] = []  # the config sections of each stage that ran this time
     results: dict[str, Any] = {}

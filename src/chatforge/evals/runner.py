@@ -271,7 +271,7 @@ def run(
     model: str | None = None,
     endpoint: str | None = None,
     api_key_env: str | None = None,
-    registry: list[str] | None = None,
+    registry: Sequence[str | Path] | None = None,
     out: str | Path | None = None,
     limit: int = 0,
     concurrency: int = 8,
@@ -372,6 +372,22 @@ def run_stage(cfg: Any, models: Sequence[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def during_training_spec(cfg: Any) -> EvalSpec | None:
+    """The spec of ``evals.during_training_suite`` (None when off): a built-in suite or one in the
+    ``evals.registry`` directories, as ``chatforge eval --suite NAME --registry DIR`` finds it. Errors
+    name the config keys (training has no --suite or --registry)."""
+    ec = cfg.evals
+    if not ec.during_training_suite:
+        return None
+    return get_spec(
+        ec.during_training_suite,
+        ec.registry,
+        suite_key="evals.during_training_suite:",
+        registry_key="evals.registry:",
+        hint="" if ec.registry else "; a suite of your own needs its directory in evals.registry",
+    )
+
+
 def during_training_hook(cfg: Any, tokenizer: Any, model: Any) -> list[Any]:
     """The Trainer hooks for ``evals.during_training_suite``: every ``evals.during_training_every`` steps
     the suite runs on the model being trained (greedy unless the spec says otherwise) and its overall
@@ -379,12 +395,9 @@ def during_training_hook(cfg: Any, tokenizer: Any, model: Any) -> list[Any]:
     from chatforge.train.loop import StepHook
 
     ec = cfg.evals
-    if not ec.during_training_suite:
+    spec = during_training_spec(cfg)
+    if spec is None:
         return []
-    try:
-        spec = get_spec(ec.during_training_suite)
-    except ChatforgeError as e:  # it is a config key here, not --suite
-        raise ChatforgeError(f"evals.during_training_suite: {str(e).removeprefix('--suite ')}") from None
     items = load_samples(spec, {"run_dir": cfg.run_dir}, ec.during_training_limit)
     grader = spec.make_grader()
     params = spec_params(spec)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,27 +205,42 @@ def load_spec_file(path: Path) -> dict[str, EvalSpec]:
     return specs
 
 
-def load_registry(extra_dirs: list[str | Path] | None = None) -> dict[str, EvalSpec]:
+def check_dirs(dirs: Sequence[str | Path], key: str = "--registry") -> list[Path]:
+    """``dirs`` (registry directories or single YAML files) as paths; one that is not there is a
+    RegistryError naming the setting it came from: ``key`` is ``--registry`` or ``evals.registry:``."""
+    for d in dirs:
+        if not (Path(d).is_file() or Path(d).is_dir()):
+            raise RegistryError(f"{key} {d}: no such file or directory")
+    return [Path(d) for d in dirs]
+
+
+def load_registry(
+    extra_dirs: Sequence[str | Path] | None = None, *, registry_key: str = "--registry"
+) -> dict[str, EvalSpec]:
     """Every spec in the built-in directory, then in each of ``extra_dirs`` (a dir or a single YAML)."""
     specs: dict[str, EvalSpec] = {}
-    for d in [BUILTIN_DIR, *(Path(x) for x in extra_dirs or [])]:
-        if d.is_file():
-            files = [d]
-        elif d.is_dir():
-            files = sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
-        else:
-            raise RegistryError(f"--registry {d}: no such file or directory")
+    for d in [BUILTIN_DIR, *check_dirs(extra_dirs or [], registry_key)]:
+        files = [d] if d.is_file() else sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
         for f in files:
             specs.update(load_spec_file(f))
     return specs
 
 
-def get_spec(name: str, extra_dirs: list[str | Path] | None = None) -> EvalSpec:
-    specs = load_registry(extra_dirs)
+def get_spec(
+    name: str,
+    extra_dirs: Sequence[str | Path] | None = None,
+    *,
+    suite_key: str = "--suite",
+    registry_key: str = "--registry",
+    hint: str = "",
+) -> EvalSpec:
+    """The spec named ``name``. Messages name the settings ``suite_key`` and ``registry_key`` (options of
+    ``chatforge eval``, or config keys in training); a missing suite's message ends with ``hint``."""
+    specs = load_registry(extra_dirs, registry_key=registry_key)
     if name not in specs:
         close = difflib.get_close_matches(name, specs, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(sorted(specs))})"
-        raise RegistryError(f"--suite {name}: no such eval{hint}")
+        known = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(sorted(specs))})"
+        raise RegistryError(f"{suite_key} {name}: no such eval{known}{hint}")
     return specs[name]
 
 
