@@ -164,6 +164,14 @@ def test_stage_hash_follows_config_and_generator_versions(monkeypatch: pytest.Mo
     monkeypatch.setattr(world, "TEXT_VERSION", world.TEXT_VERSION + 1)
     assert speedrun._hash(plain, pre) != before["pretrain"]
 
+    # evals.registry came after runs existed: unset, the eval stage hashes as it did before the setting
+    ev = speedrun.STAGES["eval"][0]
+    now = speedrun._hash(plain, ev)
+    assert speedrun._hash(load_config("cpu-demo", ["evals.registry=[my_evals]"]), ev) != now
+    full = speedrun.to_dict
+    monkeypatch.setattr(speedrun, "to_dict", lambda c: {k: v for k, v in full(c).items() if k != "registry"})
+    assert speedrun._hash(plain, ev) == now
+
 
 def test_pretrain_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     res = subprocess.run(

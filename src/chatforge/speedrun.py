@@ -66,6 +66,10 @@ def rl_model_dirs(cfg: RunConfig) -> list[str]:
 _NO_EFFECT = frozenset({"threads", "progress", "log_every"})
 
 
+# (section, key) of settings added after runs existed; empty, they leave the stage hashes as they were.
+_ADDED_LATER = (("evals", "registry"),)
+
+
 def _effective(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _effective(v) for k, v in x.items() if k not in _NO_EFFECT}
@@ -80,6 +84,10 @@ def _hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
     from chatforge.safety.moderation_data import MODERATION_DATA_VERSION
 
     parts: dict[str, Any] = {s: _effective(to_dict(getattr(cfg, s))) for s in sections}
+    # A setting added after runs exist hashes only when set, so upgrading does not redo finished stages.
+    for section, key in _ADDED_LATER:
+        if section in parts and not parts[section].get(key):
+            parts[section].pop(key, None)
     # The built-in generators' own versions: a change to the text they write re-runs what reads it.
     if "data" in sections:
         parts.update(text_version(cfg.data.sources))
