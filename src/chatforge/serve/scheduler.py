@@ -127,7 +127,11 @@ class Scheduler:
         self.name = name
         self.stats = SchedulerStats()
         self._session = engine.start(max_batch, self.max_len)
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)  # wakes the model thread: work arrived, or stop
+        # Wakes retire(): a request left (finished, cancelled, failed) or the model thread ended. Its own
+        # condition on the same lock, so a notify() meant for the model thread never lands on a retirer.
+        self._settled = threading.Condition(lock)
         self._waiting: deque[tuple[Request, int]] = deque()  # (request, sample index) not yet in a slot
         self._live: dict[int, Request] = {}
         self._cancel: list[Request] = []
@@ -148,24 +152,27 @@ class Scheduler:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+            self._settled.notify_all()  # a retire() waiting on its requests has nothing left to wait for
+        thread, self._thread = self._thread, None  # one local: retire() may stop concurrently with us
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
-    def retire(self, timeout: float = 600.0) -> None:
+    def retire(self, timeout: float = 600.0) -> threading.Thread:
         """Stop once the requests already submitted have finished (at most ``timeout`` s from now), in a
-        background thread: for a version replaced while it serves, whose new requests go elsewhere."""
+        background thread: for a version replaced while it serves, whose new requests go elsewhere.
+        Returns that thread (join it to wait for the retirement)."""
+
+        def drained() -> bool:
+            return self._stop or not (self._live or self._waiting or self._calls)
 
         def wait_then_stop() -> None:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with self._cv:
-                    if not (self._live or self._waiting or self._calls):
-                        break
-                time.sleep(0.05)
+            with self._cv:
+                self._settled.wait_for(drained, timeout)
             self.stop()
 
-        threading.Thread(target=wait_then_stop, name=f"retire-{self.name}", daemon=True).start()
+        thread = threading.Thread(target=wait_then_stop, name=f"retire-{self.name}", daemon=True)
+        thread.start()
+        return thread
 
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> Request:
         """Queue a prompt; call from the event loop that will read ``request.events()``."""
@@ -228,6 +235,8 @@ class Scheduler:
                         fut.set_result(fn())
                     except BaseException as e:
                         fut.set_exception(e)
+            if calls:  # retire() also waits for the calls queued before it
+                self._settle()
             for req in cancels:
                 for j in range(req.params.n):
                     session.remove((req.id, j))
@@ -235,6 +244,7 @@ class Scheduler:
                 self.stats.cancelled += 1
             if cancels:  # a handler still waiting on one (the client went away) must not wait forever
                 _post([(req, [], Cancelled(f"request {req.id} was cancelled")) for req in cancels])
+                self._settle()
             for req, j in admit:
                 if req.cancelled or req.id not in self._live:
                     continue
@@ -247,6 +257,7 @@ class Scheduler:
                         self._waiting = deque(x for x in self._waiting if x[0].id != req.id)
                     self._live.pop(req.id, None)
                     _post([(req, [], e)])
+                    self._settle()
             if not session.active:
                 continue
             active = session.active
@@ -263,6 +274,7 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.observe_step(active, len(self._waiting), dt)
             out: dict[int, tuple[Request, list[Item], None]] = {}
+            finished = False
             for ev in events:
                 rid, j = ev.request_id
                 req = self._live.get(rid)
@@ -275,9 +287,17 @@ class Scheduler:
                     req.unfinished -= 1
                     if req.unfinished == 0:
                         self._live.pop(rid, None)
+                        finished = True
             if out:
                 _post(list(out.values()))
+            if finished:  # after the post: a retirer woken here stops us only once the last events are out
+                self._settle()
         self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _settle(self) -> None:
+        """From the model thread, after requests left ``_live``: wake whoever waits in retire()."""
+        with self._cv:
+            self._settled.notify_all()
 
     def _fail_all(self, err: BaseException) -> None:
         for req in list(self._live.values()):
@@ -287,3 +307,4 @@ class Scheduler:
         self._live.clear()
         with self._cv:
             self._waiting.clear()
+            self._settled.notify_all()
