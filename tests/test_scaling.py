@@ -465,6 +465,55 @@ def test_cli_reports_an_unworkable_ladder_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("chatforge scaling: error: scaling.budgets[0]")
 
 
+# A corpus of ~450 training tokens that every rung repeats (2-20 epochs) and an R* so small that each
+# rung's effective tokens saturate at the same U·(1 + R*): D is degenerate, so the L(N, D) fit must fail.
+DEGENERATE = [
+    *(o for o in TINY if not o.startswith(("data.", "scaling.budgets", "scaling.bootstrap"))),
+    "data.sources[0].n_docs=6",
+    "data.val_fraction=0.5",
+    "scaling.budgets=[1.2e8,2.5e8,6e8]",
+    "scaling.bootstrap=0",
+    "scaling.downstream=none",
+    "scaling.repeat_rstar=1e-6",
+]
+
+
+def test_a_failed_fit_still_writes_the_ladder_and_fails_in_one_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "chatforge.cli", "scaling", "--recipe", "scaling-world", "--predict"]
+    for a in [f"runs_dir={tmp_path}", "name=degenerate", *DEGENERATE]:
+        cmd += ["--set", a]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatforge scaling: error: the L(N, D) (chinchilla form) fit failed (L(N, D):")
+    assert "Traceback" not in res.stderr and "scaling.json" in last
+    sdir = tmp_path / "degenerate" / "scaling"
+    summary = json.loads((sdir / "scaling.json").read_text())
+    rows = summary["ladder"]
+    assert len(rows) == 8 and all(r["ran"] and r["epochs"] > 1 for r in rows)
+    assert summary["fit_error"]["fit"] == "L(N, D) (chinchilla form)"
+    assert "two distinct token counts" in summary["fit_error"]["error"]
+    assert "prediction" not in summary and not (sdir / "prediction.json").exists()
+    for name in ("loss_vs_compute.png", "isoflop.png"):  # the measured points, without fitted curves
+        assert (sdir / name).read_bytes()[:8] == PNG
+    md = (sdir / "scaling.md").read_text()
+    assert "**The fit failed: L(N, D) (chinchilla form)**" in md and "two distinct token counts" in md
+    for r in rows:  # every rung's measured loss is in the table
+        assert f"| {r['name']} |" in md and f"{r['val_loss']:.4f}" in md
+
+    # The rungs are kept: with the correction off, the same ladder is fitted without training again.
+    cfg = load_config(
+        "scaling-world", [f"runs_dir={tmp_path}", "name=degenerate", *DEGENERATE, "scaling.repeat_rstar=0"]
+    )
+    out = scaling.run(cfg, until="predict")
+    assert out["rungs_ran"] == 0
+    summary = json.loads((sdir / "scaling.json").read_text())
+    assert "fit_error" not in summary and summary["prediction"]["predicted"]["val_loss"] > 0
+    assert "The fit failed" not in (sdir / "scaling.md").read_text()
+
+
 def test_a_killed_rung_resumes_from_its_checkpoint(tmp_path: Path, one_thread: None) -> None:
     args = [f"runs_dir={tmp_path}", "name=killed", *TINY, "scaling.train.ckpt_every=5"]
     cmd = [sys.executable, "-m", "chatforge.cli", "scaling", "--recipe", "scaling-world", "--ladder-only"]

@@ -26,8 +26,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -554,6 +555,17 @@ def repeated_data(
     }
 
 
+@contextmanager
+def _fitting(name: str) -> Iterator[None]:
+    """Name the fit in a FitError raised inside, for the report of a ladder whose fit failed."""
+    try:
+        yield
+    except sf.FitError as e:
+        if e.fit is None:
+            e.fit = name
+        raise
+
+
 def fit_ladder(
     sc: ScalingConfig,
     rows: list[dict],
@@ -585,12 +597,20 @@ def fit_ladder(
         if len(scored) == len(sf.FORMS)
         else "chinchilla"
     )
-    law = sf.fit_loss_law(n, d, loss, form=form)
-    others = {f: sf.fit_loss_law(n, d, loss, form=f) for f in sf.FORMS if f != form}
+    with _fitting(f"L(N, D) ({form} form)"):
+        law = sf.fit_loss_law(n, d, loss, form=form)
+    others = {}
+    for f in sf.FORMS:
+        if f != form:
+            with _fitting(f"L(N, D) ({f} form)"):
+                others[f] = sf.fit_loss_law(n, d, loss, form=f)
     other_preds = {f: float(o(target.n_params, d_target)) for f, o in others.items()}
-    minima = _frontier(rows)
-    claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
-    mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
+    with _fitting("isoFLOP minima"):
+        minima = _frontier(rows)
+    with _fitting("L(C)"):
+        claw = sf.fit_compute_law([x.budget for x in minima], [x.loss for x in minima])
+    with _fitting(f"{metric} vs loss"):
+        mlaw = sf.fit_metric_vs_loss(loss, m, chance) if has_metric else None
     n_opt_t, d_opt_t = law.compute_optimal(target.compute)
     try:  # approach 2; None when fewer than two budgets have their minimum inside the sampled sizes
         front: sf.Frontier | None = sf.fit_frontier(minima)
@@ -735,6 +755,10 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
             return None
     elif not fit:
         return None
+    metric = None if data.kind == "none" else data.kind
+    t0 = time.perf_counter()
+    # Fit first: a fit that fails must not cost the target trained after the old prediction.
+    fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric, data.train.n_tokens)
     if (cfg.run_dir / "scaling" / "target").is_dir():
         # A new prediction would postdate the trained target: retrain it after predicting again.
         print(
@@ -743,9 +767,6 @@ def predict(cfg: RunConfig, rows: list[dict], data: _Data, fit: bool = True) -> 
             file=sys.stderr,
         )
         shutil.rmtree(cfg.run_dir / "scaling" / "target")
-    metric = None if data.kind == "none" else data.kind
-    t0 = time.perf_counter()
-    fits = fit_ladder(cfg.scaling, rows, target, data.chance, metric, data.train.n_tokens)
     now = time.time()
     pred = {
         "created": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
@@ -847,12 +868,23 @@ def run(cfg: RunConfig, until: str = "check", after_rung: Callable[[dict], None]
         "ladder_ran_seconds": round(time.perf_counter() - t0, 1),
     }
     # A partial run (--ladder-only, --predict) still reports what earlier runs found for this ladder.
-    pred = predict(cfg, rows, data, fit=until != "ladder")
+    try:
+        pred = predict(cfg, rows, data, fit=until != "ladder")
+    except sf.FitError as e:
+        # The rungs cost minutes: write them, their plots and which fit failed, then fail the command.
+        pred = None
+        summary["fit_error"] = {"fit": e.fit or "the ladder", "error": str(e)}
     if pred is not None:
         summary["prediction"] = pred
         summary.update(check(cfg, pred, data, train=until == "check"))
     summary["files"] = scaling_report.write(summary, out_dir)
     _write_json(out_dir / "scaling.json", summary)
+    if "fit_error" in summary:
+        fe = summary["fit_error"]
+        raise ChatforgeError(
+            f"the {fe['fit']} fit failed ({fe['error']}); no prediction was made — the ladder's"
+            f" {len(rows)} rungs are in {out_dir / 'scaling.json'} and {out_dir / 'scaling.md'}"
+        )
     return {k: summary[k] for k in ("ladder_wall_seconds", "check", "files") if k in summary} | {
         "rungs": len(rows),
         "rungs_ran": sum(r["ran"] for r in rows),

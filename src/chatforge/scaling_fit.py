@@ -41,7 +41,11 @@ T = TypeVar("T")
 
 
 class FitError(ChatforgeError):
-    """Too few or degenerate points for a fit."""
+    """Too few or degenerate points for a fit; ``fit`` names the fit that failed where the caller knows."""
+
+    def __init__(self, message: str, fit: str | None = None) -> None:
+        super().__init__(message)
+        self.fit = fit
 
 
 def _one_blas_thread(fn: Callable[..., T]) -> Callable[..., T]:

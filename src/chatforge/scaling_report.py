@@ -116,7 +116,9 @@ def plot_isoflop(s: dict, out: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("N (non-embedding parameters)")
     ax.set_ylabel("validation loss")
-    ax.set_title("IsoFLOP profiles (lines: fitted L(N, D) at D = C/6N)")
+    ax.set_title(
+        "IsoFLOP profiles (lines: fitted L(N, D) at D = C/6N)" if pred else "IsoFLOP profiles (measured)"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -259,6 +261,22 @@ def _repeat_lines(pred: dict) -> list[str]:
     ]
 
 
+def _ladder_table(rows: list[dict], downstream: str | None) -> list[str]:
+    """The measured rungs, one a row: without a prediction this is the whole result."""
+    metric = downstream if downstream in ("world_cloze", "token_accuracy") else None
+    head = "| rung | N | D (tokens) | steps | C (FLOPs) | val loss |" + (f" {metric} |" if metric else "")
+    out = [head, "|---" * (6 + bool(metric)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["n_params"], r.get("replicate", 0))):
+        line = (
+            f"| {r['name']} | {r['n_params']:,} | {r['tokens']:,} | {r['steps']} | {r['compute']:.3g} |"
+            f" {r['val_loss']:.4f} |"
+        )
+        if metric:
+            line += f" {_f(r.get(metric), 3)} |"
+        out.append(line)
+    return out
+
+
 def markdown(s: dict) -> str:
     rows = s["ladder"]
     lines = [
@@ -273,6 +291,15 @@ def markdown(s: dict) -> str:
         "",
     ]
     pred, chk = s.get("prediction"), s.get("check")
+    fe = s.get("fit_error")
+    if fe:
+        lines += [
+            f"**The fit failed: {fe['fit']}** — {fe['error']}. No prediction was made; the plots show the"
+            " measured rungs only.",
+            "",
+        ]
+    if not pred:
+        lines += _ladder_table(rows, s.get("downstream"))
     if pred:
         law, cl, p = pred["loss_law"], pred["compute_law"], pred["predicted"]
         co = pred["compute_optimal_at_target"]
