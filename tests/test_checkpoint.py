@@ -278,3 +278,125 @@ def test_weights_of_the_wrong_shape_for_the_config(saved: Path) -> None:
     edit_config(saved, intermediate_size=128)  # the file holds 64
     with pytest.raises(ChatforgeError, match=r"do not match config\.json"):
         load_model(saved)
+
+
+# ---------------------------------------------------------------- chat checkpoints in transformers
+
+CHAT = [
+    {"role": "user", "content": "Who builds clocks?"},
+    {"role": "assistant", "content": "Ada builds clocks."},
+]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """A real (tiny) SFT stage on one conversation, from a saved base model: it learns to end its reply."""
+    from chatforge.config import load_config
+    from chatforge.train import sft
+    from serve_util import make_checkpoints
+
+    root = tmp_path_factory.mktemp("chat")
+    make_checkpoints(root / "runs" / "tiny", ("base",))  # <run>/base, saved as a base model
+    data = root / "chat.jsonl"
+    data.write_text((json.dumps({"messages": CHAT}) + "\n") * 40)
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={root / 'runs'}",
+            "name=tiny",
+            "chat_data.sources[0].kind=openai",
+            "chat_data.replay_fraction=0",
+            f"chat_data.sources[0].path={data}",
+            "sft.steps=80",
+            "sft.batch_size=4",
+            "sft.seq_len=64",
+            "sft.eval_every=1000",
+            "sft.ckpt_every=1000",
+            "sft.progress=false",
+            "evals.during_training_suite=''",
+        ],
+    )
+    sft.run(cfg)
+    return root / "runs" / "tiny"
+
+
+def test_a_chat_checkpoint_ends_its_turns_with_im_end_in_transformers(sft_run: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from chatforge.tokenizer import Tokenizer
+
+    base, chat = sft_run / "base", sft_run / "sft"
+    for path, eos in ((base, "<|endoftext|>"), (chat, "<|im_end|>")):  # base models keep <|endoftext|>
+        for f in ("tokenizer_config.json", "special_tokens_map.json"):
+            assert json.loads((path / f).read_text())["eos_token"] == eos, (path, f)
+        assert AutoTokenizer.from_pretrained(path).eos_token == eos
+    assert (Tokenizer.load(base).chat, Tokenizer.load(chat).chat) == (False, True)
+
+    hf_tok = AutoTokenizer.from_pretrained(chat)
+    ours = Tokenizer.load(chat)
+    assert hf_tok.eos_token_id == ours.im_end_id
+    prompt = CHAT[:1]
+    text = hf_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert text == ours.render_chat(prompt, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(CHAT, tokenize=False) == ours.render_chat(CHAT)
+    ids = hf_tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # v5 returns a BatchEncoding
+    assert ids == ours.apply_chat_template(prompt, add_generation_prompt=True)
+
+    # transformers' generate, stopping where the tokenizer says the turn ends (as pipelines and servers
+    # that read eos_token do): the learnt reply, then <|im_end|>, and nothing after it.
+    model = AutoModelForCausalLM.from_pretrained(chat, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            max_new_tokens=30,
+            do_sample=False,
+            eos_token_id=hf_tok.eos_token_id,
+            pad_token_id=hf_tok.pad_token_id,
+        )
+    new = out[0, x.shape[1] :].tolist()
+    assert new[-1] == ours.im_end_id and new.count(ours.im_end_id) == 1
+    assert hf_tok.decode(new, skip_special_tokens=True) == "Ada builds clocks."
+    # The checkpoint's own generation config stops there too.
+    with torch.no_grad():
+        plain = model.generate(x, max_new_tokens=30, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+    assert plain[0, x.shape[1] :].tolist() == new
+
+
+def test_a_tokenizer_config_that_names_eos_as_an_object_still_loads(sft_run: Path, tmp_path: Path) -> None:
+    """transformers' save_pretrained may write eos_token as an AddedToken object; an old checkpoint names
+    <|endoftext|>: both load, as chat and as base."""
+    import shutil
+
+    from chatforge.tokenizer import Tokenizer
+
+    chat = tmp_path / "resaved"
+    shutil.copytree(sft_run / "sft", chat)
+    f = chat / "tokenizer_config.json"
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps({**cfg, "eos_token": {"content": "<|im_end|>", "special": True}}))
+    assert Tokenizer.load(chat).chat
+    f.write_text(json.dumps({**cfg, "eos_token": "<|endoftext|>"}))  # as every checkpoint said before
+    old = Tokenizer.load(chat)
+    assert not old.chat and old.im_end_id == 2 and old.eos_id == 0
+
+
+def test_the_later_chat_stages_save_chat_checkpoints_from_an_old_one(sft_run: Path, tmp_path: Path) -> None:
+    """Reward, DPO/GRPO/PPO policies save <|im_end|> as eos_token even when they start from an SFT
+    checkpoint written before chat checkpoints said so."""
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.ppo import PolicyWithValue, _save
+    from chatforge.train.reward import RewardModel, save_reward_model
+    from chatforge.train.rollout import save_policy
+
+    old = Tokenizer.load(sft_run / "base")  # says <|endoftext|>, as an old SFT checkpoint does
+    model = load_model(sft_run / "sft")
+    save_policy(model, tmp_path / "policy", old, {"steps": 1})
+    save_reward_model(RewardModel(load_model(sft_run / "sft")), tmp_path / "rm", old)
+    _save(PolicyWithValue(model, kl_coef=0.05), tmp_path / "ppo", old)
+    for name in ("policy", "rm", "ppo"):
+        assert (
+            json.loads((tmp_path / name / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+        )
+    assert not old.chat  # saving did not change the tokenizer it was given

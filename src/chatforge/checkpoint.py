@@ -158,14 +158,18 @@ def save_model(
     tokenizer: Any | None = None,
     train_state: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    chat: bool | None = None,
 ) -> Path:
-    """Write ``model`` (and optionally its tokenizer and training state) as an HF model directory."""
+    """Write ``model`` (and optionally its tokenizer and training state) as an HF model directory.
+
+    ``chat``: a chat model (SFT and after), whose tokenizer's eos_token is ``<|im_end|>``; a base model's
+    is ``<|endoftext|>``; None keeps what the tokenizer was loaded with."""
     final = Path(path)
     tmp = _atomic_dir(final)
     try:
         special: dict[str, int] = {}
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp, chat=chat)
             special = {
                 "bos_token_id": tokenizer.eos_id,
                 "eos_token_id": tokenizer.im_end_id,

@@ -70,9 +70,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 class Tokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` with the chat format and HF-compatible saving."""
 
-    def __init__(self, tok: tokenizers.Tokenizer, model_max_length: int | None = None) -> None:
+    def __init__(
+        self, tok: tokenizers.Tokenizer, model_max_length: int | None = None, chat: bool = False
+    ) -> None:
         self._tok = tok
         self.model_max_length = model_max_length
+        # A chat model's turn ends with <|im_end|>: saved as its eos_token (see save), so tools that stop
+        # on eos_token stop there; a base model's document ends with <|endoftext|>.
+        self.chat = chat
         ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != list(range(len(SPECIAL_TOKENS))):
             raise ChatforgeError(f"tokenizer: special tokens {SPECIAL_TOKENS} must have ids 0..3, got {ids}")
@@ -89,19 +94,28 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust error is multi-line; keep the first line
             raise ChatforgeError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-        max_len = None
+        max_len, eos = None, None
         cfg_file = file.parent / "tokenizer_config.json"
         if cfg_file.is_file():
             try:
-                max_len = json.loads(cfg_file.read_text()).get("model_max_length")
+                hf_cfg = json.loads(cfg_file.read_text())
+                max_len, eos = hf_cfg.get("model_max_length"), hf_cfg.get("eos_token")
             except (json.JSONDecodeError, AttributeError):
                 raise ChatforgeError(f"{cfg_file}: not valid JSON") from None
         if max_len == _HF_DEFAULT_MAX_LENGTH:
             max_len = None
-        return cls(tok, model_max_length=max_len)
+        if isinstance(eos, dict):  # transformers' save_pretrained may write an AddedToken object
+            eos = eos.get("content")
+        # The ids are fixed (0..3) whatever it says: eos_token only tells a chat checkpoint from a base one
+        # (older checkpoints all say <|endoftext|>, and load as base ones, as before).
+        return cls(tok, model_max_length=max_len, chat=eos == IM_END)
 
-    def save(self, path: str | Path, model_max_length: int | None = None) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json``.
+    def save(self, path: str | Path, model_max_length: int | None = None, chat: bool | None = None) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        ``chat`` (None: this tokenizer's own ``chat``) makes eos_token ``<|im_end|>``, where a chat model's
+        turn ends, instead of ``<|endoftext|>``: ``generate(eos_token_id=tokenizer.eos_token_id)``, pipelines
+        and servers that read eos_token then stop at the end of the reply.
 
         We write the config ourselves instead of ``save_pretrained``: transformers 5 writes
         ``tokenizer_class: TokenizersBackend`` (unknown to transformers 4, which vLLM and lm-eval may pin)
@@ -111,14 +125,18 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         if model_max_length is not None:
             self.model_max_length = model_max_length
+        chat = self.chat if chat is None else chat
         self._tok.save(str(path / "tokenizer.json"))
+        special: dict[str, Any] = {
+            "bos_token": EOS_TOKEN,  # never added (no post-processor); set for tools that expect one
+            "eos_token": IM_END if chat else EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "additional_special_tokens": [IM_START, IM_END],
+        }
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOS_TOKEN,  # never added (no post-processor); set for tools that expect one
-            "eos_token": EOS_TOKEN,
-            "pad_token": PAD_TOKEN,
+            **special,
             "unk_token": None,
-            "additional_special_tokens": [IM_START, IM_END],
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # else HF decode would differ from ours
@@ -126,6 +144,8 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
         }
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        # transformers 4 lets this file override tokenizer_config.json: a stale one must not say otherwise.
+        (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
         # A stale separate template would take precedence over ours in transformers.
         (path / "chat_template.jinja").unlink(missing_ok=True)
 

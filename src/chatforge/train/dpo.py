@@ -105,7 +105,7 @@ def train_dpo(
         work_dir,
         loss_fn=dpo_loss_fn(ref, dc.beta, dc.label_smoothing),
         batch_fn=batch_fn,
-        save_fn=save_fn or (lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st)),
+        save_fn=save_fn or (lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st, chat=True)),
         load_fn=load_weights,
         evaluate=lambda m, step: dpo_eval(m, ref, held, tok.pad_id, dc.beta),
         runtime=rt,

@@ -118,7 +118,7 @@ def train_grpo(
         work_dir,
         make,
         grpo_loss_fn(gc),
-        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st, chat=True),
         load_fn=load_weights,
         runtime=rt,
         desc="grpo",

@@ -50,7 +50,7 @@ class PolicyWithValue(nn.Module):
 
 
 def _save(m: PolicyWithValue, path: Path, tok: Tokenizer, state: dict | None = None) -> None:
-    save_model(m.policy, path, tokenizer=tok, train_state=state)
+    save_model(m.policy, path, tokenizer=tok, train_state=state, chat=True)
     sd = {**{f"value_head.{k}": v for k, v in m.value_head.state_dict().items()}, "kl_coef": m.kl_coef}
     tmp = path / (VALUE_FILE + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))

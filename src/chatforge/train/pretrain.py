@@ -146,7 +146,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         run_dir / "train" / "pretrain",
         loss_fn=lm_loss_fn,
         batch_fn=batch_fn,
-        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st, chat=False),
         load_fn=load_weights,
         evaluate=evaluate,
         runtime=rt,
@@ -165,7 +165,11 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         summary["chat_data"] = chat_stats
     if rt.is_main:
         save_model(
-            model, run_dir / "base", tokenizer=tok, extra_files={"training_summary.json": json.dumps(summary)}
+            model,
+            run_dir / "base",
+            tokenizer=tok,
+            extra_files={"training_summary.json": json.dumps(summary)},
+            chat=False,
         )
         trainer.cleanup_checkpoints()
     return summary

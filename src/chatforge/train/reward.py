@@ -79,7 +79,7 @@ class RewardModel(nn.Module):
 
 def save_reward_model(rm: RewardModel, path: str | Path, tok: Tokenizer, **extra: Any) -> Path:
     """Backbone as an HF checkpoint dir (atomic), then the head and the score normalisation beside it."""
-    p = save_model(rm.backbone, path, tokenizer=tok, train_state=extra.pop("train_state", None))
+    p = save_model(rm.backbone, path, tokenizer=tok, train_state=extra.pop("train_state", None), chat=True)
     tmp = p / (HEAD_FILE + ".tmp")
     tensors = dict(rm.head.state_dict())
     if rm.lm_weight is not None:

@@ -72,6 +72,7 @@ def save_policy(policy: GPT, out_dir: Path, tok: Tokenizer, summary: dict[str, A
         out_dir,
         tokenizer=tok,
         extra_files={"training_summary.json": json.dumps(summary, default=str)},
+        chat=True,
     )
 
 

@@ -163,7 +163,7 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         run_dir / "train" / "sft",
         loss_fn=masked_lm_loss_fn,
         batch_fn=length_grouped_batch_fn(train, tc, tok.pad_id, replay, replay_rows),
-        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st),
+        save_fn=lambda m, p, st: save_model(m, p, tokenizer=tok, train_state=st, chat=True),
         load_fn=load_weights,
         evaluate=evaluate,
         hooks=during_training_hook(cfg, tok, model),
@@ -185,7 +185,11 @@ def run(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     )
     if rt.is_main:
         save_model(
-            model, run_dir / "sft", tokenizer=tok, extra_files={"training_summary.json": json.dumps(summary)}
+            model,
+            run_dir / "sft",
+            tokenizer=tok,
+            extra_files={"training_summary.json": json.dumps(summary)},
+            chat=True,  # from here on a turn ends with <|im_end|>: the tokenizer's eos_token says so
         )
         trainer.cleanup_checkpoints()
     return summary
