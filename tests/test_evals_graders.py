@@ -116,6 +116,9 @@ def test_code_exec_grader_and_sandbox() -> None:
     bad = "def add(a, b):\n    return a - b"
     scores = gr.grade_all([item], [[good, bad, good]])
     assert scores == [[1.0, 0.0, 1.0]]
+    # why the failed sample failed is kept for the eval file: the assert's line, not just a 0
+    assert gr.why is not None and gr.why[0][0] == gr.why[0][2] == ""
+    assert gr.why[0][1].startswith("failed: ") and "AssertionError" in gr.why[0][1]
     assert gr.extra_metrics([item], scores) == {"pass@1": round(2 / 3, 4), "pass@2": 1.0}
     # k above the samples drawn is said, not left out of the results without a word
     three = graders.make_grader("code_exec", {"k": [1, 10]}).extra_metrics([item], scores)

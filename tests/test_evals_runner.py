@@ -502,3 +502,19 @@ def test_cli_eval_of_a_checkpoint_two_levels_into_a_run(
     assert not (run / "rlhf" / "evals").exists()
     assert main(["report", "--run", str(run)]) == 0
     assert "world-facts_rlhf-grpo" in json.loads((run / "report.json").read_text())["suites"]
+
+
+def test_a_failed_code_sample_says_why_in_the_eval_file(ckpt: Path) -> None:
+    """code_exec scored a crash and a wrong answer alike as 0, and the eval file kept nothing else: the
+    reason (the error's last lines) now sits beside the replies."""
+    items = [{"id": "add", "kind": "code", "input": "Write add(a, b).", "test": "assert add(2, 3) == 5"}]
+    res = runner.evaluate(
+        CheckpointTarget(ckpt),
+        items,
+        graders.make_grader("code_exec"),
+        SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=0),
+    )
+    smp = res["samples"][0]
+    assert smp["scores"] == [0.0, 0.0]  # a capitals model writes no Python
+    assert len(smp["why"]) == 2 and all(w.startswith(("error: ", "failed: ")) for w in smp["why"])
+    assert all("Error" in w for w in smp["why"])  # the exception's name, e.g. SyntaxError / NameError

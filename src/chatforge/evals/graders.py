@@ -16,9 +16,12 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:
+    from chatforge.evals.sandbox import SandboxResult
 
 
 class GraderError(ChatforgeError):
@@ -76,6 +79,10 @@ class Grader:
                 raise GraderError(f"grader {self.name!r}: option {key} must be {want}, got {value!r}")
         self.opts = {**self.options, **opts}
         self.check_options()
+
+    # Set by a grade_all that can say why a sample failed (one string per reply, "" when it passed); the
+    # runner keeps them beside the replies in the eval file.
+    why: list[list[str]] | None = None
 
     def check_options(self) -> None:
         """Raise GraderError on a bad option value."""
@@ -571,21 +578,27 @@ class CodeExecution(Grader):
         tail = f"\ncheck({entry})\n" if entry and "def check(" in test else "\n"
         return f"{code}\n\n{test}{tail}"
 
-    def grade(self, item: dict, reply: str) -> float:
+    def run(self, item: dict, reply: str) -> SandboxResult:
         from chatforge.evals.sandbox import run_python
 
-        res = run_python(
+        return run_python(
             self.program(item, reply), float(self.opts["timeout_s"]), int(self.opts["memory_mb"])
         )
-        return float(res.passed)
+
+    def grade(self, item: dict, reply: str) -> float:
+        return float(self.run(item, reply).passed)
 
     def grade_all(self, items: Sequence[dict], replies: Sequence[Sequence[str]]) -> list[list[float]]:
         jobs = [(i, j) for i, rs in enumerate(replies) for j in range(len(rs))]
         out = [[0.0] * len(rs) for rs in replies]
+        self.why = [[""] * len(rs) for rs in replies]
         with ThreadPoolExecutor(max_workers=int(self.opts["workers"])) as pool:
-            results = pool.map(lambda ij: self.grade(items[ij[0]], replies[ij[0]][ij[1]]), jobs)
-            for (i, j), score in zip(jobs, results, strict=True):
-                out[i][j] = score
+            results = pool.map(lambda ij: self.run(items[ij[0]], replies[ij[0]][ij[1]]), jobs)
+            for (i, j), res in zip(jobs, results, strict=True):
+                out[i][j] = float(res.passed)
+                if not res.passed:  # the error's last lines: enough to tell a wrong answer from a crash
+                    tail = "\n".join(res.stderr_tail.strip().splitlines()[-3:])
+                    self.why[i][j] = f"{res.status}: {tail}" if tail else res.status
         return out
 
     def extra_metrics(self, items: Sequence[dict], scores: list[list[float]]) -> dict[str, Any]:

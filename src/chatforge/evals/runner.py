@@ -111,6 +111,10 @@ def evaluate(
         replies = target.generate([it["input"] for it in items], params)
     gen_s = time.perf_counter() - t0
     scores = grader.grade_all(items, replies)
+    if grader.why is not None:  # why each failed sample failed, beside its replies
+        for ex, why in zip(extra_fields, grader.why, strict=True):
+            if any(why):
+                ex["why"] = why
     out = aggregate(items, scores)
     out["samples"] = [
         {
