@@ -89,13 +89,26 @@ def train_grpo(
 
     @torch.no_grad()
     def make(it: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        _, rewards, ids, mask = ro.sample_scored(engine, pool, gc, its.train.seed, it, reward_fn)
+        # This process's share of the prompts (whole groups: advantages are relative within a group)...
+        _, rewards, ids, mask = ro.sample_scored(
+            engine, pool, gc, its.train.seed, it, reward_fn, rt.rank, rt.world_size
+        )
         policy.eval()
         logp = ro.batched_logprobs(policy, ids)
         policy.train()
         ref_logp = ro.batched_logprobs(ref, ids)
-        adv = group_advantages(rewards, gc.samples_per_prompt)
-        kl = ((logp - ref_logp) * mask).sum(1)
+        part = {
+            "input_ids": ids,
+            "action_mask": mask,
+            "old_logp": logp * mask,
+            "ref_logp": ref_logp * mask,
+            "advantages": group_advantages(rewards, gc.samples_per_prompt),
+            "rewards": rewards,
+        }
+        # ...then every process's rows on every process: the stats and minibatches of one process.
+        data = ro.gather_rows(part, tok.pad_id, rt.world_size)
+        rewards, mask = data.pop("rewards"), data["action_mask"]
+        kl = (data["old_logp"] - data["ref_logp"]).sum(1)
         groups = rewards.view(-1, gc.samples_per_prompt)
         stats = {
             "reward_mean": round(float(rewards.mean()), 4),
@@ -103,13 +116,7 @@ def train_grpo(
             "solved_groups": round(float((groups.max(1).values > groups.min(1).values).float().mean()), 3),
             "response_len": round(float(mask.sum(1).mean()), 2),
         }
-        return {
-            "input_ids": ids,
-            "action_mask": mask,
-            "old_logp": logp * mask,
-            "ref_logp": ref_logp * mask,
-            "advantages": adv,
-        }, stats
+        return data, stats
 
     summary = ro.fit(
         policy,

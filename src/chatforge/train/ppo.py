@@ -138,7 +138,10 @@ def train_ppo(
 
     @torch.no_grad()
     def make(it: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        rolls, scores, ids, mask = ro.sample_scored(engine, pool, pc, its.train.seed, it, reward_fn)
+        # This process's share of the prompts, through GAE (each row on its own)...
+        rolls, scores, ids, mask = ro.sample_scored(
+            engine, pool, pc, its.train.seed, it, reward_fn, rt.rank, rt.world_size
+        )
         model.eval()
         old_logp, old_values = [], []
         for i in range(0, len(ids), 16):
@@ -156,8 +159,23 @@ def train_ppo(
         values = values * mask
         adv = gae(rewards, values, mask, pc.gamma, pc.lam)
         returns = adv + values
-        adv = whiten(adv, mask)
-        seq_kl = kl.sum(1)
+        part = {
+            "input_ids": ids,
+            "action_mask": mask,
+            "old_logp": logp * mask,
+            "old_values": values,
+            "advantages": adv,
+            "returns": returns * mask,
+            "scores": scores,
+            "seq_kl": kl.sum(1),
+            "finished": torch.tensor([float(r.finished) for r in rolls], dtype=torch.float64),
+        }
+        # ...then every process's rows on every process, so that the whitening, the KL controller and the
+        # stats below see the whole iteration, the same on every process.
+        data = ro.gather_rows(part, tok.pad_id, rt.world_size)
+        scores, seq_kl, finished = data.pop("scores"), data.pop("seq_kl"), data.pop("finished")
+        mask = data["action_mask"]
+        data["advantages"] = whiten(data["advantages"], mask)
         if pc.adaptive_kl:  # proportional controller on the observed KL (Ziegler et al. 2019)
             err = float(np.clip(seq_kl.mean().item() / pc.kl_target - 1, -0.2, 0.2))
             model.kl_coef.mul_(1 + err * its.rows / pc.kl_horizon)
@@ -167,15 +185,7 @@ def train_ppo(
             "kl": round(float(seq_kl.mean()), 4),
             "kl_coef": round(beta, 5),
             "response_len": round(float(mask.sum(1).mean()), 2),
-            "finished_frac": round(float(np.mean([r.finished for r in rolls])), 3),
-        }
-        data = {
-            "input_ids": ids,
-            "action_mask": mask,
-            "old_logp": logp * mask,
-            "old_values": values,
-            "advantages": adv,
-            "returns": returns * mask,
+            "finished_frac": round(float(finished.mean()), 3),
         }
         return data, stats
 

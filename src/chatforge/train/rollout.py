@@ -3,7 +3,9 @@ frozen reference, the iteration set-up and fit on the loop core, and saving the 
 
 PPO and GRPO sample replies with ``engine.py`` built on the policy module itself (so the rollouts always
 come from the current weights, with no copy to sync), then score, pack and learn from them; they differ
-only in how they turn rollouts into a batch of experience and in their loss.
+only in how they turn rollouts into a batch of experience and in their loss. Under ``torchrun`` the
+rollouts (the dominant cost) are split: each process samples, scores and takes log-probs of its share of
+an iteration's prompts, then the rows are gathered so every process holds the iteration's whole batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -105,9 +108,11 @@ class Rollout:
 
 
 def generate(
-    engine: Engine, prompts: list[list[dict]], n: int, params: SamplingParams, end_id: int
+    engine: Engine, prompts: list[list[dict]], n: int, params: SamplingParams, end_id: int, first: int = 0
 ) -> list[Rollout]:
-    """``n`` sampled replies per prompt (chat messages) through the engine."""
+    """``n`` sampled replies per prompt (chat messages) through the engine. ``prompts`` are items
+    ``first``, ``first + 1``, ... of a larger list (one process's share): each draws the seeds it would
+    draw in the whole list, so the replies do not depend on how the list was split."""
     tok = engine.tokenizer
     encoded = [tok.encode_chat_prompt(p) for p in prompts]
     limit = engine.model.config.max_position_embeddings - params.max_new_tokens
@@ -118,8 +123,9 @@ def generate(
     done: dict[tuple[int, int], Any] = {}
     try:
         base = params.seed if params.seed is not None else random.randrange(2**31)
-        # generate gives prompt i the seeds base + i * n + j: every prompt its own random stream.
-        for c in engine.generate(encoded, dataclasses.replace(params, n=n, seed=base)):
+        # Prompt i gets the seeds base + (first + i) * n + j: every prompt its own random stream.
+        offsets = [(first + i) * n for i in range(len(encoded))]
+        for c in engine.generate(encoded, dataclasses.replace(params, n=n, seed=base), offsets):
             done[(c.prompt_index, c.sample_index)] = c
     finally:
         engine.model.train(was_training)
@@ -219,22 +225,66 @@ def iterations(rc: Any) -> Iterations:
     return Iterations(rows, upi, tc)
 
 
+def shard(n: int, rank: int, world: int) -> range:
+    """The contiguous block of ``n`` items that process ``rank`` of ``world`` owns (the first
+    ``n % world`` ranks take one more): concatenated in rank order, the blocks give back ``range(n)``."""
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return range(lo, lo + size + (rank < extra))
+
+
 def sample_scored(
-    engine: Engine, pool: list[dict], rc: Any, seed: int, it: int, reward_fn: Any
+    engine: Engine,
+    pool: list[dict],
+    rc: Any,
+    seed: int,
+    it: int,
+    reward_fn: Any,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[list[Rollout], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Iteration ``it``'s rollouts on its prompts, scored by ``reward_fn`` and packed:
+    """Iteration ``it``'s rollouts on process ``rank``'s ``shard`` of its prompts (all of them in one
+    process; a prompt's samples stay together, as GRPO's groups need), scored by ``reward_fn`` and packed:
     (rollouts, rewards [B], input_ids [B, T], action_mask [B, T-1])."""
     tok = engine.tokenizer
     items = step_prompts(pool, rc.prompts_per_step, rc.prompt_seed, it)
+    mine = shard(len(items), rank, world)
+    items = items[mine.start : mine.stop]
     params = SamplingParams(
         max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k, seed=seed * 100_003 + it
     )
-    rolls = generate(engine, [x["input"] for x in items], rc.samples_per_prompt, params, tok.im_end_id)
+    rolls = generate(
+        engine, [x["input"] for x in items], rc.samples_per_prompt, params, tok.im_end_id, mine.start
+    )
     rewards = torch.tensor(
         reward_fn([items[r.item] for r in rolls], [r.text for r in rolls]), dtype=torch.float32
     )
     packed = pack(rolls, tok.pad_id)
     return rolls, rewards, packed["input_ids"], packed["action_mask"]
+
+
+def gather_rows(parts: dict[str, torch.Tensor], pad_id: int, world: int = 1) -> dict[str, torch.Tensor]:
+    """Every process's rows of experience (tensors with one row per sequence, ``input_ids`` among them),
+    concatenated in rank order on every process; 2-D tensors are right-padded to the widest ``input_ids``
+    (``input_ids`` with ``pad_id``, the rest with 0, as ``pack`` of all the rows would have). With
+    ``shard``ed prompts this is the batch one process would have made, so whitening, stats and
+    minibatches need nothing distributed. One process: ``parts`` itself."""
+    if world == 1:
+        return parts
+    local = {k: v.detach().cpu() for k, v in parts.items()}
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, local)
+    width = max(p["input_ids"].shape[1] for p in every)
+    out = {}
+    for key in parts:
+        fill = pad_id if key == "input_ids" else 0
+        # Every 2-D tensor is position-aligned with its rank's input_ids: it widens by as many columns.
+        vs = [
+            F.pad(p[key], (0, width - p["input_ids"].shape[1]), value=fill) if p[key].dim() == 2 else p[key]
+            for p in every
+        ]
+        out[key] = torch.cat(vs)
+    return out
 
 
 def clipped_policy_loss(
@@ -271,6 +321,8 @@ class ExperienceBatches:
 
     Loop step ``s`` is minibatch ``s % updates_per_iter`` of iteration ``s // updates_per_iter``; rollouts
     are seeded by the iteration, so resuming from a checkpoint on an iteration boundary replays exactly.
+    Under ``torchrun`` each process samples only its ``shard`` of the prompts, but ``make`` returns the
+    whole iteration (``gather_rows``) on every process: the same minibatches everywhere, split row by row.
     Times the rollout phase and the learning phase of every iteration (logged as ``rollout`` events).
     """
 
@@ -359,6 +411,12 @@ def fit(
         raise ChatforgeError(
             f"{desc}.train.batch_size: {rc.train.batch_size} rows per minibatch do not split evenly over"
             f" {world} processes; use a multiple of {world}"
+        )
+    if rc.prompts_per_step < world:
+        # Each process samples its share of an iteration's prompts: one with none would only wait.
+        raise ChatforgeError(
+            f"{desc}.prompts_per_step: {rc.prompts_per_step} prompts per iteration leave some of the"
+            f" {world} processes none to sample; use at least {world}"
         )
     batches = ExperienceBatches(make, its.rows, rc.train.batch_size, rc.epochs, its.train.seed)
     trainer = Trainer(
