@@ -57,7 +57,7 @@ def grpo_loss_fn(gc: Any):
         )
         d = batch["ref_logp"] - logp
         kl = torch.exp(d) - d - 1  # k3: unbiased, non-negative per-token KL(π || π_ref)
-        loss = ro.masked_mean(pg + gc.kl_coef * kl, mask)
+        loss = ro.token_mean(pg + gc.kl_coef * kl, mask, batch)
         with torch.no_grad():
             extra = {
                 "policy_loss": float(ro.masked_mean(pg, mask)),

@@ -95,15 +95,15 @@ def ppo_loss_fn(pc: Any):
         logp = ro.token_logprobs(logits, ids)
         values = values[:, :-1]
         pg, ratio = ro.clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], pc.clip_range)
-        pg_loss = ro.masked_mean(pg, mask)
+        pg_loss = ro.token_mean(pg, mask, batch)
         old_v = batch["old_values"]
         v_clip = old_v + (values - old_v).clamp(-pc.value_clip, pc.value_clip)
         vf = 0.5 * torch.maximum((values - batch["returns"]) ** 2, (v_clip - batch["returns"]) ** 2)
-        vf_loss = ro.masked_mean(vf, mask)
+        vf_loss = ro.token_mean(vf, mask, batch)
         loss = pg_loss + pc.vf_coef * vf_loss
         ent = None
         if pc.ent_coef:
-            ent = ro.masked_mean(ro.entropy(logits), mask)
+            ent = ro.token_mean(ro.entropy(logits), mask, batch)
             loss = loss - pc.ent_coef * ent
         with torch.no_grad():
             extra = {

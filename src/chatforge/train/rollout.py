@@ -180,6 +180,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """``masked_mean`` of a loss term over the tokens of the whole minibatch, which ``ExperienceBatches``
+    splits across processes: each divides its token sum by ``batch["token_norm"]`` (the minibatch's
+    tokens / processes), so DDP's average of their gradients is the one-process gradient. A per-process
+    mean weighed the tokens of a process with shorter replies more. One process: ``masked_mean``."""
+    norm = batch.get("token_norm")
+    return masked_mean(x, mask) if norm is None else (x * mask).sum() / norm
+
+
 def step_prompts(pool: list[dict], k: int, seed: int, step: int) -> list[dict]:
     """The ``k`` prompts of RL step ``step``: a pure function of (seed, step), as exact resume needs."""
     return random.Random(f"rl-prompts:{seed}:{step}").sample(pool, min(k, len(pool)))
@@ -375,8 +384,8 @@ class ExperienceBatches:
         perm = torch.randperm(
             self.rows, generator=torch.Generator().manual_seed(hash((self.seed, it, epoch)) % 2**31)
         )
-        idx = perm[k * self.minibatch : (k + 1) * self.minibatch]
-        idx = idx[rank::world] if world > 1 else idx
+        whole = perm[k * self.minibatch : (k + 1) * self.minibatch]
+        idx = whole[rank::world] if world > 1 else whole
         batch: dict[str, Any] = {key: v[idx] for key, v in self.data.items()}
         # Trim padding columns this minibatch does not use.
         if "action_mask" in batch:
@@ -384,6 +393,7 @@ class ExperienceBatches:
             for key, v in batch.items():
                 if v.dim() == 2:
                     batch[key] = v[:, : used if key == "input_ids" else used - 1]
+            batch["token_norm"] = self.data["action_mask"][whole].sum().clamp(min=1.0) / world
         batch["stats"] = {**self.stats, "rollout_s": self.stats["rollout_s"] if fresh and j == 0 else 0.0}
         return batch
 
