@@ -135,3 +135,17 @@ def test_rl_minibatch_that_does_not_split_over_the_processes_is_refused(runs: Pa
     assert res.returncode != 0
     assert "grpo.train.batch_size: 1 rows per minibatch do not split evenly over 2 processes" in res.stderr
     assert "RuntimeError" not in res.stderr
+
+
+def test_rl_with_fewer_prompts_than_processes_is_refused(runs: Path) -> None:
+    # Each process samples its share of an iteration's prompts: with 1 prompt on 2 processes one has none.
+    res = _torchrun(
+        runs,
+        "grpo",
+        *("--set", "grpo.init=base", "--set", "grpo.steps=1", "--set", "grpo.prompts_per_step=1"),
+        *("--set", "grpo.samples_per_prompt=2", "--set", "grpo.max_new_tokens=4"),
+        *("--set", "grpo.train.batch_size=2", "--set", "grpo.train.progress=false"),
+    )
+    assert res.returncode != 0
+    assert "grpo.prompts_per_step: 1 prompts per iteration leave some of the 2 processes none" in res.stderr
+    assert "src/chatforge" not in res.stderr  # a one-line error, no traceback through our code

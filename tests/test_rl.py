@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from chatforge.config import GRPOConfig, PPOConfig, load_config
+from chatforge.engine import Engine, SamplingParams
 from chatforge.errors import ChatforgeError
 from chatforge.evals.rlhf import behaviour_rates, composite, paired_delta_ci, table_markdown
-from chatforge.train import grpo, ppo
+from chatforge.train import grpo, ppo, rollout
 from chatforge.train.loop import read_metrics
 from chatforge.train.rollout import Rollout, pack
 from rl_helpers import tiny_chat_model, tiny_tokenizer, toy_pairs
@@ -153,6 +154,24 @@ def test_pack_marks_exactly_the_response_tokens() -> None:
     b = pack([Rollout(0, [5, 6, 7], [8, 9], "", True), Rollout(0, [5], [8], "", True)], pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 0, 0, 0]]
     assert b["action_mask"].tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
+
+
+def test_shards_split_the_prompts_in_order_and_sample_as_the_whole_list(tok, base) -> None:
+    # Under torchrun each process samples its shard of an iteration's prompts: together they must be the
+    # one-process list, each prompt drawing the seeds it draws there (so the split changes no reply).
+    for n, world in ((8, 2), (7, 3), (3, 3), (5, 1)):
+        blocks = [rollout.shard(n, r, world) for r in range(world)]
+        assert [i for b in blocks for i in b] == list(range(n))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    engine, prompts = Engine(base, tok), [x["input"] for x in POOL[:7]]
+    params = SamplingParams(max_new_tokens=8, seed=11)
+    whole = rollout.generate(engine, prompts, 3, params, tok.im_end_id)
+    split = []
+    for r in range(3):
+        b = rollout.shard(len(prompts), r, 3)
+        split += rollout.generate(engine, prompts[b.start : b.stop], 3, params, tok.im_end_id, b.start)
+    assert [x.response_ids for x in split] == [x.response_ids for x in whole]
+    assert len({x.text for x in whole}) > 3  # the samples really differ
 
 
 def test_composite_counts_over_refusal_inverted() -> None:
