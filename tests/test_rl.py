@@ -241,3 +241,30 @@ def test_rl_configs_reject_bad_values_in_one_line() -> None:
         with pytest.raises(ChatforgeError, match=needle) as e:
             load_config(None, [override])
         assert "\n" not in str(e.value)
+
+
+def test_grad_accum_splits_an_rl_minibatch_into_micro_batches(tok, base_state, tmp_path) -> None:
+    """grad_accum used to hand the loop the same whole minibatch for every micro-step: twice the compute
+    for the same update. Now the micro-batches split it, and the update matches one pass over it."""
+
+    def run(accum: int, out: str) -> tuple[dict[str, torch.Tensor], int]:
+        c = GRPOConfig(steps=2, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.1)
+        c.train.batch_size, c.train.lr, c.train.progress, c.train.grad_accum = 8, 1e-3, False, accum
+        c.train.warmup_steps, c.train.schedule = 0, "constant"
+        m = tiny_chat_model(tok, steps=0)
+        m.load_state_dict(base_state)
+        model, summary = grpo.train_grpo(m, tok, says_yes, POOL, c, tmp_path / out, resume=False)
+        recs = read_metrics(tmp_path / out / "metrics.jsonl", "train")
+        assert sum(r["tokens"] for r in recs) == summary["tokens"]
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, summary["tokens"]
+
+    one, tokens_one = run(1, "one")
+    two, tokens_two = run(2, "two")
+    assert tokens_two == tokens_one  # each row once per update, not once per micro-step
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
+    c = GRPOConfig(prompts_per_step=4, samples_per_prompt=4)
+    c.train.batch_size, c.train.grad_accum = 6, 4
+    m = tiny_chat_model(tok, steps=0)
+    with pytest.raises(ChatforgeError, match=r"over 1 processes x 4 micro-batches .*multiple of 4"):
+        grpo.train_grpo(m, tok, says_yes, POOL, c, tmp_path / "bad", resume=False)

@@ -342,8 +342,10 @@ class ExperienceBatches:
         minibatch: int,
         epochs: int,
         seed: int,
+        accum: int = 1,
     ) -> None:
         self.make, self.rows, self.minibatch, self.epochs, self.seed = make, rows, minibatch, epochs, seed
+        self.accum = accum  # grad_accum: a process's rows of a minibatch come in this many micro-batches
         self.per_epoch = rows // minibatch
         self.updates_per_iter = self.per_epoch * epochs
         self.iteration = -1
@@ -386,6 +388,9 @@ class ExperienceBatches:
         )
         whole = perm[k * self.minibatch : (k + 1) * self.minibatch]
         idx = whole[rank::world] if world > 1 else whole
+        if self.accum > 1:  # micro-batch `micro` of this process's rows (each used to be the whole share)
+            per = len(idx) // self.accum
+            idx = idx[micro * per : (micro + 1) * per]
         batch: dict[str, Any] = {key: v[idx] for key, v in self.data.items()}
         # Trim padding columns this minibatch does not use.
         if "action_mask" in batch:
@@ -393,7 +398,8 @@ class ExperienceBatches:
             for key, v in batch.items():
                 if v.dim() == 2:
                     batch[key] = v[:, : used if key == "input_ids" else used - 1]
-            batch["token_norm"] = self.data["action_mask"][whole].sum().clamp(min=1.0) / world
+            # The loop divides each micro-batch's loss by grad_accum and DDP averages over processes.
+            batch["token_norm"] = self.data["action_mask"][whole].sum().clamp(min=1.0) / (world * self.accum)
         batch["stats"] = {**self.stats, "rollout_s": self.stats["rollout_s"] if fresh and j == 0 else 0.0}
         return batch
 
@@ -415,12 +421,14 @@ def fit(
     """Train ``model`` on the loop core with fresh experience from ``make`` every iteration; the summary
     adds the iteration counts, the rollout/learning time split and the peak memory."""
     world = runtime.world_size
-    if rc.train.batch_size % world:
-        # An RL minibatch is global, split row by row across processes: a rank left with fewer rows (or
-        # none: batch_size=1 on 2 processes crashed) would weigh its rows more than the others'.
+    parts = world * rc.train.grad_accum
+    if rc.train.batch_size % parts:
+        # An RL minibatch is global, split row by row across processes and then micro-batches: a part
+        # with fewer rows (or none: batch_size=1 on 2 processes crashed) would weigh its rows more.
+        over = f"{world} processes x {rc.train.grad_accum} micro-batches (grad_accum)"
         raise ChatforgeError(
             f"{desc}.train.batch_size: {rc.train.batch_size} rows per minibatch do not split evenly over"
-            f" {world} processes; use a multiple of {world}"
+            f" {over if rc.train.grad_accum > 1 else f'{world} processes'}; use a multiple of {parts}"
         )
     if rc.prompts_per_step < world:
         # Each process samples its share of an iteration's prompts: one with none would only wait.
@@ -428,7 +436,9 @@ def fit(
             f"{desc}.prompts_per_step: {rc.prompts_per_step} prompts per iteration leave some of the"
             f" {world} processes none to sample; use at least {world}"
         )
-    batches = ExperienceBatches(make, its.rows, rc.train.batch_size, rc.epochs, its.train.seed)
+    batches = ExperienceBatches(
+        make, its.rows, rc.train.batch_size, rc.epochs, its.train.seed, rc.train.grad_accum
+    )
     trainer = Trainer(
         model,
         its.train,
