@@ -500,7 +500,6 @@ class PPOConfig(RLConfig):
     vf_coef: float = 0.1
     value_clip: float = 0.2
     ent_coef: float = 0.0
-    whiten_rewards: bool = False
     train: TrainConfig = field(default_factory=_rl_train(1, 8, 5e-5))
 
     def validate(self, key: str) -> None:
