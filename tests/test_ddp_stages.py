@@ -149,3 +149,19 @@ def test_rl_with_fewer_prompts_than_processes_is_refused(runs: Path) -> None:
     assert res.returncode != 0
     assert "grpo.prompts_per_step: 1 prompts per iteration leave some of the 2 processes none" in res.stderr
     assert "src/chatforge" not in res.stderr  # a one-line error, no traceback through our code
+
+
+@pytest.mark.parametrize(("rank", "said"), [("0", True), ("1", False)])
+def test_an_interrupted_command_says_so_once_under_torchrun(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: str, said: bool
+) -> None:
+    # Ctrl-C stops every rank of a torchrun launch: each printed "chatforge pretrain: interrupted".
+    from chatforge import cli
+
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli, "cmd_pretrain", interrupted)
+    assert cli.main(["pretrain"]) == 130
+    assert ("chatforge pretrain: interrupted" in capsys.readouterr().err) is said

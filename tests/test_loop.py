@@ -1,7 +1,9 @@
 """The training-loop core: exact resume after a hard kill, DDP equivalence, schedules and Muon."""
 
+import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,3 +270,96 @@ def test_resuming_a_two_process_checkpoint_in_one_process_says_how(tmp_path: Pat
     msg = str(e.value)
     assert "saved with 2 process(es), resuming with 1" in msg
     assert "torchrun --nproc_per_node=2" in msg and "--fresh" in msg and "\n" not in msg
+
+
+def _torchrun_tiny(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SCRIPT),
+        *args,
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The losses of an uninterrupted 15-step two-process run of tests/scripts/tiny_train.py."""
+    work = tmp_path_factory.mktemp("ddp_ref")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        _torchrun_tiny(str(work), "15", "4"), env=env, capture_output=True, text=True, timeout=180
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _losses(work)
+
+
+@pytest.mark.parametrize("target", ["torchrun", "torchrun and every rank", "one rank"])
+def test_ctrl_c_under_torchrun_stops_every_process_at_one_step(
+    tmp_path: Path, two_process_reference: dict[int, float], target: str
+) -> None:
+    """Ctrl-C under torchrun: each rank used to decide alone whether to save (one could be mid-update), each
+    printed its own "interrupted", and a rank signalled alone hung the run in the checkpoint's barrier. Now
+    the ranks agree at a step boundary: all stop after the same step, one checkpoint is saved, rank 0 says
+    so once, and the rerun finishes with the losses of a run never interrupted.
+
+    "torchrun": SIGINT to torchrun's process group, as a terminal's Ctrl-C (torchrun relays it to the ranks,
+    which it starts in sessions of their own); "torchrun and every rank": also straight to each rank, as
+    under a launcher that leaves them in the terminal's group (each rank gets the one keypress twice);
+    "one rank": only rank 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    work, pids = tmp_path / "int", tmp_path / "pids"
+    pids.mkdir()
+    log = (tmp_path / "log.txt").open("w")
+    # A suite started from a background shell ignores SIGINT, and its children would too (see
+    # test_interrupted_stage_restarts_when_its_settings_changed): give them Python's default handler.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            _torchrun_tiny(str(work), "15", "4", "0.15"),
+            env={**env, "TINY_TRAIN_PID_DIR": str(pids)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own, as a terminal gives a foreground job
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
+    ranks: list[int] = []
+    try:
+        latest = work / "checkpoints" / "latest"
+        deadline = time.time() + 120
+        while time.time() < deadline and not latest.exists() and proc.poll() is None:
+            time.sleep(0.02)
+        assert latest.exists(), (tmp_path / "log.txt").read_text()[-3000:]
+        ranks = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        if target.startswith("torchrun"):
+            os.killpg(proc.pid, signal.SIGINT)
+        for pid in {"torchrun": [], "torchrun and every rank": ranks, "one rank": ranks[1:]}[target]:
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        log.close()
+        for pid in [proc.pid, *ranks] if proc.poll() is None else []:  # a hung run: leave nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    out = (tmp_path / "log.txt").read_text()
+
+    assert out.count("interrupted") == 1, out[-3000:]
+    saved = re.search(r"interrupted: checkpoint saved at step (\d+); run again to resume", out)
+    assert saved, out[-3000:]
+    step = int(saved.group(1))
+    assert 3 <= step < 15
+    assert sorted(re.findall(r"rank \d stopped at step (\d+)", out)) == [str(step)] * 2, out[-3000:]
+    assert latest.read_text() == f"step_{step:07d}"
+    assert max(_losses(work)) == step
+    for word in ("barrier", "gloo", "[rank0]", "[rank1]", "Connection"):
+        assert word not in out, out[-3000:]
+
+    res = subprocess.run(
+        _torchrun_tiny(str(work), "15", "4"), env=env, capture_output=True, text=True, timeout=180
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'resumed': True" in res.stdout
+    assert _losses(work) == two_process_reference  # bit-for-bit the uninterrupted two-process run

@@ -388,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"chatforge {args.command}: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops: say it once
+            print(f"chatforge {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -1,9 +1,11 @@
 """Train a tiny GPT with the loop core on a fixed random corpus (used by tests/test_loop.py).
 
 Usage: tiny_train.py OUT_DIR STEPS BATCH [DELAY_S] [OPTIMIZER]. Runs under plain python or torchrun (gloo
-on CPU). tests/test_loop.py also builds the same Trainer in-process with ``make_trainer``.
+on CPU); with TINY_TRAIN_PID_DIR set, each rank writes its pid there (rankN.pid) for a test to signal.
+tests/test_loop.py also builds the same Trainer in-process with ``make_trainer``.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,4 +84,11 @@ if __name__ == "__main__":
     out_dir, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     optimizer = sys.argv[5] if len(sys.argv) > 5 else "muon"
-    print(make_trainer(out_dir, steps, batch, delay, optimizer).fit())
+    trainer = make_trainer(out_dir, steps, batch, delay, optimizer)
+    if os.environ.get("TINY_TRAIN_PID_DIR"):  # so a test can signal one rank
+        Path(os.environ["TINY_TRAIN_PID_DIR"], f"rank{trainer.rt.rank}.pid").write_text(str(os.getpid()))
+    try:
+        print(trainer.fit())
+    except KeyboardInterrupt:  # as the chatforge command does: the loop has said what it saved
+        print(f"rank {trainer.rt.rank} stopped at step {trainer.step}", flush=True)
+        sys.exit(130)

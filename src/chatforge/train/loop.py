@@ -19,9 +19,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,11 @@ BatchFn = Callable[[int, int, int, int], Batch]
 SaveFn = Callable[[nn.Module, Path, dict[str, Any]], None]
 LoadFn = Callable[[nn.Module, Path], None]
 EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+# torchrun relays the terminal's Ctrl-C to the ranks; a launcher that leaves them in the terminal's process
+# group relays it to ranks that got it already. A second SIGINT this soon after the first is that same
+# keypress, not a second one.
+_RELAY_WINDOW_S = 2.0
 
 
 @dataclass
@@ -324,6 +331,9 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self._updating = False
+        # Under torchrun, Ctrl-C only notes the time here; the ranks agree on it at each step boundary.
+        self._sigint_at: float | None = None
+        self._stop_agreed = False
         wrapped: nn.Module = self.model
         if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -472,9 +482,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_val = loss_sum / cfg.grad_accum
         if rt.distributed:
-            stats = torch.tensor([loss_val.item(), float(n_tokens)], device=rt.device)
+            # The step's one all-reduce also carries whether any rank saw Ctrl-C: all of them then stop
+            # after this step, together, at no extra cost.
+            stop = float(self._sigint_at is not None)
+            stats = torch.tensor([loss_val.item(), float(n_tokens), stop], device=rt.device)
             dist.all_reduce(stats)
             loss_f, n_tokens = stats[0].item() / rt.world_size, int(stats[1].item())
+            self._stop_agreed = stats[2].item() > 0
         else:
             loss_f = loss_val.item()
         if not math.isfinite(loss_f):
@@ -521,6 +535,76 @@ class Trainer:
         return ran
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
+        with self._sigint_deferred():
+            return self._fit(resume)
+
+    @contextlib.contextmanager
+    def _sigint_deferred(self) -> Iterator[None]:
+        """Under torchrun, Ctrl-C only asks to stop: the ranks agree on it at the next step boundary, so all
+        of them stop at the same step and save one checkpoint together. A second Ctrl-C raises at once."""
+        self._sigint_at, self._stop_agreed = None, False
+        if (
+            not self.rt.distributed
+            or threading.current_thread() is not threading.main_thread()
+            # SIGINT ignored (a background job) or handled by the caller: leave it as it is
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            now = time.monotonic()
+            if self._sigint_at is None:
+                self._sigint_at = now
+                if self.rt.is_main:
+                    # os.write, not print: this can run in the middle of another write to stderr.
+                    note = f"\n{self.desc}: stopping every process after this step (Ctrl-C again to stop at once)\n"
+                    os.write(2, note.encode())
+            elif now - self._sigint_at > _RELAY_WINDOW_S:
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _agree_stop(self) -> bool:
+        """Whether any rank saw Ctrl-C (a collective: every rank calls it at the same point)."""
+        flag = torch.tensor([float(self._sigint_at is not None)], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_agreed = flag.item() > 0
+        return self._stop_agreed
+
+    def _interrupted(self) -> None:
+        """On Ctrl-C: save a checkpoint where one replays exactly and say where the next run starts. Under
+        torchrun every rank calls this at the same step (the save is collective), unless a second Ctrl-C
+        stopped this rank at once: then it saves nothing, as the others may be anywhere."""
+        together = not self.rt.distributed or self._stop_agreed
+        # A checkpoint here must replay exactly: not half-way through an optimizer update, nor inside an RL
+        # iteration (its rollouts would be redrawn from changed weights).
+        where = ""
+        if self._updating:
+            where = "during an optimizer update"
+        elif self.step % self.resume_every:
+            where = f"inside an iteration of {self.resume_every} steps"
+        elif not together:
+            where = "stopped at once by a second Ctrl-C"
+        msg = ""
+        if self.step > 0 and not where:
+            self.save_checkpoint()
+            msg = f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume"
+        elif where:
+            last = self.latest_checkpoint()
+            then = f"resumes from {last.name}" if last else "starts over"
+            exact = " (a checkpoint there would not replay exactly)" if together else ""
+            msg = f"\ninterrupted at step {self.step}, {where}{exact}; the next run {then}"
+        if msg and self.rt.is_main:
+            print(msg, file=sys.stderr)
+        if together and self.rt.distributed:
+            dist.barrier()  # rank 0 has said it before any rank exits (torchrun then stops the rest)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         if self.rt.is_main and self.ckpt_dir.is_dir():
             sweep_unfinished(self.ckpt_dir)  # half-written folders of a save that was killed
@@ -560,6 +644,8 @@ class Trainer:
                     self.metrics.log("train", self.step, **rec)
                     bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_t, window_tok = time.perf_counter(), 0
+                if self._stop_agreed:  # a rank saw Ctrl-C: every rank stops here, after this same step
+                    raise KeyboardInterrupt
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     last_eval = self.run_eval()
                     window_t = time.perf_counter()  # evaluation is not training time
@@ -570,33 +656,14 @@ class Trainer:
                     window_t = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            # A checkpoint here must replay exactly: not half-way through an optimizer update, nor inside
-            # an RL iteration (its rollouts would be redrawn from changed weights).
-            where = (
-                "during an optimizer update"
-                if self._updating
-                else f"inside an iteration of {self.resume_every} steps"
-                if self.step % self.resume_every
-                else ""
-            )
-            if self.step > 0 and not where:
-                self.save_checkpoint()
-                print(
-                    f"\ninterrupted: checkpoint saved at step {self.step}; run again to resume",
-                    file=sys.stderr,
-                )
-            elif where:
-                last = self.latest_checkpoint()
-                then = f"resumes from {last.name}" if last else "starts over"
-                print(
-                    f"\ninterrupted at step {self.step}, {where} (a checkpoint there would not replay"
-                    f" exactly); the next run {then}",
-                    file=sys.stderr,
-                )
+            self._interrupted()
             raise
         bar.close()
         last_eval = self.run_eval() or last_eval
         self.run_hooks(final=True)
+        if self.rt.distributed and self._agree_stop():  # Ctrl-C during the final evaluation
+            self._interrupted()
+            raise KeyboardInterrupt
         self.metrics.log(
             "end", self.step, tokens_seen=self.tokens, elapsed_s=round(self.elapsed, 3), **last_eval
         )
