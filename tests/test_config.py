@@ -64,6 +64,8 @@ def test_list_elements_can_be_overridden() -> None:
         ("chat_data.sources[0].n=0", r"chat_data.sources\[0\].n: a world source needs at least one"),
         ("sft.ckpt_every=-1", r"sft.ckpt_every: must be 0 \(off\) or positive, got -1"),  # saved every step
         ("pretrain.eval_every=-5", r"pretrain.eval_every: must be 0 \(off\) or positive, got -5"),
+        ("sft.dist_timeout_s=0", r"sft.dist_timeout_s: must be a positive number of seconds, got 0"),
+        ("pretrain.dist_timeout_s=-60", r"pretrain.dist_timeout_s: must be a positive number of seconds"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -363,3 +363,18 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_one_step(
     assert res.returncode == 0, res.stderr[-3000:]
     assert "'resumed': True" in res.stdout
     assert _losses(work) == two_process_reference  # bit-for-bit the uninterrupted two-process run
+
+
+def test_a_rank_0_hook_longer_than_the_process_group_timeout_does_not_stop_the_run(tmp_path: Path) -> None:
+    """During-training evals (hooks) run on rank 0 only: the other ranks waited for it in the next step's
+    gradient all-reduce, which fails once the process group's timeout runs out (torch's default: 30 min on
+    gloo, 10 on NCCL), killing a run whose eval suite took longer. They now wait on a group of their own
+    without a limit. Here the timeout is 5 s and the hook takes 8 s, at step 2 and at the end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TINY_TRAIN_HOOK_S": "8", "TINY_TRAIN_DIST_TIMEOUT_S": "5"}
+    res = subprocess.run(
+        _torchrun_tiny(str(tmp_path), "4", "4"), env=env, capture_output=True, text=True, timeout=180
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "eval_suite")] == [2, 4]
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"  # its wait is rank 0's too

@@ -187,6 +187,10 @@ class TrainConfig:
     seed: int = 1337
     progress: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    # torchrun: how long a collective (the gradient all-reduce, ...) waits for a late process before the run
+    # fails. Set when a process joins the group (its first stage). Work only rank 0 does (during-training
+    # evals, writing checkpoints) is waited for without a limit, so this only has to cover a real hang.
+    dist_timeout_s: float = 1800.0
 
     def validate(self, key: str) -> None:
         if self.optimizer not in ("adamw", "muon"):
@@ -207,6 +211,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}.{name}: must be 0 (off) or positive, got {getattr(self, name)}")
         _check_range(f"{key}.decay_frac", self.decay_frac, 0.0, 1.0)
         _check_range(f"{key}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
+            raise ConfigError(
+                f"{key}.dist_timeout_s: must be a positive number of seconds, got {self.dist_timeout_s}"
+            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{key}.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -1,7 +1,9 @@
 """Train a tiny GPT with the loop core on a fixed random corpus (used by tests/test_loop.py).
 
 Usage: tiny_train.py OUT_DIR STEPS BATCH [DELAY_S] [OPTIMIZER]. Runs under plain python or torchrun (gloo
-on CPU); with TINY_TRAIN_PID_DIR set, each rank writes its pid there (rankN.pid) for a test to signal.
+on CPU); with TINY_TRAIN_PID_DIR set, each rank writes its pid there (rankN.pid) for a test to signal;
+TINY_TRAIN_HOOK_S adds a rank-0 hook that sleeps that long every 2 steps; TINY_TRAIN_DIST_TIMEOUT_S sets
+the process group's timeout.
 tests/test_loop.py also builds the same Trainer in-process with ``make_trainer``.
 """
 
@@ -9,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ import torch
 from chatforge.checkpoint import load_weights, save_model
 from chatforge.config import ModelConfig, TrainConfig
 from chatforge.model import GPT, lm_loss
-from chatforge.train.loop import Trainer, seed_everything, setup_runtime
+from chatforge.train.loop import StepHook, Trainer, seed_everything, setup_runtime
 
 corpus = np.random.default_rng(0).integers(0, 64, size=20_000)
 # A learnable signal: every even position repeats the previous token.
@@ -24,7 +27,13 @@ corpus[1::2] = corpus[0::2][: len(corpus[1::2])]
 
 
 def make_trainer(
-    out_dir: str | Path, steps: int, batch: int, delay: float = 0.0, optimizer: str = "muon"
+    out_dir: str | Path,
+    steps: int,
+    batch: int,
+    delay: float = 0.0,
+    optimizer: str = "muon",
+    hook_s: float = 0.0,
+    **train: Any,
 ) -> Trainer:
     cfg = TrainConfig(
         steps=steps,
@@ -39,6 +48,7 @@ def make_trainer(
         progress=False,
         keep_checkpoints=2,
         threads=1,
+        **train,
     )
     rt = setup_runtime(cfg)
     seed_everything(cfg.seed)
@@ -67,6 +77,10 @@ def make_trainer(
     def lm_loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, int]:
         return lm_loss(m(b["input_ids"]), b["labels"]), {}, b["labels"].numel()
 
+    def slow_hook(m: torch.nn.Module, step: int) -> dict[str, float]:
+        time.sleep(hook_s)  # a during-training eval that takes its time (rank 0 only)
+        return {"slept_s": hook_s}
+
     return Trainer(
         model,
         cfg,
@@ -76,6 +90,7 @@ def make_trainer(
         save_fn=lambda m, p, st: save_model(m, p, train_state=st),
         load_fn=load_weights,
         runtime=rt,
+        hooks=[StepHook(every=2, fn=slow_hook)] if hook_s else [],
     )
 
 
@@ -84,7 +99,13 @@ if __name__ == "__main__":
     out_dir, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     optimizer = sys.argv[5] if len(sys.argv) > 5 else "muon"
-    trainer = make_trainer(out_dir, steps, batch, delay, optimizer)
+    hook_s = float(os.environ.get("TINY_TRAIN_HOOK_S", "0"))
+    timeout = (
+        {"dist_timeout_s": float(os.environ["TINY_TRAIN_DIST_TIMEOUT_S"])}
+        if "TINY_TRAIN_DIST_TIMEOUT_S" in os.environ
+        else {}
+    )
+    trainer = make_trainer(out_dir, steps, batch, delay, optimizer, hook_s, **timeout)
     if os.environ.get("TINY_TRAIN_PID_DIR"):  # so a test can signal one rank
         Path(os.environ["TINY_TRAIN_PID_DIR"], f"rank{trainer.rt.rank}.pid").write_text(str(os.getpid()))
     try:

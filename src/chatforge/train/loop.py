@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # Explicit, and the same for both backends (torch's default is 30 min for gloo, 10 for NCCL).
+        timeout = timedelta(seconds=cfg.dist_timeout_s)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
         # Left to the interpreter's exit, the group's threads are torn down while still joinable: now and
         # then a rank aborts after a finished run ("terminate called without an active exception").
         atexit.register(_leave_process_group)
@@ -123,9 +126,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# How long the other ranks wait for work only rank 0 does: no real limit (a week). If rank 0 dies instead,
+# torchrun stops the others.
+_MAIN_WAIT = timedelta(days=7)
+_main_wait: dict[str, Any] = {}  # the process group it belongs to, and the wait group
+
+
+def _main_wait_group() -> Any:
+    """A gloo group of every rank, to wait for rank 0 alone on: its own timeout, and on CPU, so no NCCL
+    watchdog runs out either. Created once per process group; a collective (every rank calls it)."""
+    if _main_wait.get("world") is not dist.group.WORLD:
+        _main_wait.update(world=dist.group.WORLD, group=dist.new_group(backend="gloo", timeout=_MAIN_WAIT))
+    return _main_wait["group"]
+
+
 def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _main_wait.clear()
 
 
 def seed_everything(seed: int) -> None:
@@ -334,6 +352,7 @@ class Trainer:
         # Under torchrun, Ctrl-C only notes the time here; the ranks agree on it at each step boundary.
         self._sigint_at: float | None = None
         self._stop_agreed = False
+        self._wait_group: Any = None
         wrapped: nn.Module = self.model
         if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -342,9 +361,16 @@ class Trainer:
             # A model that leaves some weights out of its loss (a classifier on a backbone whose LM head it
             # never calls) must say so, or DDP's gradient all-reduce waits for them and fails on step 2.
             wrapped = DDP(self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+            self._wait_group = _main_wait_group()
         if cfg.compile:
             wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         self.train_model = wrapped
+
+    def _wait_for_main(self) -> None:
+        """Hold every rank here until rank 0 arrives, however long its own work (hooks, a checkpoint write)
+        takes: waiting in the next training collective instead fails after ``dist_timeout_s``."""
+        if self.rt.distributed:
+            dist.barrier(group=self._wait_group)
 
     # ---- checkpoints
 
@@ -390,8 +416,7 @@ class Trainer:
             old = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p != path)
             for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
-        if self.rt.distributed:
-            dist.barrier()
+        self._wait_for_main()
         return path
 
     def resume(self) -> bool:
@@ -521,18 +546,17 @@ class Trainer:
         return res
 
     def run_hooks(self, final: bool = False) -> bool:
-        """Run the hooks due at this step; whether any ran."""
-        ran = False
-        for h in self.hooks:
-            if not (final or self.step % h.every == 0) or not self.rt.is_main:
-                continue
-            ran = True
+        """Run the hooks due at this step (on rank 0; the other ranks wait for it); whether any were due."""
+        due = [h for h in self.hooks if final or self.step % h.every == 0]
+        for h in due if self.rt.is_main else []:
             self.model.eval()
             with torch.no_grad(), self.rt.autocast():
                 res = h.fn(self.model, self.step)
             self.model.train()
             self.metrics.log(h.event, self.step, tokens_seen=self.tokens, **res)
-        return ran
+        if due:
+            self._wait_for_main()
+        return bool(due)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         with self._sigint_deferred():
@@ -601,8 +625,8 @@ class Trainer:
             msg = f"\ninterrupted at step {self.step}, {where}{exact}; the next run {then}"
         if msg and self.rt.is_main:
             print(msg, file=sys.stderr)
-        if together and self.rt.distributed:
-            dist.barrier()  # rank 0 has said it before any rank exits (torchrun then stops the rest)
+        if together:
+            self._wait_for_main()  # rank 0 has said it before any rank exits (torchrun then stops the rest)
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
