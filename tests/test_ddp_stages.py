@@ -38,6 +38,7 @@ def test_moderation_trains_under_torchrun(runs: Path) -> None:
         *("--set", "moderation.train.seq_len=32", "--set", "moderation.train.progress=false"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("| category |") == 1  # one summary table (rank 0's), not one per process
     out = runs / "t" / "moderation"
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
     start = read_metrics(runs / "t" / "train" / "moderation" / "metrics.jsonl", "start")
@@ -165,3 +166,58 @@ def test_an_interrupted_command_says_so_once_under_torchrun(
     monkeypatch.setattr(cli, "cmd_pretrain", interrupted)
     assert cli.main(["pretrain"]) == 130
     assert ("chatforge pretrain: interrupted" in capsys.readouterr().err) is said
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scaling"],
+        ["scaling", "--predict"],
+        ["speedrun"],
+        ["data"],
+        ["tokenizer"],
+        ["sample"],
+        ["chat"],
+        ["rlhf-eval"],
+        ["moderation", "eval"],
+        ["redteam"],
+        ["release", "--model", "m"],
+        ["serve"],
+        ["feedback", "export"],
+        ["eval", "--suite", "x"],
+        ["report"],
+    ],
+    ids=" ".join,
+)
+def test_commands_that_are_not_for_torchrun_refuse_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    # `chatforge scaling` under torchrun ran the whole ladder (with its own worker processes) once per
+    # process, into the same files; the other commands too ran in full on every process.
+    from chatforge import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runs = tmp_path / "runs"
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main([*argv, "--set", f"runs_dir={runs}"]) == 2
+        err = capsys.readouterr().err
+        if rank == "0":
+            assert err.startswith(f"chatforge {argv[0]}: error: not for torchrun (WORLD_SIZE=2): ")
+            assert err.count("\n") == 1 and "without torchrun" in err
+            assert ("scaling.workers" in err) is (argv[0] == "scaling")
+        else:
+            assert err == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scaling_under_torchrun_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "chatforge.cli", "scaling", "--set", f"runs_dir={tmp_path}", "--set", "name=t"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("chatforge scaling: error: not for torchrun (WORLD_SIZE=2)") == 1
+    assert "Traceback" not in res.stderr.split("chatforge scaling: error")[0]
+    assert list(tmp_path.iterdir()) == []

@@ -141,7 +141,8 @@ def cmd_moderation(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.action == "train":
         res = moderation.train(cfg, resume=not args.fresh)
-        print(moderation.summary_table(res["test"]))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's table only (as _print)
+            print(moderation.summary_table(res["test"]))
     else:
         print(moderation.summary_table(moderation.evaluate(cfg, args.model)))
 
@@ -380,8 +381,45 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# What torchrun may launch with several processes: the training stages, whose processes share each step's
+# batch and of which rank 0 alone writes. Any other command would run in full once per process.
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "moderation train")
+
+
+def torchrun_refusal(args: argparse.Namespace) -> str | None:
+    """Why this command must not run as one of several torchrun processes, or None if it may."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    name = args.command + (f" {args.action}" if args.command == "moderation" else "")
+    if world <= 1 or name in TORCHRUN_COMMANDS:
+        return None
+    how = f"not for torchrun (WORLD_SIZE={world})"
+    if args.command == "scaling":
+        return (
+            f"{how}: the ladder starts its own worker processes (scaling.workers), so every process would"
+            " train the whole ladder into the same files; run `chatforge scaling` once without torchrun"
+            " (raise scaling.workers to use more cores)"
+        )
+    if args.command == "speedrun":
+        return (
+            f"{how}: its data, tokenizer, eval and report stages are one process's work; run it without"
+            f" torchrun, or run the training stages ({', '.join(TORCHRUN_COMMANDS)}) one by one under it"
+        )
+    return (
+        f"{how}: every process would run all of it and write the same outputs; run it without torchrun"
+        f" (torchrun is for {', '.join(TORCHRUN_COMMANDS)})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refused = torchrun_refusal(args)
+    if refused is not None:
+        if os.environ.get("RANK", "0") == "0":  # the same on every process: said once
+            print(f"chatforge {args.command}: error: {refused}", file=sys.stderr)
+        return 2
     try:
         args.fn(args)
     except ChatforgeError as e:
