@@ -60,9 +60,9 @@ def grpo_loss_fn(gc: Any):
         loss = ro.token_mean(pg + gc.kl_coef * kl, mask, batch)
         with torch.no_grad():
             extra = {
-                "policy_loss": float(ro.masked_mean(pg, mask)),
-                "kl_token": float(ro.masked_mean(kl, mask)),
-                **ro.policy_stats(logits, ratio, mask, gc.clip_range, batch["stats"]),
+                "policy_loss": float(ro.token_mean(pg, mask, batch)),
+                "kl_token": float(ro.token_mean(kl, mask, batch)),
+                **ro.policy_stats(logits, ratio, mask, gc.clip_range, batch),
             }
         return loss, extra, int(mask.sum())
 

@@ -510,10 +510,15 @@ class Trainer:
             # The step's one all-reduce also carries whether any rank saw Ctrl-C: all of them then stop
             # after this step, together, at no extra cost.
             stop = float(self._sigint_at is not None)
-            stats = torch.tensor([loss_val.item(), float(n_tokens), stop], device=rt.device)
+            # So do the loss function's extras (every rank's loss function returns the same keys): the
+            # log then shows the mean over all processes' rows, not rank 0's alone.
+            keys = sorted(totals)
+            vals = [loss_val.item(), float(n_tokens), stop, *(totals[k] for k in keys)]
+            stats = torch.tensor(vals, dtype=torch.float64, device=rt.device)
             dist.all_reduce(stats)
             loss_f, n_tokens = stats[0].item() / rt.world_size, int(stats[1].item())
             self._stop_agreed = stats[2].item() > 0
+            totals = {k: stats[3 + i].item() / rt.world_size for i, k in enumerate(keys)}
         else:
             loss_f = loss_val.item()
         if not math.isfinite(loss_f):

@@ -109,8 +109,8 @@ def ppo_loss_fn(pc: Any):
             extra = {
                 "policy_loss": float(pg_loss),
                 "value_loss": float(vf_loss),
-                "approx_kl_old": float(ro.masked_mean(batch["old_logp"] - logp, mask)),
-                **ro.policy_stats(logits, ratio, mask, pc.clip_range, batch["stats"], ent),
+                "approx_kl_old": float(ro.token_mean(batch["old_logp"] - logp, mask, batch)),
+                **ro.policy_stats(logits, ratio, mask, pc.clip_range, batch, ent),
             }
         return loss, extra, int(mask.sum())
 

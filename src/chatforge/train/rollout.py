@@ -310,16 +310,18 @@ def policy_stats(
     ratio: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
-    batch_stats: dict[str, Any],
+    batch: dict[str, Any],
     ent: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """What every policy-gradient step logs: entropy, clip fraction and the iteration's rollout stats."""
+    """What every policy-gradient step logs: entropy, clip fraction and the iteration's rollout stats.
+    Token means as the loss takes them (``token_mean``), so the loop's average over processes is the
+    whole minibatch's."""
     if ent is None:
-        ent = masked_mean(entropy(logits), mask)
+        ent = token_mean(entropy(logits), mask, batch)
     return {
         "entropy": float(ent),
-        "clip_frac": float(masked_mean(((ratio - 1).abs() > clip_range).float(), mask)),
-        **{k: float(v) for k, v in batch_stats.items()},
+        "clip_frac": float(token_mean(((ratio - 1).abs() > clip_range).float(), mask, batch)),
+        **{k: float(v) for k, v in batch["stats"].items()},
     }
 
 
