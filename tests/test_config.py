@@ -170,3 +170,19 @@ def test_cli_commands_on_a_run_that_is_not_there(tmp_path: Path, argv: list[str]
     )
     assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_saved_run_config_with_a_removed_setting_still_loads(tmp_path: Path) -> None:
+    """Runs save their whole config; ppo.whiten_rewards (removed: nothing read it) is in every older run's
+    config.yaml, which must still load for `chatforge serve --recipe runs/x/config.yaml`."""
+    import yaml
+
+    old = to_dict(RunConfig())
+    old["ppo"]["whiten_rewards"] = False  # as every older run wrote it
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(path).ppo.kl_coef == RunConfig().ppo.kl_coef
+    old["ppo"]["whiten_rewards"] = True
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"ppo\.whiten_rewards: removed: nothing ever read it"):
+        load_config(path)

@@ -841,6 +841,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
+# Settings that were removed, with the value every saved run config holds: that value is skipped, so older
+# runs' config.yaml files still load; any other value is an error that says why the setting went.
+_REMOVED: dict[str, tuple[Any, str]] = {
+    "ppo.whiten_rewards": (False, "removed: nothing ever read it, so true changed nothing"),
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
     """Build dataclass ``cls`` from a plain dict, rejecting unknown keys with a suggestion.
 
@@ -855,6 +862,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in _REMOVED and k not in names:
+            if v == _REMOVED[key][0]:
+                continue
+            raise ConfigError(f"{key}: {_REMOVED[key][1]}")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
