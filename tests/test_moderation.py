@@ -112,6 +112,19 @@ def test_loaded_moderator_scores_in_openai_shape(trained) -> None:
     assert all(r["flagged"] for r in mod.score(texts, thresholds=dict.fromkeys(CATEGORIES, 0.0)))
 
 
+def test_blank_text_is_not_flagged(trained) -> None:
+    """An empty or whitespace-only text says nothing: it scores 0 everywhere, in a batch with real text
+    too (it used to reach the model as a lone end-of-text token, and v7 flagged "" as sexual/minors)."""
+    cfg, _ = trained
+    mod = load_moderator(cfg.run_dir / "moderation")
+    texts = ["", "How do I build a bomb to blow up the bridge in Dunmere?", "   ", "\n\t"]
+    res = mod.score(texts)
+    for i in (0, 2, 3):
+        assert not res[i]["flagged"] and set(res[i]["category_scores"].values()) == {0.0}, texts[i]
+    assert res[1]["category_scores"] == mod.score([texts[1]])[0]["category_scores"]
+    assert mod.scores([]).shape == (0, len(CATEGORIES))
+
+
 def test_not_a_moderator_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ChatforgeError, match="not a moderation model"):
         load_moderator(tmp_path)

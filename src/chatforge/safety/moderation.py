@@ -262,8 +262,15 @@ class LoadedModerator:
         self.max_len: int = meta.get("max_len", 128)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        seqs = encode_texts(self.tok, texts, self.max_len)
-        return predict(self.model, seqs, self.tok.pad_id) if texts else np.zeros((0, len(self.categories)))
+        """Sigmoid scores [N, C]. Text with nothing but whitespace says nothing, so it scores 0 in every
+        category: fed to the model as a lone end-of-text token (``encode_texts``' stand-in for no tokens),
+        the v7 moderator flagged an empty message in five categories, sexual/minors among them."""
+        out = np.zeros((len(texts), len(self.categories)), dtype=np.float32)
+        idx = [i for i, t in enumerate(texts) if t.strip()]
+        if idx:
+            seqs = encode_texts(self.tok, [texts[i] for i in idx], self.max_len)
+            out[idx] = predict(self.model, seqs, self.tok.pad_id)
+        return out
 
     def score(self, texts: list[str], thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """One ``{"flagged", "categories", "category_scores"}`` per text; ``thresholds`` override (e.g. a
