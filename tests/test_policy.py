@@ -206,6 +206,33 @@ def test_served_with_the_policy_on_loopback(moderator) -> None:
     assert serving_policy(off) == (None, None)
 
 
+def test_users_safety_line_applies_to_replies_on_loopback(tmp_path: Path, moderator) -> None:
+    """What a user declines in their system message ("safety: decline violence") is declined in the
+    replies too, not only in their requests: the served output check used to ignore the line. Violence
+    here is declined on output only by the user, at threshold 0 (every reply scores >= 0), and the request
+    has no user turn, so the input check lets it through and only the output check can stop it."""
+    import httpx
+
+    from chatforge.serve.api import create_app
+    from serve_util import running
+
+    dep = load_deployment(
+        _policy_file(tmp_path, "decline_input: []\ndecline_output: []\nthresholds: {violence: 0.0}\n")
+    )
+    pol = Policy(moderator, dep)
+    line = [{"role": "system", "content": "You are kind.\nsafety: decline violence"}]
+    assert pol.check_output_for("The Ornel River flows through Dunmere.", line) == "violence"
+    app = create_app({"main": moderator.cfg.run_dir / "base"}, policy=pol)
+    with running(app) as url:
+        req = {"model": "main", "max_tokens": 8, "temperature": 0, "messages": line}
+        r = httpx.post(f"{url}/v1/chat/completions", json=req, timeout=30)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter", r.json()
+        assert r.json()["choices"][0]["message"]["content"] == ""  # nothing released before the check
+        r = httpx.post(f"{url}/v1/chat/completions", json={**req, "stream": True}, timeout=30)
+        assert r.status_code == 200 and '"finish_reason": "content_filter"' in r.text
+
+
 def test_redteam_measures_the_model_behind_the_policy(moderator) -> None:
     from chatforge.config import load_config
     from chatforge.safety import redteam

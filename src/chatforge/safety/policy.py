@@ -334,6 +334,12 @@ class Policy:
         d = self.decide_output(text)
         return None if d.allowed else d.reason()
 
+    def check_output_for(self, text: str, messages: list[dict[str, Any]]) -> str | None:
+        """``check_output`` under the user preferences in ``messages`` (their ``safety:`` line), as
+        ``decide_input`` reads them: what a user declines is declined in the replies too."""
+        d = self.decide_output(text, prefs_from_messages(messages))
+        return None if d.allowed else d.reason()
+
 
 def moderations_router(scorer: Scorer, model_name: str = "chatforge-moderation") -> Any:
     """``POST /v1/moderations`` in OpenAI's shape (``input``: a string or a list of strings)."""

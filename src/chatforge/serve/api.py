@@ -9,7 +9,9 @@ Moderation hook (issue 8): ``create_app(..., policy=obj)`` where ``obj`` has
 ``check_input(messages: list[dict]) -> str | None`` and ``check_output(text: str) -> str | None``; each
 returns None to allow, or a reason. A flagged input is answered with the policy's brief decline (from
 ``decide_input(messages).message`` when the policy has it) and ``finish_reason: "content_filter"``; a
-flagged output stops that choice with ``finish_reason: "content_filter"``. Output is checked in chunks
+flagged output stops that choice with ``finish_reason: "content_filter"`` (a chat's output is checked by
+``check_output_for(text, messages)`` when the policy has it, so the user's ``safety:`` line applies to the
+replies too). Output is checked in chunks
 (at a sentence end, every ``OUTPUT_CHECK_CHARS`` characters, and at the finish), not after every token:
 a chunk is held back until the check has seen the whole text up to it, and a flagged chunk is never
 sent (the text, and any logprobs, stop where the last clean chunk ended). Further routes
@@ -459,7 +461,8 @@ def create_app(
     class Choice:
         """One sample's accumulated state while it streams."""
 
-        def __init__(self) -> None:
+        def __init__(self, messages: list[dict] | None = None) -> None:
+            self.messages = messages  # the chat request's, for the user's "safety:" line (None: a prompt)
             self.text = ""  # released: passed the output check
             self.held = ""  # decoded but not yet checked
             self.tokens = 0
@@ -476,6 +479,16 @@ def create_app(
             out = self.logprobs[self.sent_lps : self.ok_ids]
             self.sent_lps = max(self.sent_lps, self.ok_ids)
             return out
+
+    def output_flagged(text: str, messages: list[dict] | None) -> bool:
+        """The output check, under the request's own ``safety:`` line when the policy reads one
+        (``check_output_for``): a user who asked to decline violence gets violent replies stopped too,
+        not only violent requests declined."""
+        per_request = getattr(policy, "check_output_for", None)
+        if messages is not None and per_request is not None:
+            return per_request(text, messages) is not None
+        assert policy is not None
+        return policy.check_output(text) is not None
 
     def apply_event(v: Version, c: Choice, ev: Any, want_lp: bool) -> str:
         """Fold one engine event into ``c``; returns the text to hand out (policy applied)."""
@@ -495,7 +508,7 @@ def create_app(
                 return ""
         out = ""
         if c.held:
-            if policy is not None and policy.check_output(c.text + c.held) is not None:
+            if policy is not None and output_flagged(c.text + c.held, c.messages):
                 c.finish = "content_filter"
                 c.held = ""
                 del c.ids[c.ok_ids :], c.logprobs[c.ok_ids :], c.raw_lps[c.ok_ids :], c.raw_tops[c.ok_ids :]
@@ -627,7 +640,7 @@ def create_app(
         metrics.ttft.observe(time.perf_counter() - gen.submitted)
         cid, created = P.new_id("chatcmpl"), P.now()
         name = v.name
-        choices = [Choice() for _ in range(params.n)]
+        choices = [Choice(messages) for _ in range(params.n)]
         usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk = P.ChatChunks(cid, created, name, usage)
 
