@@ -173,7 +173,14 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
         # release would be blocked.
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
             raise ChatforgeError(f"{p}: release.{k}: expected a number in [0, 1] or null, got {v!r}")
-    pol.release = {k: (None if rel.get(k) is None else float(rel[k])) for k in RELEASE_KEYS}
+    # A limit the file leaves out is the default policy's (as thresholds and tone fall back to defaults);
+    # only an explicit null lifts it. A deployment written to change its decline lists must not switch
+    # the release gate off without a word.
+    defaults = {} if p.resolve() == DEFAULT_POLICY.resolve() else load_deployment(DEFAULT_POLICY).release
+    pol.release = {
+        k: (float(rel[k]) if rel[k] is not None else None) if k in rel else defaults.get(k)
+        for k in RELEASE_KEYS
+    }
     return pol
 
 
