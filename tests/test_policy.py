@@ -85,6 +85,11 @@ def test_bad_policy_files_are_one_line_errors(tmp_path: Path) -> None:
         load_deployment(_policy_file(tmp_path, "release: {max_harmful_compliance: -0.1}\n"))
     with pytest.raises(ChatforgeError, match=r"deploy.yaml: tone.alternatives: expected a mapping"):
         load_deployment(_policy_file(tmp_path, "tone: {alternatives: be nice}\n"))
+    # a misspelt tone key, or an opener YAML reads as null (the decline read "None ..."): one line
+    with pytest.raises(ChatforgeError, match=r"deploy.yaml: tone.opener: unknown key"):
+        load_deployment(_policy_file(tmp_path, "tone: {opener: Sorry, no.}\n"))
+    with pytest.raises(ChatforgeError, match=r"deploy.yaml: tone.decline_opener: expected a sentence"):
+        load_deployment(_policy_file(tmp_path, "tone:\n  decline_opener:\n"))
     with pytest.raises(ChatforgeError, match=r"deploy.yaml:\d+: not valid YAML"):
         load_deployment(_policy_file(tmp_path, "decline_input: [a\n  b: c"))
 

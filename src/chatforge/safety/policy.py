@@ -157,7 +157,13 @@ def load_deployment(path: str | Path | None = None) -> DeploymentPolicy:
     tone = data.get("tone", {}) or {}
     if not isinstance(tone, dict):
         raise ChatforgeError(f"{p}: tone: expected a mapping")
-    pol.decline_opener = str(tone.get("decline_opener", pol.decline_opener))
+    for k in tone:  # a misspelt key ("opener:") was ignored without a word, the decline left unchanged
+        if k not in ("decline_opener", "alternatives"):
+            raise ChatforgeError(f"{p}: tone.{k}: unknown key (known: alternatives, decline_opener)")
+    opener = tone.get("decline_opener", pol.decline_opener)
+    if not isinstance(opener, str) or not opener.strip():
+        raise ChatforgeError(f"{p}: tone.decline_opener: expected a sentence, got {opener!r}")
+    pol.decline_opener = opener
     alts = tone.get("alternatives", {}) or {}
     if not isinstance(alts, dict):
         raise ChatforgeError(f"{p}: tone.alternatives: expected a mapping of category: text")
