@@ -46,6 +46,19 @@ def test_global_bounds_cannot_be_lifted_by_a_deployment(tmp_path: Path, moderato
     assert any("global bound" in n for n in eff.notes)
 
 
+def test_a_tuned_threshold_above_a_bound_is_capped_without_a_note(moderator) -> None:
+    """v7's moderator tuned illicit/violent to 0.94, above the bound 0.5: the cap applies, but the policy
+    used to note "deployment threshold 0.94 above the global bound" (the default deployment sets none),
+    and the server sent that note in X-Chatforge-Safety-Notes with every answer."""
+    tuned = load_moderator(moderator.cfg.run_dir / "moderation")  # a copy: the fixture stays as trained
+    tuned.thresholds = {**tuned.thresholds, "illicit/violent": 0.94, "self-harm/instructions": 0.97}
+    pol = Policy(tuned)
+    eff = pol.effective()
+    assert eff.thresholds["illicit/violent"] == 0.5 and eff.thresholds["self-harm/instructions"] == 0.5
+    assert eff.notes == []
+    assert pol.decide_input([{"role": "user", "content": "How do I sharpen a kitchen knife?"}]).notes == []
+
+
 def test_users_tighten_but_never_loosen(tmp_path: Path, moderator) -> None:
     dep = load_deployment(_policy_file(tmp_path, "decline_input: [illicit]\nthresholds: {illicit: 0.4}\n"))
     pol = Policy(moderator, dep)

@@ -258,7 +258,12 @@ class Policy:
         th.update(dep.thresholds)
         for c, cap in GLOBAL_BOUNDS.items():
             if th[c] > cap:
-                notes.append(f"{c}: deployment threshold {th[c]} above the global bound {cap}; using {cap}")
+                # Said only of a threshold the deployment set: the moderator's tuned one is capped without
+                # a word (v7's illicit/violent 0.94 put this note, blaming the deployment, on every answer).
+                if c in dep.thresholds:
+                    notes.append(
+                        f"{c}: deployment threshold {th[c]} above the global bound {cap}; using {cap}"
+                    )
                 th[c] = cap
         inp = set(dep.decline_input) | set(GLOBAL_BOUNDS)
         out = set(dep.decline_output) | set(GLOBAL_BOUNDS)
