@@ -279,3 +279,47 @@ def test_rollback_goes_back_to_another_loaded_version(db_url: str, tmp_path: Pat
     second.state.db.close()
     assert [h["version"] for h in history] == ["old", "new", "new", "new"]
     assert [h["rolled_back_at"] is not None for h in history] == [False, True, True, False]
+
+
+def test_export_leaves_out_votes_whose_prompt_reward_cannot_read(db_url: str, tmp_path: Path) -> None:
+    """A vote whose prompt has an empty turn (the UI saves a reply stopped before its first token, and a
+    later compare-mode prompt carries it) or turns out of order (an API client's) was exported as a line
+    that `chatforge reward` counts as malformed. They are still stored (the leaderboard uses them), but
+    the export counts them and writes only pairs that read back."""
+    app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url)
+    good = {
+        "prompt": PROMPT,
+        "answer_a": "Ada.",
+        "answer_b": "Bob.",
+        "model_a": "sft",
+        "model_b": "base",
+        "a_left": True,
+        "winner": "a",
+        "rater": "r1",
+    }
+    u, a = "user", "assistant"
+    odd = [
+        [
+            {"role": u, "content": "Hi"},
+            {"role": a, "content": ""},
+            {"role": u, "content": "Who builds clocks?"},
+        ],
+        [{"role": u, "content": "Hi"}, {"role": u, "content": "Who builds clocks?"}],
+        [{"role": u, "content": "  "}],
+        [
+            {"role": u, "content": "Hi"},
+            {"role": "system", "content": "Be brief."},
+            {"role": u, "content": "Hi"},
+        ],
+    ]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for prompt in [PROMPT, *odd]:
+            assert client.post("/ui/votes", json={**good, "prompt": prompt}).status_code == 200
+    app.state.db.close()
+    out = tmp_path / "prefs.jsonl"
+    assert cli(["feedback", "export", "--db", db_url, "--out", str(out)]) == 0
+    pairs, stats = read_pairs(out)
+    assert stats["malformed"] == 0 and [p["messages"] for p in pairs] == [PROMPT]
+    summary = export(Database(db_url), tmp_path / "again.jsonl")
+    assert summary["pairs"] == 1 and summary["unusable_prompt_votes"] == len(odd)
+    assert "has no text" in summary["unusable_reasons"][0]

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from chatforge.data.chat import _Bad
+from chatforge.data.prefs import _from_prefs, _Skip
 from chatforge.errors import ChatforgeError
 from chatforge.serve.db import Database
 
@@ -77,6 +79,22 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
     # can learn from: it would count the pair as malformed.
     full = [v for v in kept if (v.answer_a or "").strip() and (v.answer_b or "").strip()]
     recs = preference_records(full, weights if weighted else None)
+    # Every line written is one `chatforge reward` reads: a vote whose prompt it would count as malformed
+    # (an empty turn, e.g. a reply stopped before its first token; roles out of order, as an API client
+    # may send) is counted and left out, with the first reasons, instead of written.
+    usable, unusable, reasons = [], 0, []
+    for r in recs:
+        try:
+            _from_prefs(r)
+        except _Bad as e:
+            unusable += 1
+            if len(reasons) < 20:
+                reasons.append(str(e))
+            continue
+        except _Skip:  # the same answer twice (two identical samples): a tie, no preference
+            pass
+        usable.append(r)
+    recs = usable
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w") as f:
@@ -92,6 +110,8 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
         "votes": len(votes),
         "dropped_raters": sorted({v.rater for v in votes} - {v.rater for v in kept}),
         "empty_answer_votes": len(kept) - len(full),
+        "unusable_prompt_votes": unusable,
+        **({"unusable_reasons": reasons} if reasons else {}),
         **{f"votes_{k}": counts[k] for k in ("a", "b", "tie", "both_bad")},
     }
 
