@@ -137,3 +137,38 @@ def test_the_server_still_answers_and_caps_the_default_max_tokens(url: str) -> N
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="base", prompt=[5] * 300, max_tokens=2)
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_a_huge_prompt_is_refused_without_stalling_the_server(url: str) -> None:
+    """A multi-megabyte message was tokenized before its length was checked: seconds holding the GIL,
+    during which every other request and stream of the server stood still, for an answer that was a 400
+    anyway. It is now refused from its size alone (more bytes than the context's tokens can cover)."""
+    import threading
+    import time
+
+    huge = "clocks and wörds " * 400_000  # ~7 MB
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def ping() -> None:  # the server's latency seen by another client meanwhile
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                c.get("/health")
+                gaps.append(time.perf_counter() - t)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        for path, body in (
+            (CHAT, chat(messages=[{"role": "user", "content": huge}])),
+            (CMPL, cmpl(prompt=huge)),
+        ):
+            r = httpx.post(url + path, json=body, timeout=120)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and "256 tokens" in err["message"]
+    finally:
+        done.set()
+        pinger.join()
+    assert max(gaps) < 1.5, max(gaps)

@@ -29,6 +29,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -245,6 +246,25 @@ class Limits:
             top_logprobs=top_logprobs,
             response_format=response_format,
         )
+
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+
+
+def surely_too_long(engine: Engine, texts: list[str], context: int) -> int | None:
+    """The byte length of ``texts`` when it cannot fit in ``context`` tokens whatever their tokens, else
+    None: checked before tokenizing, which holds the GIL (the whole server stops: every stream) for
+    seconds on a multi-megabyte request that is refused anyway. A token never covers more than the
+    longest entry of the vocabulary; the factor 4 leaves room for a normalizer that composes characters.
+    """
+    longest = _LONGEST_TOKEN.get(engine)
+    if longest is None:
+        table = engine._token_bytes()
+        longest = _LONGEST_TOKEN[engine] = max(map(len, table), default=0) if table is not None else 0
+    if not longest:
+        return None
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return size if size > 4 * longest * context else None
 
 
 # The safety policy's notes on a request (JSON list of strings), e.g. a "safety:" line it did not apply.
@@ -622,6 +642,14 @@ def create_app(
         caller(request)
         v = version_of(body.model)
         messages = chat_messages(body)
+        size = surely_too_long(v.engine, [m["content"] for m in messages], v.context)
+        if size is not None:
+            raise bad_request(
+                f"This model's maximum context length is {v.context} tokens. However, your messages are"
+                f" {size} bytes long, more tokens than that. Please reduce the length of the messages.",
+                "messages",
+                "context_length_exceeded",
+            )
         prompt = v.engine.tokenizer.encode_chat_prompt(messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.top_logprobs or 0
@@ -730,6 +758,14 @@ def create_app(
             raise bad_request("prompt: must not be empty", "prompt")
         ids_list: list[list[int]] = []
         for i, p in enumerate(prompts):
+            size = surely_too_long(v.engine, [p], v.context) if isinstance(p, str) else None
+            if size is not None:
+                raise bad_request(
+                    f"This model's maximum context length is {v.context} tokens. However, prompt[{i}] is"
+                    f" {size} bytes long, more tokens than that. Please reduce the length of the prompt.",
+                    "prompt",
+                    "context_length_exceeded",
+                )
             ids = tok.encode_plain(p) if isinstance(p, str) else list(p)
             if any(not 0 <= t < v.engine.vocab_size for t in ids):
                 raise bad_request(f"prompt[{i}]: token ids must be in [0, {v.engine.vocab_size})", "prompt")
