@@ -172,3 +172,32 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(url: str) -> None:
         done.set()
         pinger.join()
     assert max(gaps) < 1.5, max(gaps)
+
+
+def test_unpaired_surrogates_are_served_not_500s(url: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud83c"), and a browser sends one whenever a string is
+    cut inside an emoji (the UI's conversation title is the first message's first 60 characters). No
+    UTF-8 encoder takes it: chat, completions and the UI's routes answered 500. Each is now U+FFFD, as a
+    browser's own UTF-8 encoder makes it."""
+    import json
+
+    cut = "\\ud83c"  # the first half of "\U0001f389", as JSON.stringify writes it
+    raw = {
+        CHAT: f'{{"model": "base", "max_tokens": 2, "messages": [{{"role": "user", "content": "hi {cut}"}}]}}',
+        CMPL: f'{{"model": "base", "max_tokens": 2, "prompt": "Ada {cut}", "stop": ["{cut}"]}}',
+        "/ui/conversations": f'{{"title": "party {cut}", "messages": [{{"role": "user", "content": "a {cut}"}}]}}',
+        "/ui/votes": (
+            f'{{"prompt": [{{"role": "user", "content": "hi {cut}"}}], "answer_a": "x {cut}", "answer_b": "y",'
+            ' "model_a": "base", "model_b": "base", "a_left": true, "winner": "a", "rater": "r"}'
+        ),
+    }
+    with httpx.Client(base_url=url, timeout=30, headers={"content-type": "application/json"}) as c:
+        for path, body in raw.items():
+            r = c.post(path, content=body.encode())
+            assert r.status_code == 200, (path, r.text)
+        r = c.post(CHAT, content=raw[CHAT].replace('"max_tokens"', '"stream": true, "max_tokens"').encode())
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        cid = c.post("/ui/conversations", content=raw["/ui/conversations"].encode()).json()["id"]
+        conv = c.get(f"/ui/conversations/{cid}").json()
+    assert conv["title"] == "party \ufffd" and conv["messages"][0]["content"] == "a \ufffd"
+    assert json.loads(raw[CHAT])["messages"][0]["content"] == "hi \ud83c"  # the test sends what it says

@@ -910,7 +910,7 @@ def create_app(
 
     async def json_body(request: Request) -> Any:
         try:
-            return json.loads(await request.body())
+            return P.no_lone_surrogates(json.loads(await request.body()))
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise bad_request(f"the request body is not valid JSON ({e})") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -32,6 +33,22 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def no_lone_surrogates(x: Any) -> Any:
+    """``x`` (parsed JSON) with each unpaired UTF-16 surrogate (``"\\ud83c"`` alone: valid JSON, what a
+    JavaScript string cut in the middle of an emoji encodes to) replaced by U+FFFD, as a browser's UTF-8
+    encoder does. Such a string cannot be encoded as UTF-8: the tokenizer and the database fail on it."""
+    if isinstance(x, str):
+        return x if x.isascii() or not _SURROGATE.search(x) else _SURROGATE.sub("\ufffd", x)
+    if isinstance(x, list):
+        return [no_lone_surrogates(v) for v in x]
+    if isinstance(x, dict):
+        return {no_lone_surrogates(k): no_lone_surrogates(v) for k, v in x.items()}
+    return x
 
 
 class _Lenient(BaseModel):
@@ -68,6 +85,11 @@ class StreamOptions(_Lenient):
 
 
 class SamplingFields(_Lenient):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return no_lone_surrogates(data)
+
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)

@@ -169,7 +169,7 @@ async function save() {
   const first = state.messages.find((m) => m.role === "user");
   const res = await api("/ui/conversations", {
     id: state.convId,
-    title: first ? first.content.slice(0, 60) : "New chat",
+    title: first ? Array.from(first.content).slice(0, 60).join("") : "New chat",  // whole characters: never half an emoji
     system: $("system").value,
     messages: state.messages.map((m) => ({ role: m.role, content: m.content, model: m.model || "" })),
     rater: raterId(),
