@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -201,3 +202,14 @@ def test_unpaired_surrogates_are_served_not_500s(url: str) -> None:
         conv = c.get(f"/ui/conversations/{cid}").json()
     assert conv["title"] == "party \ufffd" and conv["messages"][0]["content"] == "a \ufffd"
     assert json.loads(raw[CHAT])["messages"][0]["content"] == "hi \ud83c"  # the test sends what it says
+
+
+def test_a_version_name_longer_than_the_database_holds_is_refused(url: str, tmp_path: Path) -> None:
+    """A 101-character version name was loaded and served, but its votes were refused ("model_a: 1 to 100
+    characters") and, on PostgreSQL, registering it in the 100-character column was a 500 after the
+    model had been loaded."""
+    ck = make_checkpoints(tmp_path, ("extra",))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(url + "/admin/versions", json={"name": "v" * 101, "path": str(ck["extra"])}, headers=admin)
+    assert r.status_code == 400 and "at most 100 characters" in r.json()["error"]["message"], r.text
+    assert "v" * 101 not in httpx.get(url + "/ui/config").json()["versions"]

@@ -55,6 +55,8 @@ class Versions:
 
         if not name or name in DEFAULT_ALIASES or "/" in name:
             raise ChatforgeError(f"version name {name!r}: must be non-empty, without '/', not 'default'")
+        if len(name) > 100:  # what the database's version columns (and a vote's model_a / model_b) hold
+            raise ChatforgeError(f"version name {name[:20]!r}...: at most 100 characters, got {len(name)}")
         engine = load_engine(path, device=self.device, compile=self.compile)
         ctx = engine.model.config.max_position_embeddings
         max_len = min(self.max_len, ctx) if self.max_len else ctx
