@@ -1,5 +1,6 @@
 """The generation engine on a tiny model that really learned a sentence."""
 
+import dataclasses
 import math
 
 import pytest
@@ -67,6 +68,14 @@ def test_seeded_samples_are_reproducible_and_differ(engine: Engine) -> None:
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert [c.sample_index for c in a] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in a}) > 1
+    # Nearby seeds share no samples: with seed + j, seed 8's first three were seed 7's last three.
+    c = engine.generate(["a"], dataclasses.replace(p, seed=8))
+    assert not {tuple(x.token_ids) for x in a} & {tuple(x.token_ids) for x in c}
+    # Nor do a batch's prompts and another request's: prompt 1 of seed 7 is not prompt 0 of seed 11.
+    two = engine.generate(["a", "a"], p)
+    d = engine.generate(["a"], dataclasses.replace(p, seed=7 + 4))
+    assert not {tuple(x.token_ids) for x in two[4:]} & {tuple(x.token_ids) for x in d}
+    assert [x.token_ids for x in two[:4]] == [x.token_ids for x in a]  # prompt 0 keeps the seed's own
 
 
 def test_top_k_one_is_greedy(engine: Engine) -> None:

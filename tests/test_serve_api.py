@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from chatforge.config import ServeConfig
+from chatforge.engine import sample_seed
 from chatforge.serve.api import create_app
 from chatforge.tokenizer import Tokenizer
 from serve_util import make_checkpoints, running, teach_json
@@ -106,14 +107,16 @@ def test_n_samples_are_seeded(client: openai.OpenAI) -> None:
 
 def test_seeded_completions_give_each_prompt_its_own_random_stream(client: openai.OpenAI) -> None:
     """Every prompt of a /v1/completions batch used the same seed, so equal prompts got equal samples;
-    prompt i now draws from seed + i*n + j, as Engine.generate does, and stays reproducible."""
+    prompt i now draws from stream i*n of the seed, as Engine.generate does, and stays reproducible."""
     kw = dict(model="base", temperature=1.0, max_tokens=12, n=2)
     both = client.completions.create(prompt=["Ada", "Ada"], seed=7, **kw)
     texts = [c.text for c in sorted(both.choices, key=lambda c: c.index)]
     assert len(set(texts)) == 4
     assert [c.text for c in client.completions.create(prompt="Ada", seed=7, **kw).choices] == texts[:2]
-    second = client.completions.create(prompt="Ada", seed=9, **kw)  # seed + 1 * n
+    second = client.completions.create(prompt="Ada", seed=sample_seed(7, 2), **kw)  # stream 1 * n
     assert [c.text for c in sorted(second.choices, key=lambda c: c.index)] == texts[2:]
+    # and a nearby seed shares none of them (with seed + i*n + j, seed 9 was prompt 1 of seed 7)
+    assert not {c.text for c in client.completions.create(prompt="Ada", seed=9, **kw).choices} & set(texts)
 
 
 def test_stop_strings(client: openai.OpenAI) -> None:

@@ -356,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--api-key-env", dest="api_key_env", default=None, help="env var with the API key")
             p.add_argument("--registry", action="append", default=[], help="extra registry dir or YAML file")
             p.add_argument("--n", type=int, default=None, help="samples per prompt (default: the spec's)")
-            p.add_argument("--seed", type=int, default=None, help="sample j of prompt i uses seed + i*n + j")
+            p.add_argument(
+                "--seed",
+                type=int,
+                default=None,
+                help="fixed seed: the same samples on every run (each prompt and sample its own stream)",
+            )
             p.add_argument("--temperature", type=float, default=None)
             p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
             p.add_argument("--limit", type=int, default=0, help="only the first N items")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import operator
@@ -35,6 +36,16 @@ import torch
 from chatforge.model import GPT, DecodeWeights, KVCache
 
 
+def sample_seed(seed: int, offset: int) -> int:
+    """The seed of random stream ``offset`` under a request's ``seed``: ``seed`` itself for stream 0, else
+    a hash of both. (``seed + offset`` made seed=2's first sample seed=1's second: two requests with
+    nearby seeds shared most of their samples, and RL's consecutive iterations their random streams.)"""
+    if offset == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{offset}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator seed
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -42,7 +53,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     n: int = 1  # samples per prompt
-    seed: int | None = None  # per-sample generators: generate() gives sample j of prompt i seed + i*n + j
+    seed: int | None = None  # per-sample generators: sample j of prompt i draws sample_seed(seed, i*n + j)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the tokenizer's end markers
     logprobs: bool = False  # log-probability of each chosen token under the model (before temperature)
@@ -350,7 +361,7 @@ class EngineSession:
     ) -> int:
         """Queue a sequence; returns its slot. It is prefilled, and gets its first token, next ``step``.
 
-        ``sample_index`` offsets the seed (sample j of a prompt uses ``params.seed + j``). Raises
+        ``sample_index`` picks the random stream (sample j draws ``sample_seed(params.seed, j)``). Raises
         ``ValueError`` for a bad request (empty or too long prompt, an unsupported JSON schema) and
         ``RuntimeError`` when no slot is free.
         """
@@ -378,7 +389,7 @@ class EngineSession:
         if params.temperature > 0:
             gen = torch.Generator(device=eng.device)
             base = params.seed if params.seed is not None else secrets.randbelow(2**31)
-            gen.manual_seed(base + sample_index)
+            gen.manual_seed(sample_seed(base, sample_index))
         stop_ids = frozenset(params.stop_token_ids if params.stop_token_ids is not None else eng.end_ids)
         row = _Row(
             request_id,
@@ -736,9 +747,9 @@ class Engine:
     ) -> list[Completion]:
         """``params.n`` completions for each prompt, ordered prompt by prompt.
 
-        Sample j of prompt i uses seed ``params.seed + seed_offsets[i] + j``; the offsets default to
-        ``i * n`` so that prompts of one batch draw different random streams (with one shared seed, sample
-        j of every prompt would get the same draws: correlated samples, a biased worst-of-n).
+        Prompt i's samples draw from ``sample_seed(params.seed, seed_offsets[i])`` as their seed; the offsets
+        default to ``i * n`` so that prompts of one batch draw different random streams (with one shared
+        seed, sample j of every prompt would get the same draws: correlated samples, a biased worst-of-n).
         """
         params = params or SamplingParams()
         params.validate()
@@ -754,7 +765,7 @@ class Engine:
             raise ValueError(f"{len(offsets)} seed offsets for {len(encoded)} prompts")
         session = self.start(len(keys), max(map(len, encoded)) + params.max_new_tokens)
         per_prompt = [
-            params if params.seed is None else dataclasses.replace(params, seed=params.seed + off)
+            params if params.seed is None else dataclasses.replace(params, seed=sample_seed(params.seed, off))
             for off in offsets
         ]
         for i, j in keys:

@@ -3,8 +3,9 @@ OpenAI-compatible HTTP endpoint (ours from ``chatforge serve``, vLLM, OpenAI its
 
 Both answer the same two questions:
 - ``generate(inputs, params)``: ``params.n`` replies per input (a message list, or a raw prompt string);
-  sample j of input i uses seed ``params.seed + i * n + j`` on both (every input its own random stream), so
-  the same seeds give the same samples in-process and through our server;
+  sample j of input i draws the same random stream on both (``engine.sample_seed`` of input i's stream
+  i * n, then of sample j: every input its own), so the same seeds give the same samples in-process and
+  through our server;
 - ``choice_logprobs(prompts, choices)``: (sum of log-probabilities, token count) of each choice after its
   prompt, for multiple choice without generation. Endpoints answer it through ``/v1/completions`` with
   ``echo`` + ``logprobs`` and ``max_tokens: 0``.
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from chatforge.engine import Engine, SamplingParams
+from chatforge.engine import Engine, SamplingParams, sample_seed
 from chatforge.errors import ChatforgeError
 
 Input = list[dict] | str  # a conversation (chat template applied) or a raw prompt
@@ -184,7 +185,8 @@ class EndpointTarget:
         if params.top_k:  # not OpenAI's (sent only when set), but ours and vLLM's: else ignored silently
             body["top_k"] = params.top_k
         if params.seed is not None:
-            body["seed"] = params.seed + i * params.n + j  # as CheckpointTarget: input i, sample j
+            # as CheckpointTarget: input i's seed, then its sample j's (one request per sample: n=1)
+            body["seed"] = sample_seed(sample_seed(params.seed, i * params.n), j)
         if params.stop:
             body["stop"] = params.stop
         if params.response_format:

@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatforge.config import RunConfig, ServeConfig
-from chatforge.engine import Engine, SamplingParams, json_schema_of
+from chatforge.engine import Engine, SamplingParams, json_schema_of, sample_seed
 from chatforge.errors import ChatforgeError
 from chatforge.serve import protocol as P
 from chatforge.serve.db import WINNERS, Database
@@ -778,9 +778,11 @@ def create_app(
             for ids in ids_list
         ]
         if body.seed is not None:
-            # Prompt i's samples draw from seed + i*n + j, as Engine.generate does: with one shared seed,
-            # sample j of every prompt got the same random stream (equal prompts, equal answers).
-            plist = [dataclasses.replace(p, seed=body.seed + i * body.n) for i, p in enumerate(plist)]
+            # Prompt i's samples draw from the seed of stream i*n, as Engine.generate does: with one shared
+            # seed, sample j of every prompt got the same random stream (equal prompts, equal answers).
+            plist = [
+                dataclasses.replace(p, seed=sample_seed(body.seed, i * body.n)) for i, p in enumerate(plist)
+            ]
         if body.stream and (body.echo or len(ids_list) > 1):
             raise bad_request("stream: supported for one prompt without echo", "stream")
         cid, created = P.new_id("cmpl"), P.now()

@@ -123,7 +123,7 @@ def generate(
     done: dict[tuple[int, int], Any] = {}
     try:
         base = params.seed if params.seed is not None else random.randrange(2**31)
-        # Prompt i gets the seeds base + (first + i) * n + j: every prompt its own random stream.
+        # Prompt i draws stream (first + i) * n of base, as in the whole list: every prompt its own.
         offsets = [(first + i) * n for i in range(len(encoded))]
         for c in engine.generate(encoded, dataclasses.replace(params, n=n, seed=base), offsets):
             done[(c.prompt_index, c.sample_index)] = c
