@@ -679,6 +679,36 @@ def test_lone_surrogates_become_replacement_characters(tmp_path: Path) -> None:
         assert write_jsonl(convs, tmp_path / "out.jsonl") == 1
 
 
+def test_unicode_line_separators_inside_jsonl_strings(tmp_path: Path) -> None:
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped inside strings (json.dumps with ensure_ascii=False,
+    so our own write_jsonl, writes them raw). The readers cut lines with str.splitlines, which also
+    breaks there: every such record became "invalid JSON" and a preference file of them "no JSON
+    records". Lines end only at \\n, \\r\\n or \\r; the line numbers of later bad records stay right."""
+    conv = {
+        "messages": [
+            {"role": "user", "content": "a\u2028b\x85c"},
+            {"role": "assistant", "content": "d\u2029"},
+        ]
+    }
+    write_jsonl([conv, conv], tmp_path / "c.jsonl")
+    assert read_openai_jsonl(tmp_path / "c.jsonl") == ([conv, conv], [])
+    (tmp_path / "crlf.jsonl").write_bytes(
+        (json.dumps(conv, ensure_ascii=False) + "\r\n{oops\r\n").encode("utf-8")
+    )
+    convs, errors = read_openai_jsonl(tmp_path / "crlf.jsonl")
+    assert convs == [conv] and len(errors) == 1 and "crlf.jsonl:2: invalid JSON" in errors[0]
+    from chatforge.data.prefs import read_pairs
+
+    pair = {
+        "messages": [{"role": "user", "content": "q\u2028?"}],
+        "chosen": {"role": "assistant", "content": "yes"},
+        "rejected": {"role": "assistant", "content": "no"},
+    }
+    write_jsonl([pair], tmp_path / "p.jsonl")
+    pairs, stats = read_pairs(tmp_path / "p.jsonl")
+    assert stats["pairs"] == 1 and pairs[0]["messages"] == pair["messages"]
+
+
 def test_oasst_parent_loop_ends(tmp_path: Path) -> None:
     """Duplicate message ids (two dumps concatenated) can make a parent_id loop: the thread stops there."""
     recs = [

@@ -2066,6 +2066,9 @@ def no_surrogates(obj: Any) -> Any:
     return obj
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record or _Bad) from a JSON list or a JSONL file."""
     text = _open_text(path)
@@ -2076,7 +2079,9 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
         for lineno, rec in _json_list_records(text, start + 1):
             yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n, \r\n or \r only (a raw \r is never inside a JSON string): str.splitlines would
+    # also cut at U+2028, U+0085, \x0c..., which JSON (and our own write_jsonl) leave unescaped in strings.
+    for lineno, line in enumerate(_LINE_BREAK.split(text), 1):
         if not line.strip():
             continue
         try:
