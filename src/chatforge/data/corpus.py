@@ -554,6 +554,22 @@ def shingle_hashes(words: list[str], n: int = 5) -> np.ndarray:
     return (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
 
 
+def lsh_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
+    """LSH bands and rows per band that make a pair at Jaccard ``threshold`` a candidate with probability
+    at least ``recall``, with as many rows per band (as few chance candidates) as allow that.
+
+    Every candidate is confirmed with its estimated Jaccard, so a false candidate costs one comparison,
+    while a missed one is a duplicate kept. datasketch's own choice (equal weight to both errors) gave,
+    with 64 permutations at 0.8, 5 bands of 11 rows: pairs at Jaccard 0.9 became candidates only 85% of
+    the time, at 0.8 only 36%.
+    """
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
 class Deduper:
     """Exact (hash of casefolded word sequence) and near-duplicate (MinHash LSH on word 5-grams) filter.
 
@@ -571,7 +587,7 @@ class Deduper:
             from datasketch import MinHash, MinHashLSH
 
             self._MinHash = MinHash
-            self._lsh = MinHashLSH(threshold=near_dup_threshold, num_perm=num_perm)
+            self._lsh = MinHashLSH(num_perm=num_perm, params=lsh_bands(near_dup_threshold, num_perm))
             # datasketch >= 2 wants the hashing scheme named when permutations are passed in.
             self._kw: dict[str, Any] = {"hashfunc": int}  # the inputs are already hashes
             if "scheme" in inspect.signature(MinHash).parameters:
