@@ -195,6 +195,24 @@ def test_hf_source_on_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [x.strip() for x in texts] == ["para one", "para two"]
 
 
+def test_streamed_hf_source_with_a_malformed_file_is_a_bad_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed set is parsed while it is read, after load_dataset returned: a malformed JSON line in a
+    local file (or a dropped connection) raised pyarrow's ArrowInvalid out of `chatforge data` as a
+    traceback. It is now one bad record ("unreadable"), and the rows read before it are kept."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"text": "kept doc"}) + "\n")
+    (tmp_path / "d" / "b.jsonl").write_text(json.dumps({"text": "lost"}) + "\n{oops\n")
+    texts, report = docs_of(SourceConfig(kind="hf", path=str(tmp_path / "d"), streaming=True))
+    assert texts == ["kept doc"] and report.bad_records == 1
+    assert list(report.reasons) == ["unreadable"] and ":row 1: unreadable (" in report.examples[0]
+    with pytest.raises(ChatforgeError, match=r"^hf:.*no documents \(1 bad records.*row 0: unreadable"):
+        docs_of(SourceConfig(kind="hf", path=str(tmp_path / "d" / "b.jsonl"), streaming=True))
+
+
 def test_hf_hub_name_is_passed_through_and_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
     calls = []

@@ -352,7 +352,18 @@ def _load_hf(src: SourceConfig) -> Any:
 
 def _read_hf(ds: Any, src: SourceConfig, report: ReadReport) -> Iterator[str]:
     report.files += 1
-    for i, rec in enumerate(ds):
+    rows = iter(ds)
+    i = -1
+    while True:
+        i += 1
+        try:
+            rec = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a streamed set reads as it goes: a bad file or a dropped connection
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            report.bad(f"{src.path}:row {i}", f"unreadable ({type(e).__name__}: {msg}); rest skipped")
+            return
         text, why = _record_text(rec, src.text_field)
         if text is None:
             report.bad(f"{src.path}:row {i}", why.replace("JSON object", "record"))
