@@ -84,6 +84,29 @@ def test_hh_rlhf_transcripts(tmp_path) -> None:
     assert (p["chosen"]["content"], p["rejected"]["content"]) == ("Paris.", "No idea.")
 
 
+def test_prompts_with_empty_or_out_of_order_turns_are_malformed(tmp_path) -> None:
+    """An HH transcript with an empty Human turn, or an OASST pairs context with two user turns in a row,
+    became a pair whose prompt breaks our chat rules: the same pair in our own format is rejected
+    ("message 0 (user) has no text"). Every format's prompt is now checked the same way."""
+    hh = [
+        {"chosen": "\n\nHuman: \n\nAssistant: Hi there.", "rejected": "\n\nHuman: \n\nAssistant: Go away."},
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: \n\nHuman: Well?\n\nAssistant: Sorry, hello.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: \n\nHuman: Well?\n\nAssistant: What.",
+        },
+        {"chosen": "\n\nHuman: Q\n\nAssistant: Good.", "rejected": "\n\nHuman: Q\n\nAssistant: Bad."},
+    ]
+    f = _write(tmp_path / "hh.jsonl.gz", [json.dumps(r) for r in hh])
+    pairs, st = prefs.read_pairs(f)
+    assert (st["pairs"], st["malformed"]) == (1, 2) and pairs[0]["messages"][0]["content"] == "Q"
+    assert "has no text" in st["errors"][0] and st["errors"][1].startswith(f"{f}:2: ")
+    ctx = [{"role": "prompter", "text": "One"}, {"role": "prompter", "text": "Two"}]
+    f2 = tmp_path / "oasst_pairs.jsonl"
+    f2.write_text(json.dumps({"context": ctx, "chosen": "a", "rejected": "b"}) + "\n")
+    pairs, st = prefs.read_pairs(f2, fmt="oasst_pairs")
+    assert (st["pairs"], st["malformed"]) == (0, 1) and "do not alternate" in st["errors"][0]
+
+
 def test_ranked_answers_give_all_pairs_and_skip_ties(tmp_path) -> None:
     rec = {
         "instruction": "Name a colour.",

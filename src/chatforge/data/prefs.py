@@ -521,7 +521,10 @@ def read_pairs(
                 if not isinstance(rec, dict):
                     raise _Bad("record is not a JSON object")
                 got = conv(rec)
-                raw += got if isinstance(got, list) else [got]
+                got = got if isinstance(got, list) else [got]
+                for r in got:  # the prompt obeys our chat rules whatever the format (no empty turns...)
+                    r["messages"] = chat._check_messages(r["messages"], prompt=True)
+                raw += got
             except _Skip:
                 stats["ties"] += 1
             except _Bad as e:
