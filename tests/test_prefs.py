@@ -190,6 +190,30 @@ def test_oasst_messages_with_a_missing_text_or_a_loop(tmp_path) -> None:
     assert pairs[0]["messages"] == [{"role": "user", "content": "Question?"}]
 
 
+def test_unhashable_ids_and_roles_are_malformed_not_a_traceback(tmp_path) -> None:
+    """A parent_id or a role that is a list or an object (a hand-edited or mangled dump) raised
+    TypeError (unhashable type) out of read_pairs and read_oasst_threads instead of a file:line report."""
+    recs = [
+        {"message_id": "q", "parent_id": None, "role": "prompter", "text": "Hi?"},
+        {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "Hello.", "rank": 0},
+        {"message_id": "b", "parent_id": "q", "role": "assistant", "text": "What.", "rank": 1},
+        {"message_id": "c", "parent_id": ["q"], "role": "assistant", "text": "Odd.", "rank": 2},
+    ]
+    f = tmp_path / "msgs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs, st = prefs.read_pairs(f)
+    assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs] == [("Hello.", "What.")]
+    assert st["malformed"] == 1 and st["errors"] == [f"{f}:4: parent_id is not a string"]
+    convs, errors = chat.read_oasst_threads(f)
+    assert len(convs) == 1 and errors == [f"{f}:4: parent_id is not a string"]
+    f2 = tmp_path / "pairs.jsonl"
+    f2.write_text(
+        json.dumps({"context": [{"role": ["prompter"], "text": "q"}], "chosen": "a", "rejected": "b"})
+    )
+    _, st = prefs.read_pairs(f2, fmt="oasst_pairs")
+    assert st["malformed"] == 1 and "unknown role ['prompter']" in st["errors"][0]
+
+
 def test_trl_preference_shapes(tmp_path) -> None:
     """TRL's shapes: UltraFeedback-binarized (a string prompt, message lists that repeat it), an implicit
     prompt (the messages both lists share), plain strings; mismatched lists are malformed, equal replies ties."""

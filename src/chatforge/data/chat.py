@@ -2199,10 +2199,13 @@ def _oasst_trees(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict]
         if not isinstance(mid, str):
             errors.append(f"{path}:{lineno}: missing message_id")
             continue
+        parent = rec.get("parent_id")
+        if parent is not None and not isinstance(parent, str):  # a list or object would not hash
+            errors.append(f"{path}:{lineno}: parent_id is not a string")
+            continue
         if rec.get("deleted"):
             continue
         nodes[mid] = (lineno, rec)
-        parent = rec.get("parent_id")
         if parent is None:
             roots.append(mid)
         else:

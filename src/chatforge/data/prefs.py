@@ -306,7 +306,7 @@ def _from_oasst_pair(rec: dict) -> dict:
     for i, m in enumerate(ctx):
         if not isinstance(m, dict):
             raise _Bad(f"context[{i}] is not an object")
-        role = {"prompter": "user"}.get(m.get("role"), m.get("role"))
+        role = "user" if m.get("role") == "prompter" else m.get("role")  # may be any JSON value
         if role not in ("user", "assistant", "system"):
             raise _Bad(f"context[{i}]: unknown role {m.get('role')!r}")
         prompt.append({"role": role, "content": _text(m.get("text", m.get("content")), f"context[{i}] text")})
@@ -355,6 +355,8 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
         stats["records"] += 1
         if isinstance(rec, _Bad) or not isinstance(rec, dict) or not isinstance(rec.get("message_id"), str):
             reason = rec if isinstance(rec, _Bad) else "not an oasst message (no message_id)"
+        elif rec.get("parent_id") is not None and not isinstance(rec["parent_id"], str):
+            reason = "parent_id is not a string"  # a list or object would not hash
         elif rec.get("deleted"):
             continue
         elif not isinstance(rec.get("text"), str) or not rec["text"].strip():
