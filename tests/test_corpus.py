@@ -112,6 +112,27 @@ def test_jsonl_other_field_gz_and_json_arrays(tmp_path: Path) -> None:
     assert report.bad_records == 1 and report.examples[0].startswith(f"{tmp_path / 'b.json'}:[1]")
 
 
+def test_a_json_array_with_a_syntax_error_keeps_the_records_before_it(tmp_path: Path) -> None:
+    """A .json array was parsed whole: one stray character lost every record in the file, counted as a
+    single bad record. Now the elements before the error are read, and the error is one bad record that
+    says where (the array index and the line)."""
+    f = tmp_path / "a.json"
+    f.write_text('\n[{"text": "one"},\n {"nope": 1},\n {"text": "two"},\n {oops}, {"text": "lost"}]\n')
+    texts, report = docs_of(SourceConfig(kind="jsonl", path=str(f)))
+    assert texts == ["one", "two"] and report.bad_records == 2
+    assert report.examples == [
+        f"{f}:[1]: no 'text' field (has: nope)",
+        f"{f}:[3]: not JSON (Expecting property name enclosed in double quotes at line 5); rest of file skipped",
+    ]
+    g = tmp_path / "b.json"
+    g.write_text('[{"text": "x"} {"text": "y"}]')
+    texts, report = docs_of(SourceConfig(kind="jsonl", path=str(g)))
+    assert texts == ["x"] and "expected ',' or ']' at line 1" in report.examples[0]
+    (tmp_path / "c.json").write_text("[ ]")
+    with pytest.raises(ChatforgeError, match="no records"):
+        docs_of(SourceConfig(kind="jsonl", path=str(tmp_path / "c.json")))
+
+
 def test_invalid_utf8_is_replaced_and_reported(tmp_path: Path) -> None:
     f = tmp_path / "bad.txt"
     f.write_bytes(b"line one\ncaf\xe9 au lait\n")

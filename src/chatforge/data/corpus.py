@@ -216,6 +216,34 @@ def _record_text(rec: Any, text_field: str) -> tuple[str | None, str]:
     return value, ""
 
 
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array(text: str, first_line: int = 1) -> Iterator[tuple[Any, str]]:
+    """(element, "") for each element of the JSON array ``text``, one by one, so that a syntax error
+    costs only the elements from there on: it ends the walk with one (None, reason). ``first_line`` is
+    the file line ``text`` starts on."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_WS.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            rec, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield None, f"not JSON ({e.msg} at line {first_line + e.lineno - 1}); rest of file skipped"
+            return
+        yield rec, ""
+        pos = _JSON_WS.match(text, end).end()  # type: ignore[union-attr]
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            line = first_line + text.count("\n", 0, pos)
+            yield None, f"not JSON (expected ',' or ']' at line {line}); rest of file skipped"
+            return
+        pos = _JSON_WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+
+
 def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Iterator[str]:
     for file in files:
         report.files += 1
@@ -232,14 +260,9 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
         if first[1].lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
             # A .json file holding one array of records (the Alpaca/LIMA style), not JSON Lines.
             raw = b"".join(r for _, r in chain([first], lines))
-            try:
-                records = json.loads(_decode(raw, str(file), report).lstrip("\ufeff"))
-            except ValueError as e:
-                report.bad(str(file), f"not JSON ({e})")
-                continue
-            for i, rec in enumerate(records):
+            for i, (rec, bad) in enumerate(_json_array(_decode(raw, str(file), report), first[0])):
                 n_records += 1
-                text, why = _record_text(rec, src.text_field)
+                text, why = (None, bad) if bad else _record_text(rec, src.text_field)
                 if text is None:
                     report.bad(f"{file}:[{i}]", why)
                 else:
