@@ -800,3 +800,31 @@ def test_shared_data_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert shared_data_dir() == tmp_path
     monkeypatch.delenv("CHATFORGE_SHARED_DATA")
     assert shared_data_dir().parts[-2:] == ("shared", "data") and os.sep in str(shared_data_dir())
+
+
+def test_validation_holds_no_conversation_that_training_has(tmp_path: Path) -> None:
+    """Duplicates went into both splits (the world source repeats 18% of its conversations): the SFT
+    val loss then partly measured memory. Training keeps every conversation; validation drops repeats."""
+    from chatforge.config import load_config
+    from chatforge.data.chat import prepare, read_jsonl, write_jsonl
+
+    convs = [
+        {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}
+        for i in range(50)
+    ]
+    src = tmp_path / "twice.jsonl"
+    write_jsonl(convs + convs, src)
+    cfg = load_config(
+        "cpu-demo",
+        [
+            f"runs_dir={tmp_path}",
+            f"chat_data.sources=[{{kind: openai, path: {src}}}]",
+            "chat_data.val_fraction=0.2",
+        ],
+    )
+    stats = prepare(cfg)
+    out = tmp_path / "cpu-demo" / "chat"
+    train, val = read_jsonl(out / "train.jsonl"), read_jsonl(out / "val.jsonl")
+    assert len(train) == 80 and stats["val_in_train"] > 0 and len(val) == 20 - stats["val_in_train"] > 0
+    in_train = {json.dumps(c["messages"]) for c in train}
+    assert not any(json.dumps(c["messages"]) in in_train for c in val)

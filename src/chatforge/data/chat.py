@@ -2370,6 +2370,22 @@ _FILE_READERS: dict[str, Callable[[str | os.PathLike], tuple[list[dict], list[st
 }
 
 
+def _held_out(val: list[dict], train: list[dict]) -> list[dict]:
+    """``val`` without the conversations (same messages) that ``train`` holds, and without repeats."""
+
+    def key(c: dict) -> str:
+        return json.dumps(c["messages"], sort_keys=True, ensure_ascii=False)
+
+    seen = {key(c) for c in train}
+    out = []
+    for c in val:
+        k = key(c)
+        if k not in seen:
+            seen.add(k)
+            out.append(c)
+    return out
+
+
 def prepare(cfg: Any) -> dict:
     """Gather the recipe's chat sources into ``<run>/chat/{train,val}.jsonl`` and the held-out world
     behaviour set into ``<run>/chat/eval.jsonl``; returns counts and the first few bad-record reports."""
@@ -2407,7 +2423,14 @@ def prepare(cfg: Any) -> dict:
     rng = random.Random(cd.seed)
     rng.shuffle(convs)
     n_val = max(1, int(len(convs) * cd.val_fraction))
-    stats["train"] = write_jsonl(convs[n_val:], out_dir / "train.jsonl")
-    stats["val"] = write_jsonl(convs[:n_val], out_dir / "val.jsonl")
+    train, val = convs[n_val:], _held_out(convs[:n_val], convs[n_val:])
+    # A validation conversation that is also in training (the world source repeats 18% of its
+    # conversations; real sets have duplicates too) measures memory, not generalisation: left out.
+    stats["val_in_train"] = n_val - len(val)
+    stats["train"] = write_jsonl(train, out_dir / "train.jsonl")
+    if not val:  # nothing else to validate on: kept, and said
+        val = convs[:n_val]
+        stats["val_note"] = "every validation conversation is also in training: val_loss measures memory"
+    stats["val"] = write_jsonl(val, out_dir / "val.jsonl")
     stats["eval"] = write_jsonl(eval_items, out_dir / "eval.jsonl")
     return stats
