@@ -281,6 +281,23 @@ def test_rollback_goes_back_to_another_loaded_version(db_url: str, tmp_path: Pat
     assert [h["rolled_back_at"] is not None for h in history] == [False, True, True, False]
 
 
+def test_export_counts_identical_answers_as_no_pair(db_url: str, tmp_path: Path) -> None:
+    """Two samples that came out the same (greedy, or a short answer) voted A or B are no preference:
+    `chatforge reward` skips such a pair as a tie, so the export's `pairs` must not count it."""
+    db = Database(db_url)
+    _vote(db, "a")
+    _vote(db, "a", answer_a="Ada.", answer_b="Ada.")
+    _vote(db, "b", answer_a="Bob.", answer_b="Bob.")
+    db.close()
+    out = tmp_path / "prefs.jsonl"
+    summary = export(Database(db_url), out)
+    assert summary["pairs"] == 1 and summary["identical_answer_votes"] == 2
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["chosen"]["content"] == "Ada."
+    pairs, stats = read_pairs(out)
+    assert len(pairs) == 1 and stats["malformed"] == 0
+
+
 def test_export_leaves_out_votes_whose_prompt_reward_cannot_read(db_url: str, tmp_path: Path) -> None:
     """A vote whose prompt has an empty turn (the UI saves a reply stopped before its first token, and a
     later compare-mode prompt carries it) or turns out of order (an API client's) was exported as a line

@@ -2,8 +2,8 @@
 
 - ``export``: one line per decisive vote (A or B won) in the preference format of ARCHITECTURE.md,
   ``{"messages": [...prompt, system message included...], "chosen": {...}, "rejected": {...},
-  "source": "ui-vote", "rater": ...}``, which ``chatforge reward`` trains on. Ties and both-bad votes carry
-  no preference and are counted, not exported.
+  "source": "ui-vote", "rater": ...}``, which ``chatforge reward`` trains on. Ties, both-bad votes and
+  decisive votes between two identical answers carry no preference and are counted, not exported.
 - ``leaderboard``: Bradley–Terry strengths of the model versions (ties count half a win each way), fitted by
   Hunter's MM iterations, on the Elo scale (1000 = the geometric mean), with percentile-bootstrap 95%
   intervals over votes.
@@ -82,7 +82,7 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
     # Every line written is one `chatforge reward` reads: a vote whose prompt it would count as malformed
     # (an empty turn, e.g. a reply stopped before its first token; roles out of order, as an API client
     # may send) is counted and left out, with the first reasons, instead of written.
-    usable, unusable, reasons = [], 0, []
+    usable, unusable, identical, reasons = [], 0, 0, []
     for r in recs:
         try:
             _from_prefs(r)
@@ -91,8 +91,11 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
             if len(reasons) < 20:
                 reasons.append(str(e))
             continue
-        except _Skip:  # the same answer twice (two identical samples): a tie, no preference
-            pass
+        except _Skip:
+            # The same answer twice (two identical samples): `chatforge reward` skips it as a tie, so it
+            # is no pair, whatever the rater clicked; counted, not written.
+            identical += 1
+            continue
         usable.append(r)
     recs = usable
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,7 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
         "dropped_raters": sorted({v.rater for v in votes} - {v.rater for v in kept}),
         "empty_answer_votes": len(kept) - len(full),
         "unusable_prompt_votes": unusable,
+        "identical_answer_votes": identical,
         **({"unusable_reasons": reasons} if reasons else {}),
         **{f"votes_{k}": counts[k] for k in ("a", "b", "tie", "both_bad")},
     }
