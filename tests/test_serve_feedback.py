@@ -281,6 +281,28 @@ def test_rollback_goes_back_to_another_loaded_version(db_url: str, tmp_path: Pat
     assert [h["rolled_back_at"] is not None for h in history] == [False, True, True, False]
 
 
+def test_api_key_rate_limits_must_fit_the_column(db_url: str) -> None:
+    """A negative limit was stored and meant "unlimited"; 2**40 was stored on SQLite and overflowed
+    PostgreSQL's integer column (a 500). Both are 400s naming the field; the largest allowed limit is
+    stored and read back on both databases."""
+    app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url, admin_key="adm")
+    admin = {"Authorization": "Bearer adm"}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30, headers=admin) as client:
+        for rpm in (-5, -1, 2**31, 2**40):
+            r = client.post("/admin/keys", json={"name": "k", "rate_limit_rpm": rpm})
+            assert r.status_code == 400, (rpm, r.text)
+            err = r.json()["error"]
+            assert err["param"] == "rate_limit_rpm" and "from 0" in err["message"], err
+        assert not app.state.db.has_api_keys()  # nothing was stored
+        for rpm in (0, 60, 2**31 - 1):
+            r = client.post("/admin/keys", json={"name": "k", "rate_limit_rpm": rpm})
+            assert r.status_code == 200, r.text
+            assert app.state.db.find_api_key(r.json()["key"]).rate_limit_rpm == rpm
+    with pytest.raises(ValueError, match="rate_limit_rpm"):
+        app.state.db.create_api_key("k", -5)
+    app.state.db.close()
+
+
 def test_export_counts_identical_answers_as_no_pair(db_url: str, tmp_path: Path) -> None:
     """Two samples that came out the same (greedy, or a short answer) voted A or B are no preference:
     `chatforge reward` skips such a pair as a tie, so the export's `pairs` must not count it."""

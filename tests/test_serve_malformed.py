@@ -104,6 +104,10 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("POST", "/admin/promote", {"name": "ghost"}, 404, "name"),
     ("POST", "/admin/versions", {"name": "x", "path": "/nonexistent"}, 400, None),
     ("POST", "/admin/keys", {"name": "k", "rate_limit_rpm": "x"}, 400, "rate_limit_rpm"),
+    ("POST", "/admin/keys", {"name": "k", "rate_limit_rpm": -5}, 400, "rate_limit_rpm"),
+    ("POST", "/admin/keys", {"name": "k", "rate_limit_rpm": 2**40}, 400, "rate_limit_rpm"),
+    ("POST", "/admin/keys", {"name": "k", "rate_limit_rpm": True}, 400, "rate_limit_rpm"),
+    ("POST", "/admin/keys", {"name": "k" * 101}, 400, "name"),
     # wrong method and route
     ("PUT", CHAT, {}, 405, None),
     ("GET", "/v1/nothing", None, 404, None),

@@ -54,7 +54,7 @@ from chatforge.config import RunConfig, ServeConfig
 from chatforge.engine import Engine, SamplingParams, json_schema_of, sample_seed
 from chatforge.errors import ChatforgeError
 from chatforge.serve import protocol as P
-from chatforge.serve.db import WINNERS, Database
+from chatforge.serve.db import WINNERS, Database, api_key_problem
 from chatforge.serve.protocol import APIError, bad_request
 from chatforge.serve.scheduler import Cancelled
 from chatforge.serve.scheduler import Request as GenRequest
@@ -1107,7 +1107,12 @@ def create_app(
     async def admin_key_create(request: Request) -> dict:
         admin(request)
         data = body_of(await json_body(request), {"name": str, "rate_limit_rpm": int})
-        key = db.create_api_key(data.get("name") or "key", int(data.get("rate_limit_rpm") or 0))
+        name, rpm = data.get("name") or "key", data.get("rate_limit_rpm")
+        rpm = 0 if rpm is None else rpm
+        problem = api_key_problem(name, rpm)
+        if problem is not None:
+            raise bad_request(problem[1], problem[0])
+        key = db.create_api_key(name, rpm)
         auth_cache.clear()
         return {"key": key, "prefix": key[:10]}
 

@@ -122,6 +122,23 @@ class ApiKey(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+MAX_RATE_LIMIT_RPM = 2**31 - 1  # the rate_limit_rpm column is a 32-bit integer on PostgreSQL
+
+
+def api_key_problem(name: Any, rate_limit_rpm: Any) -> tuple[str, str] | None:
+    """(field, message) for a key the server must refuse, else None. A negative limit used to pass and
+    mean "unlimited" (the limiter treats <= 0 as off); one above 2**31 - 1 overflowed PostgreSQL's column."""
+    rpm = rate_limit_rpm
+    if isinstance(rpm, bool) or not isinstance(rpm, int) or not 0 <= rpm <= MAX_RATE_LIMIT_RPM:
+        return "rate_limit_rpm", (
+            f"rate_limit_rpm: must be an integer from 0 (the server's default) to {MAX_RATE_LIMIT_RPM},"
+            f" got {rpm!r}"
+        )
+    if not isinstance(name, str) or not 0 < len(name) <= 100:
+        return "name", "name: 1 to 100 characters"
+    return None
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -223,6 +240,11 @@ class Database:
     # ---------------------------------------------------------------- API keys
 
     def create_api_key(self, name: str, rate_limit_rpm: int = 0) -> str:
+        """A new key (returned once; only its hash is stored). ``rate_limit_rpm`` 0 = the server's
+        default; raises ValueError for a limit or name the columns cannot hold."""
+        problem = api_key_problem(name, rate_limit_rpm)
+        if problem is not None:
+            raise ValueError(problem[1])
         key = "sk-cf-" + secrets.token_urlsafe(24)
         with self.session() as s:
             s.add(ApiKey(name=name, key_hash=hash_key(key), prefix=key[:10], rate_limit_rpm=rate_limit_rpm))
