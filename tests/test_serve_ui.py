@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -210,6 +211,61 @@ def test_a_safety_line_the_policy_ignores_is_shown(site, page) -> None:
         page.fill("[data-testid=system]", "Be brief.")
         _send(page, "And Ada?")
         assert not page.is_visible("#error")
+
+
+class _SlowOnReplies(_FlagsNothing):
+    """Flags nothing; every call after the first (the input check) takes seconds, as a real moderator
+    does under load. The server holds a streamed reply back until its first check, so the browser has
+    the response but no text yet for that long: a Stop pressed then is a Stop before the first token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(3)
+        return super().score(texts, thresholds)
+
+
+def _stop_before_the_first_token(page, text: str) -> None:
+    page.fill("[data-testid=input]", text)
+    with page.expect_response("**/v1/chat/completions"):  # headers in, no text yet
+        page.click("[data-testid=send]")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('stop').hidden")
+
+
+def test_stop_before_the_first_token_keeps_no_empty_reply(site, page) -> None:
+    """Stop before the first token used to keep (and store) an empty assistant reply, which the next
+    compare-mode prompt then carried. Now the turn is taken back, the message is given back to resend,
+    and nothing empty is stored; in compare mode no vote is stored either."""
+    _, _, root = site
+    db_url = f"sqlite:///{root / 'stop.db'}"
+    for compare in (False, True):
+        app = create_app(
+            {"sft": root / "sft", "base": root / "base"},
+            cfg=ServeConfig(max_batch=4),
+            db=db_url,
+            policy=Policy(_SlowOnReplies()),
+        )
+        with running(app) as url:
+            _new_chat(page, url, max_tokens=32)
+            if compare:
+                page.check("[data-testid=compare]")
+            _stop_before_the_first_token(page, "Who builds clocks?")
+            assert page.evaluate("window.__chunks") == 0  # no text had come when Stop was pressed
+            assert page.locator(".msg.assistant").count() == 0, _thread(page)
+            assert page.locator("[data-testid=compare-panel]").count() == 0
+            assert page.input_value("[data-testid=input]") == "Who builds clocks?"
+            assert "Stopped before the first word" in page.inner_text("#error")
+            page.wait_for_timeout(3500)  # what the old page saved after the Stop would have landed
+            db = app.state.db
+            for c in db.conversations():
+                msgs = db.conversation(c["id"])["messages"]
+                assert all(m["content"].strip() for m in msgs), msgs
+            assert db.votes() == []
+            db.close()
 
 
 def test_reload_reopens_the_conversation(site, page) -> None:

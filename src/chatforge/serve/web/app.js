@@ -74,12 +74,19 @@ function sampling() {
 async function streamChat(model, messages, extra, onDelta) {
   const ctrl = new AbortController();
   state.controllers.push(ctrl);
-  const res = await fetch("/v1/chat/completions", {
-    method: "POST",
-    headers: headers(),
-    body: JSON.stringify({ model, messages, stream: true, ...sampling(), ...extra }),
-    signal: ctrl.signal,
-  });
+  let res;
+  try {
+    res = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ model, messages, stream: true, ...sampling(), ...extra }),
+      signal: ctrl.signal,
+    });
+  } catch (e) {
+    // Stop pressed before the server answered: stopped with no text, not an error.
+    if (e.name === "AbortError") return { text: "", finish: "stopped", model };
+    throw e;
+  }
   if (!res.ok) {
     const data = await res.json().catch(() => ({}));
     throw new Error((data.error && data.error.message) || res.statusText);
@@ -196,6 +203,13 @@ async function assistantTurn() {
     msg.content = out.text;
     msg.model = out.model;
     if (model === DEFAULT && out.model !== state.active) fillPickers(out.model);  // promoted meanwhile
+    if (!out.text.trim()) {
+      // Nothing to keep (Stop before the first token, or an empty reply): an empty assistant turn
+      // would be stored and carried into every later prompt. The caller takes the turn back.
+      showError(out.finish === "stopped" ? STOPPED_EARLY : "The model gave an empty answer: nothing was kept.");
+      state.messages.pop();
+      ok = false;
+    }
   } catch (e) {
     showError(e.message);
     state.messages.pop();
@@ -208,6 +222,7 @@ async function assistantTurn() {
   return ok;
 }
 
+const STOPPED_EARLY = "Stopped before the first word: nothing was kept.";
 const VOTE_FIRST = "Pick the better answer (or Tie / Both bad) first: the conversation goes on from it.";
 
 async function send(text) {
@@ -294,6 +309,22 @@ async function compareTurn() {
   const out = {};
   order.forEach((side, k) => { out[side] = results[k]; });
   panel.querySelectorAll(".col").forEach((c) => c.classList.remove("streaming"));
+  const full = order.filter((side) => out[side].text.trim());
+  if (full.length < 2) {
+    // An empty answer (Stop before its first token) is nothing to compare: no vote is stored. The
+    // conversation goes on with the other answer if it has text; with neither, the turn is taken back.
+    state.pending = null;
+    const stopped = order.some((side) => out[side].finish === "stopped");
+    if (!full.length) {
+      showError(stopped ? STOPPED_EARLY : "Both answers came back empty: nothing was kept.");
+      return false;
+    }
+    showError((stopped ? "Stopped" : "One answer came back empty") + " before both answers had text: no vote; the conversation goes on with the other.");
+    state.messages.push({ role: "assistant", content: out[full[0]].text, model: out[full[0]].model });
+    render();
+    await save();
+    return true;
+  }
   const votes = el("div", { class: "votes", "data-testid": "votes" });
   const choices = [["left", "⬅ Left is better"], ["right", "Right is better ➡"], ["tie", "Tie"], ["both_bad", "Both bad"]];
   for (const [choice, label] of choices) {
