@@ -279,3 +279,100 @@ def test_a_vanishing_temperature_samples_like_greedy(engine: Engine, temperature
     greedy = engine.generate(["the quick"], SamplingParams(temperature=0, max_new_tokens=8))[0]
     cold = SamplingParams(temperature=temperature, max_new_tokens=8, seed=0, top_p=0.9, top_k=5)
     assert engine.generate(["the quick"], cold)[0].token_ids == greedy.token_ids
+
+
+@pytest.fixture(scope="module")
+def untrained(engine: Engine) -> Engine:
+    """Random weights: near-flat logits and repeated tokens, where penalties change the greedy path
+    (the memorised model is too sure of itself for a penalty of 2 to matter)."""
+    torch.manual_seed(1)
+    return Engine(
+        GPT(tiny_config(engine.tokenizer.vocab_size, max_position_embeddings=128)), engine.tokenizer
+    )
+
+
+def _reference_greedy(
+    engine: Engine, prompt: str, steps: int, bias: dict[int, float], presence: float, frequency: float
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding by full forward passes, with OpenAI's formula written out: logit[j] + bias[j]
+    - frequency * c[j] - presence * (c[j] > 0), c[j] = how often j was generated so far; and each chosen
+    token's logprob under the model alone."""
+    ids = engine.tokenizer.encode(prompt)
+    out: list[int] = []
+    lps: list[float] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + out]))[0, -1].float()
+        logp = torch.log_softmax(logits, -1)
+        for j, b in bias.items():
+            logits[j] += b
+        for j in set(out):
+            logits[j] -= frequency * out.count(j) + presence
+        t = int(logits.argmax())
+        if t in engine.end_ids:
+            break
+        out.append(t)
+        lps.append(float(logp[t]))
+    return out, lps
+
+
+@pytest.mark.parametrize(
+    "bias,presence,frequency",
+    [({}, 0.0, 1.5), ({}, 2.0, 0.0), ({}, 0.5, 0.7), ({}, -1.0, 0.0), ("ban", 0.0, 0.0), ("ban", 0.3, 0.3)],
+)
+def test_logit_bias_and_penalties_follow_openais_formula(
+    untrained: Engine, bias: dict | str, presence: float, frequency: float
+) -> None:
+    prompt = "the quick brown"
+    plain = untrained.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24))[0]
+    if bias == "ban":  # ban the greedy path's first token, favour another a little
+        bias = {plain.token_ids[0]: -100.0, plain.token_ids[3]: 2.5}
+    assert isinstance(bias, dict)
+    params = SamplingParams(
+        temperature=0,
+        max_new_tokens=24,
+        logit_bias=bias,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+    want, want_lps = _reference_greedy(untrained, prompt, 24, bias, presence, frequency)
+    assert want != plain.token_ids  # the case is one where the adjustment changes the answer
+    # in a session next to an unadjusted row of the same prompt: the adjustment is the row's own
+    s = untrained.start(2, 64)
+    s.add("adjusted", prompt, dataclasses.replace(params, logprobs=True))
+    s.add("plain", prompt, SamplingParams(temperature=0, max_new_tokens=24))
+    done = {}
+    while s.active:
+        for ev in s.step():
+            if ev.completion is not None:
+                done[ev.request_id] = ev.completion
+    assert done["plain"].token_ids == plain.token_ids
+    assert done["adjusted"].token_ids == want
+    # logprobs are the model's own distribution, not the biased / penalised one
+    assert done["adjusted"].logprobs == pytest.approx(want_lps, abs=1e-4)
+    assert untrained.generate([prompt], params)[0].token_ids == want
+
+
+def test_logit_bias_never_beats_the_grammar_and_is_checked(engine: Engine) -> None:
+    tok = engine.tokenizer
+    a = tok.encode("a")[0]
+    p = SamplingParams(temperature=0, max_new_tokens=30, response_format={"type": "json_object"})
+    out = engine.generate(["the quick brown"], dataclasses.replace(p, logit_bias={a: 100.0}))[0]
+    assert out.text.startswith("{")  # "a" cannot start a JSON object, whatever its bias
+    # rows batched together: one biased towards "a", one not (a +100 bias picks it at every step)
+    s = engine.start(2, 64)
+    s.add("biased", "the quick brown", SamplingParams(temperature=0, max_new_tokens=5, logit_bias={a: 100}))
+    s.add("plain", "the quick brown", SamplingParams(temperature=0, max_new_tokens=5))
+    done = {}
+    while s.active:
+        for ev in s.step():
+            if ev.completion is not None:
+                done[ev.request_id] = ev.completion
+    assert done["biased"].token_ids == [a] * 5 and done["plain"].token_ids[0] != a
+    for bad in ({a: 101.0}, {a: math.nan}, {-1: 1.0}, {"5": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate(["x"], SamplingParams(logit_bias={engine.vocab_size: 1.0}))
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5).validate()

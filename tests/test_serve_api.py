@@ -423,6 +423,89 @@ def test_explicit_nulls_mean_the_defaults(client: openai.OpenAI) -> None:
     assert e.value.body["param"] == "messages"
 
 
+def test_logit_bias_and_penalties_steer_the_answer(client: openai.OpenAI, ckpts: dict[str, Path]) -> None:
+    """logit_bias, presence_penalty and frequency_penalty act (they were ignored, or refused); the
+    logprobs stay the model's own; a JSON constraint still wins over a bias."""
+    tok = Tokenizer.load(ckpts["sft"])
+    base = dict(model="sft", messages=ASK, temperature=0, max_tokens=8)
+    plain = client.chat.completions.create(**base, logprobs=True, top_logprobs=2)
+    first = plain.choices[0].logprobs.content[0]
+    first_id = tok.encode_plain(first.token)[0]
+    # banned: the answer starts differently; the logprobs still rank the banned token first
+    r = client.chat.completions.create(
+        **base, logit_bias={str(first_id): -100}, logprobs=True, top_logprobs=2
+    )
+    lp = r.choices[0].logprobs.content[0]
+    assert lp.token != first.token and lp.top_logprobs[0].token == first.token
+    assert lp.logprob == pytest.approx(plain.choices[0].logprobs.content[0].top_logprobs[1].logprob, abs=1e-4)
+    # +100: the token at every step (streamed as well)
+    ada = tok.encode_plain("Ada")[0]
+    r = client.chat.completions.create(**base, logit_bias={str(ada): 100})
+    assert r.choices[0].message.content == tok.decode([ada]) * 8
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**base, logit_bias={str(ada): 100}, stream=True)
+        if c.choices
+    )
+    assert streamed == tok.decode([ada]) * 8
+    # a penalty stops the +100 token from repeating for ever: frequency 2 takes 2 a time off it
+    r = client.chat.completions.create(**base, logit_bias={str(ada): 5}, frequency_penalty=2)
+    assert r.choices[0].message.content != tok.decode([ada]) * 8
+    r = client.completions.create(
+        model="sft", prompt="Ada", max_tokens=4, temperature=0, logit_bias={str(ada): 100}
+    )
+    assert r.choices[0].text == tok.decode([ada]) * 4
+    r = client.chat.completions.create(
+        **{**base, "max_tokens": 40}, logit_bias={str(ada): 100}, response_format={"type": "json_object"}
+    )
+    assert r.choices[0].message.content.startswith("{")
+    # default values ask for nothing and are accepted, as clients send them
+    r = client.chat.completions.create(
+        **base,
+        logit_bias={},
+        frequency_penalty=0,
+        presence_penalty=0,
+        tools=openai.NOT_GIVEN,
+        tool_choice="none",
+    )
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    r = client.completions.create(model="sft", prompt="Ada", max_tokens=2, best_of=1)
+    assert len(r.choices) == 1
+
+
+def test_tools_and_missing_content_are_refused(client: openai.OpenAI) -> None:
+    """Tool calling was silently ignored (a plain-text answer to a client waiting for a tool call); a
+    message without content read as empty text. Both are 400s naming the field, as OpenAI's are."""
+    tool = {"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}}
+    for kw, param in (
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        (
+            {
+                "messages": [
+                    *ASK,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}
+                        ],
+                    },
+                    *ASK,
+                ]
+            },
+            "messages.1.tool_calls",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "sft", "messages": ASK, "max_tokens": 2, **kw})
+        assert e.value.body["param"] == param, kw
+        assert "not supported" in e.value.body["message"] or "required" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="sft", prompt="Ada", max_tokens=2, best_of=2)
+    assert e.value.body["param"] == "best_of"
+
+
 def test_streamed_completions_carry_logprobs_and_usage(client: openai.OpenAI) -> None:
     kw = dict(model="base", prompt="Ada builds", max_tokens=10, temperature=0, logprobs=2)
     full = client.completions.create(**kw)

@@ -8,7 +8,9 @@ a continuous-batching scheduler drives one directly (``engine.start(...)``, then
 ``remove``).
 
 Per sequence: temperature (0 = greedy), top-k, top-p, a seed, stop strings, stop token ids, logprobs with
-``top_logprobs`` alternatives, and ``response_format`` for JSON output. JSON constraints go through
+``top_logprobs`` alternatives, ``logit_bias`` / ``presence_penalty`` / ``frequency_penalty`` (OpenAI's:
+added to the logits before the grammar mask, temperature and top-k/top-p; logprobs stay the model's own),
+and ``response_format`` for JSON output. JSON constraints go through
 llguidance: a token mask from the grammar is applied to the logits before sampling, so temperature /
 top-k / top-p act within the allowed tokens, and the sequence stops (finish reason ``"stop"``) as soon as
 the JSON value is complete. If ``max_new_tokens`` runs out first, the finish reason is ``"length"`` and
@@ -61,6 +63,12 @@ class SamplingParams:
     # OpenAI shapes: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}}
     # (or {"type": "json_schema", "schema": {...}}); None or {"type": "text"} = unconstrained.
     response_format: dict | None = None
+    # OpenAI's: {token id: bias in [-100, 100]} added to that token's logit at every step, and
+    # -(frequency_penalty * count + presence_penalty * (count > 0)) for each token generated so far.
+    # They shape the choice only: a grammar mask still wins, logprobs are the model's own.
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -73,7 +81,19 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0 and n >= 1")
         if self.top_logprobs < 0:
             raise ValueError("top_logprobs must be >= 0")
+        for t, b in (self.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias: token ids must be integers >= 0, got {t!r}")
+            if not -100 <= b <= 100:  # NaN fails too
+                raise ValueError(f"logit_bias: biases must be in [-100, 100], got {b!r} for token {t}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2]")
         json_schema_of(self.response_format)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -272,6 +292,8 @@ class _Row:
     detok: _Detokenizer
     matcher: Any  # llguidance.LLMatcher when constrained
     gen: torch.Generator | None  # None when greedy
+    # logit_bias minus the penalties so far, one entry per vocabulary id (None when the row has neither)
+    adjust: torch.Tensor | None = None
     pending: int | None = None  # sampled and reported, not yet fed to the model
     length: int = 0  # tokens in the slot's cache, kept on the host so a step never reads it back
     tokens: list[int] = field(default_factory=list)
@@ -391,6 +413,16 @@ class EngineSession:
             base = params.seed if params.seed is not None else secrets.randbelow(2**31)
             gen.manual_seed(sample_seed(base, sample_index))
         stop_ids = frozenset(params.stop_token_ids if params.stop_token_ids is not None else eng.end_ids)
+        adjust = None
+        if params.adjusts_logits:
+            bias = params.logit_bias or {}
+            if any(t >= eng.vocab_size for t in bias):
+                raise ValueError(f"logit_bias: token ids must be below the vocabulary size {eng.vocab_size}")
+            with torch.inference_mode():  # as the session's other tensors
+                adjust = torch.zeros(eng.vocab_size, device=eng.device)
+                if bias:
+                    ids = torch.tensor(list(bias), device=eng.device)
+                    adjust[ids] = torch.tensor([float(b) for b in bias.values()], device=eng.device)
         row = _Row(
             request_id,
             slot,
@@ -401,6 +433,7 @@ class EngineSession:
             _Detokenizer(eng._token_bytes(), eng.tokenizer),
             matcher,
             gen,
+            adjust,
         )
         self._rows[slot] = row
         self._by_id[request_id] = row
@@ -545,6 +578,10 @@ class EngineSession:
         # A constrained row ends only where its grammar allows an end token (the mask saw to that).
         if t in (self.engine._grammars().eos_ids if m is not None else row.stop_ids):
             return self._finish(row, None, "stop", "")
+        if row.adjust is not None and (p.frequency_penalty or p.presence_penalty):
+            # OpenAI's penalties: frequency per earlier occurrence, presence once per distinct token.
+            first = bool(p.presence_penalty) and t not in row.tokens
+            row.adjust[t] -= p.frequency_penalty + (p.presence_penalty if first else 0.0)
         row.tokens.append(t)
         if p.wants_logprobs:
             row.lps.append(lp)  # type: ignore[arg-type]
@@ -818,7 +855,11 @@ class Engine:
             logits.device.type == "cpu"
             and logits.dtype == torch.float32
             and all(
-                r.params.temperature == 0 and not r.params.wants_logprobs and r.matcher is None for r in rows
+                r.params.temperature == 0
+                and not r.params.wants_logprobs
+                and r.matcher is None
+                and r.adjust is None
+                for r in rows
             )
         ):  # plain greedy on CPU (the common eval / bench case): numpy's argmax, nothing else
             return logits.numpy().argmax(-1).tolist(), [None] * n, [None] * n
@@ -827,6 +868,11 @@ class Engine:
         if lp_rows:  # the model's own distribution, before masks and temperature
             sel = logits if len(lp_rows) == n else logits[lp_rows]
             logp = torch.log_softmax(sel, dim=-1)
+        adj = [i for i, r in enumerate(rows) if r.adjust is not None]
+        if adj:  # logit_bias and penalties: after the logprobs, before the grammar mask (which wins)
+            logits = logits.clone()
+            at = torch.tensor(adj, device=logits.device)
+            logits[at] += torch.stack([rows[i].adjust for i in adj])  # type: ignore[misc]
         con = [i for i, r in enumerate(rows) if r.matcher is not None]
         if con:
             logits = self._apply_grammar(logits, [rows[i] for i in con], con)

@@ -174,6 +174,22 @@ def _flatten(content: str | list[P.ContentPart] | None, i: int) -> str:
     return "".join(parts)
 
 
+def refuse_tools(req: P.ChatRequest) -> None:
+    """A 400 for a request that asks for tool or function calling, which this server cannot do: answered
+    with plain text instead, a client would wait for a tool call that never comes. Values that ask for
+    nothing (null, [], "none", "auto" with no tools) are accepted, as clients send them by default."""
+    for name in ("tools", "functions"):
+        if getattr(req, name) not in (None, []):
+            raise bad_request(f"{name}: tool and function calling are not supported by this server", name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(req, name) not in (None, "none", "auto"):
+            raise bad_request(
+                f"{name}: tool and function calling are not supported by this server"
+                " (leave it out, or use 'none')",
+                name,
+            )
+
+
 def chat_messages(req: P.ChatRequest) -> list[dict[str, str]]:
     """The request's messages in our chat format (``developer`` is the system role of newer models)."""
     out = []
@@ -183,6 +199,16 @@ def chat_messages(req: P.ChatRequest) -> list[dict[str, str]]:
                 f"messages[{i}].role: must be one of {', '.join(P.ROLES)}, got {m.role!r}",
                 f"messages.{i}.role",
             )
+        for f in ("tool_calls", "function_call"):
+            if getattr(m, f) not in (None, []):
+                raise bad_request(
+                    f"messages[{i}].{f}: tool and function calls are not supported by this server",
+                    f"messages.{i}.{f}",
+                )
+        # As OpenAI: content may be left out only by an assistant message with tool calls, which this
+        # server refuses above; a missing content is an error, not an empty turn.
+        if m.content is None:
+            raise bad_request(f"messages[{i}].content: required", f"messages.{i}.content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": _flatten(m.content, i)})
     return out
 
@@ -200,13 +226,11 @@ class Limits:
         logprobs: bool = False,
         top_logprobs: int = 0,
         response_format: dict | None = None,
+        vocab_size: int = 0,
     ) -> SamplingParams:
         cfg = self.cfg
         if req.n > cfg.max_n:
             raise bad_request(f"n: at most {cfg.max_n} choices per request, got {req.n}", "n")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name):
-                raise bad_request(f"{name}: not supported by this server (use 0 or leave it out)", name)
         if prompt_len == 0:
             raise bad_request("the prompt is empty", "messages")
         room = context - prompt_len
@@ -245,7 +269,29 @@ class Limits:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             response_format=response_format,
+            logit_bias=logit_bias_of(req.logit_bias, vocab_size),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
         )
+
+
+def logit_bias_of(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` ({"token id": bias}) as the engine's {id: bias}; a 400 for a key that is
+    no token id of this model or a bias outside [-100, 100]."""
+    if not raw:
+        return None
+    out = {}
+    for key, bias in raw.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise bad_request(
+                f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})", "logit_bias"
+            )
+        if not -100 <= bias <= 100:
+            raise bad_request(
+                f"logit_bias: bias for token {key} must be in [-100, 100], got {bias}", "logit_bias"
+            )
+        out[int(key)] = float(bias)
+    return out
 
 
 _LONGEST_TOKEN: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
@@ -640,6 +686,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
         caller(request)
+        refuse_tools(body)
         v = version_of(body.model)
         messages = chat_messages(body)
         size = surely_too_long(v.engine, [m["content"] for m in messages], v.context)
@@ -656,7 +703,14 @@ def create_app(
         if top and not body.logprobs:
             raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
         params = limits.params(
-            body, max_tokens, len(prompt), v.context, body.logprobs, top, body.response_format
+            body,
+            max_tokens,
+            len(prompt),
+            v.context,
+            body.logprobs,
+            top,
+            body.response_format,
+            v.engine.vocab_size,
         )
         await check_schema(v, params)
         # After validation: a request the server would refuse is a 400 whether or not its input is flagged.
@@ -772,9 +826,23 @@ def create_app(
             ids_list.append(ids)
         if body.suffix:
             raise bad_request("suffix: not supported", "suffix")
+        if body.best_of not in (None, 1, body.n):  # best_of == n returns every candidate: no choosing
+            raise bad_request(
+                "best_of: not supported by this server (leave it out, or use 1; ask for n samples instead)",
+                "best_of",
+            )
         k = body.logprobs or 0
         plist = [
-            limits.params(body, body.max_tokens, len(ids), v.context, body.logprobs is not None, k)
+            limits.params(
+                body,
+                body.max_tokens,
+                len(ids),
+                v.context,
+                body.logprobs is not None,
+                k,
+                None,
+                v.engine.vocab_size,
+            )
             for ids in ids_list
         ]
         if body.seed is not None:

@@ -78,6 +78,9 @@ class ChatMessage(_Lenient):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # Read only to refuse them (this server has no tools): dropped, the turn would read as empty text.
+    tool_calls: Any = None
+    function_call: Any = None
 
 
 class StreamOptions(_Lenient):
@@ -99,8 +102,9 @@ class SamplingFields(_Lenient):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}
     user: str | None = None
 
 
@@ -111,6 +115,11 @@ class ChatRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    # Not supported (no tool calling): read only to refuse a request that asks for them.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionRequest(SamplingFields):
@@ -119,6 +128,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)  # only a no-op value is accepted (see the server)
 
 
 def new_id(prefix: str) -> str:
