@@ -66,6 +66,7 @@ def test_list_elements_can_be_overridden() -> None:
         ("pretrain.eval_every=-5", r"pretrain.eval_every: must be 0 \(off\) or positive, got -5"),
         ("sft.dist_timeout_s=0", r"sft.dist_timeout_s: must be a positive number of seconds, got 0"),
         ("pretrain.dist_timeout_s=-60", r"pretrain.dist_timeout_s: must be a positive number of seconds"),
+        ("serve.rate_limit_rpm=-5", r"serve.rate_limit_rpm: must be >= 0 \(0 = off\), got -5"),  # was "off"
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -386,6 +386,8 @@ class ServeConfig:
                 raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{key}.port: must be in [0, 65535], got {self.port}")
+        if self.rate_limit_rpm < 0:  # read as "off" (0), which a typo of a sign should not turn on
+            raise ConfigError(f"{key}.rate_limit_rpm: must be >= 0 (0 = off), got {self.rate_limit_rpm}")
         for i, v in enumerate(self.versions):
             if "=" not in v or not v.split("=", 1)[0] or not v.split("=", 1)[1]:
                 raise ConfigError(f"{key}.versions[{i}]: expected name=path, got {v!r}")
