@@ -18,6 +18,7 @@ from chatforge.data.corpus import (
     ReadReport,
     TokenShards,
     clean_text,
+    is_val,
     lsh_bands,
     prepare,
     quality_reason,
@@ -557,3 +558,73 @@ def test_prepare_output_does_not_depend_on_workers(tmp_path: Path) -> None:
         outs.append([d.text for d in read_docs(cfg.run_dir / "data" / "docs.jsonl.gz")])
         assert stats["sources"][0]["dropped"] == {"exact_dup": 80, "near_dup": 10}
     assert outs[0] == outs[1] and len(outs[0]) == 40
+
+
+def _write_docs(path: Path, texts: list[str]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    return path
+
+
+def _seed_where(texts: list[str], frac: float, all_val: bool) -> int:
+    """A split seed under which no document (or, with ``all_val``, every document) hashes into val."""
+    return next(s for s in range(10_000) if all(is_val(t, s, frac) is all_val for t in texts))
+
+
+def test_tiny_corpus_val_split_is_nearest_to_val_fraction(tmp_path: Path) -> None:
+    """13 documents, none hashed into val: the tail used to be taken up to and including the document
+    that crosses val_fraction, so short documents at the end after a long one gave val 9 documents and
+    several times its share. Now the cut is the document boundary nearest val_fraction of the tokens."""
+    texts = [prose(i, 200) for i in range(4)] + [prose(4, 120)] + [prose(5 + i, 12) for i in range(8)]
+    docs_path = _write_docs(tmp_path / "docs.jsonl.gz", texts)
+    tok = train_tokenizer(texts, vocab_size=300)
+    seed = _seed_where(texts, 0.1, all_val=False)
+    stats = write_shards(docs_path, tok, tmp_path / "out", val_fraction=0.1, num_workers=1, seed=seed)
+    lengths = [len(tok.encode(t)) + 1 for t in texts]  # each document and its EOS
+    total = sum(lengths)
+    best = min((abs(sum(lengths[k:]) - 0.1 * total), k) for k in range(1, len(texts)))[1]
+    assert stats["tokens"]["val"] == sum(lengths[best:]) and stats["docs"]["val"] == len(texts) - best
+    assert stats["docs"]["train"] == best and stats["val_from_tail"] and not stats["cut_document"]
+    assert abs(stats["tokens"]["val"] / total - 0.1) < 0.03
+    val = np.fromfile(tmp_path / "out" / "val_000.bin", dtype=np.uint16)
+    assert [tok.decode(d) for d in split_docs(val, tok.eos_id)] == texts[best:]
+
+
+def test_every_document_hashed_into_val_leaves_train_its_share(tmp_path: Path) -> None:
+    """When every document hashed into val, train was empty and pretraining failed with "raise
+    val_fraction" (the opposite of the fix). Now val keeps the tail nearest val_fraction and train the
+    rest; a lone document is cut in two."""
+    texts = [prose(i, 60) for i in range(3)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    seed = _seed_where(texts, 0.5, all_val=True)
+    docs_path = _write_docs(tmp_path / "docs.jsonl.gz", texts)
+    stats = write_shards(docs_path, tok, tmp_path / "out", val_fraction=0.5, num_workers=1, seed=seed)
+    assert stats["docs"]["train"] >= 1 and stats["docs"]["val"] >= 1 and sum(stats["docs"].values()) == 3
+    train = np.fromfile(tmp_path / "out" / "train_000.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "out" / "val_000.bin", dtype=np.uint16)
+    decoded = [tok.decode(d) for d in split_docs(train, tok.eos_id) + split_docs(val, tok.eos_id)]
+    assert decoded == texts  # order kept: train the head, val the tail
+    assert TokenShards(tmp_path / "out", "train").n_tokens == stats["tokens"]["train"] > 0
+
+    one = [prose(7, 80)]
+    seed = _seed_where(one, 0.1, all_val=False)
+    stats = write_shards(_write_docs(tmp_path / "one.jsonl.gz", one), tok, tmp_path / "one", 0.1, 1, seed)
+    assert stats["cut_document"] and stats["docs"] == {"train": 1, "val": 1}
+    n = len(tok.encode(one[0]))
+    assert (
+        stats["tokens"]["val"] == round(0.1 * (n + 1))
+        and stats["tokens"]["train"] + stats["tokens"]["val"] == n + 2
+    )  # the cut adds an EOS
+    train = np.fromfile(tmp_path / "one" / "train_000.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "one" / "val_000.bin", dtype=np.uint16)
+    assert train[-1] == val[-1] == tok.eos_id
+    assert np.array_equal(np.concatenate([train[:-1], val[:-1]]), np.array(tok.encode(one[0])))
+
+
+def test_empty_split_error_gives_the_right_advice(tmp_path: Path) -> None:
+    for split, advice in (("train", "lower data.val_fraction"), ("val", "raise data.val_fraction")):
+        (tmp_path / "index.json").write_text(
+            json.dumps({"dtype": "uint16", "vocab_size": 300, "eos_id": 0, "splits": {split: []}})
+        )
+        with pytest.raises(ChatforgeError, match=f"the '{split}' split has no tokens; add data or {advice}"):
+            TokenShards(tmp_path, split)

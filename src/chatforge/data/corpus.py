@@ -947,26 +947,52 @@ class _ShardWriter:
             self._f = None
 
 
-def _move_tail_to_val(train: _ShardWriter, val: _ShardWriter, dtype: np.dtype, eos: int, frac: float) -> int:
-    """When the hash gave val nothing (a tiny corpus), move the last train document(s) there."""
-    if not train.shards:
-        return 0
-    last = train.shards[-1]
-    path = train.out_dir / (last["file"] + ".tmp")
+def _rebalance(writers: dict[str, _ShardWriter], dtype: np.dtype, eos: int, frac: float) -> tuple[int, bool]:
+    """When the hash left one split empty (a tiny corpus, or every document hashed into val), cut the
+    other split's last shard at the document boundary that puts val nearest ``frac`` of all tokens,
+    keeping a document on each side. A single document is cut at a token (an EOS is added at the cut
+    so that every file still ends a document). Returns (documents moved, whether a document was cut)."""
+    full, empty = ("train", "val") if writers["train"].shards else ("val", "train")
+    src = writers[full]
+    if not src.shards or writers[empty].shards:
+        return 0, False
+    last = src.shards[-1]
+    path = src.out_dir / (last["file"] + ".tmp")
     arr = np.fromfile(path, dtype=dtype)
+    total = sum(s["tokens"] for s in src.shards)
+    before = total - len(arr)  # tokens in earlier shards of the full split: they stay there
+    want = frac * total
     ends = np.flatnonzero(arr == eos)  # each document ends with EOS
-    if len(ends) < 2:
-        return 0
-    total = sum(s["tokens"] for s in train.shards)
-    want = max(1, int(total * frac))
-    # Start of the document where the val tail begins; keep at least one document in train.
-    k = int(np.searchsorted(ends, len(arr) - want, side="left"))
-    cut = int(ends[min(max(k, 1), len(ends) - 1) - 1]) + 1
-    val.write(arr[cut:])
-    with open(path, "r+b") as f:
-        f.truncate(cut * dtype.itemsize)
-    last["tokens"] = cut
-    return len(np.flatnonzero(arr[cut:] == eos))
+
+    def val_tokens(cut: int) -> int:  # val's size if arr[:cut] goes to train and arr[cut:] to val
+        return len(arr) - cut + (before if full == "val" else 0)
+
+    split_doc = len(ends) < 2
+    if split_doc:
+        if len(arr) < 3:  # one token and its EOS: nothing to cut
+            return 0, False
+        cut = int(np.clip(round(len(arr) - want), 1, len(arr) - 2))
+        head = np.append(arr[:cut], np.array([eos], dtype=dtype))
+    else:
+        starts = ends[:-1] + 1  # the start of every document but the first
+        cut = int(starts[np.argmin(np.abs([val_tokens(int(c)) - want for c in starts]))])
+        head = arr[:cut]
+    tail = arr[cut:]
+    if full == "train":
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(head.tobytes())
+        last["tokens"] = len(head)
+        writers["val"].write(tail)
+        moved = int(np.count_nonzero(tail == eos)) - split_doc
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(tail.tobytes())
+        last["tokens"] = len(tail)
+        writers["train"].write(head)
+        moved = int(np.count_nonzero(head == eos)) - split_doc
+    return moved, split_doc
 
 
 def write_shards(
@@ -1015,12 +1041,15 @@ def write_shards(
             w.close()
         if not sum(n_docs.values()):
             raise ChatforgeError(f"{docs_path}: no documents to tokenize; run `chatforge data` again")
-        moved = 0
-        if n_docs["val"] == 0 and val_fraction > 0:
-            moved = _move_tail_to_val(writers["train"], writers["val"], dtype, eos, val_fraction)
-            writers["val"].close()
-            n_docs["val"] += moved
-            n_docs["train"] -= moved
+        moved, cut_doc = 0, False
+        if val_fraction > 0 and 0 in (n_docs["train"], n_docs["val"]):
+            full = "train" if n_docs["train"] else "val"
+            moved, cut_doc = _rebalance(writers, dtype, eos, val_fraction)
+            for w in writers.values():
+                w.close()
+            other = "val" if full == "train" else "train"
+            n_docs[full] -= moved
+            n_docs[other] += moved + cut_doc  # a cut document counts on both sides
         _commit(out_dir, writers, tokenizer.vocab_size, dtype, eos)
     finally:
         bar.close()
@@ -1036,7 +1065,8 @@ def write_shards(
         "docs": n_docs,
         "shards": {s: len(w.shards) for s, w in writers.items()},
         "bytes_per_token": round(sum(n_bytes.values()) / max(1, text_tokens), 4),
-        "val_from_tail": moved > 0,
+        "val_from_tail": moved > 0 or cut_doc,  # the hash left a split empty: cut by position
+        "cut_document": cut_doc,
         "workers": workers,
         "tokenize_seconds": round(time.perf_counter() - t0, 3),
     }
@@ -1105,10 +1135,9 @@ class TokenShards:
                 self._maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
         self.lengths = np.array([len(m) for m in self._maps], dtype=np.int64)
         self.n_tokens = int(self.lengths.sum())
-        if self.n_tokens == 0:
-            raise ChatforgeError(
-                f"{data_dir}: the {split!r} split has no tokens; add data or raise val_fraction"
-            )
+        if self.n_tokens == 0:  # val_fraction moves tokens from train to val: the advice differs
+            fix = "lower data.val_fraction" if split == "train" else "raise data.val_fraction"
+            raise ChatforgeError(f"{data_dir}: the {split!r} split has no tokens; add data or {fix}")
 
     def __len__(self) -> int:
         return self.n_tokens
