@@ -134,6 +134,30 @@ def test_ranked_answers_give_all_pairs_and_skip_ties(tmp_path) -> None:
     }
 
 
+def test_ranked_record_mixing_score_and_rank_is_malformed(tmp_path) -> None:
+    """A record whose completions carry ``score`` on some and ``rank`` on others was read wholly as
+    ranks (lower is better), so the scored answers' preference flipped: 9 lost to 2."""
+    mixed = {
+        "prompt": "Name a colour.",
+        "completions": [
+            {"text": "Blue.", "score": 9},
+            {"text": "Dunno", "score": 2},
+            {"text": "Red!", "rank": 0},
+        ],
+    }
+    ranks = {
+        "prompt": "Name a shape.",
+        "completions": [{"text": "Circle.", "rank": 0}, {"text": "Eh", "rank": 1}],
+    }
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps(ranks) + "\n" + json.dumps(mixed) + "\n")
+    pairs, st = prefs.read_pairs(f, fmt="ranked")
+    assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in pairs] == [("Circle.", "Eh")]
+    assert st["malformed"] == 1 and st["errors"] == [
+        f"{f}:2: completions mix rating fields (rank, score); use one per record"
+    ]
+
+
 def test_webgpt_and_oasst_formats(tmp_path) -> None:
     wg = [
         {

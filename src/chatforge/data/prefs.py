@@ -330,18 +330,22 @@ def _from_ranked(rec: dict) -> list[dict]:
     if not isinstance(answers_raw, list) or len(answers_raw) < 2:
         raise _Bad("expected a list of at least two completions")
     answers: list[tuple[str, float]] = []
-    by_rank = False
+    keys: set[str] = set()
     for i, a in enumerate(answers_raw):
         if not isinstance(a, dict):
             raise _Bad(f"completions[{i}] is not an object")
         text = _text(a.get("response", a.get("text", a.get("content"))), f"completions[{i}] text")
-        score = next((a[k] for k in ("overall_score", "score", "rating") if k in a), None)
-        if score is None and "rank" in a:
-            score, by_rank = a["rank"], True
+        key = next((k for k in ("overall_score", "score", "rating", "rank") if k in a), None)
+        score = a[key] if key else None
         if not isinstance(score, int | float) or isinstance(score, bool):
             raise _Bad(f"completions[{i}] has no numeric score")
+        keys.add(key)  # type: ignore[arg-type]
         answers.append((text, float(score)))
-    pairs = _ranked_to_pairs(prompt, answers, higher_better=not by_rank)
+    # Scores are "higher is better", ranks "lower is better", and two score fields may use different
+    # scales: answers rated by different fields cannot be compared, so the record says which it mixes.
+    if len(keys) > 1:
+        raise _Bad(f"completions mix rating fields ({', '.join(sorted(keys))}); use one per record")
+    pairs = _ranked_to_pairs(prompt, answers, higher_better=keys != {"rank"})
     if not pairs:
         raise _Skip
     return pairs
