@@ -214,6 +214,50 @@ def test_oasst_messages_with_a_missing_text_or_a_loop(tmp_path) -> None:
     assert pairs[0]["messages"] == [{"role": "user", "content": "Question?"}]
 
 
+def test_oasst_threads_missing_an_ancestor_are_skipped_and_reported(tmp_path) -> None:
+    """A prompt whose parent (or an earlier message) is deleted or not in the dump used to become a pair
+    on the turns that were left: a follow-up question without the conversation it follows. And raw
+    message dumps skipped the chat rules every other format's prompt obeys (two user turns in a row)."""
+
+    def msg(mid: str, parent: str | None, role: str, text: str, **kw) -> dict:
+        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, **kw}
+
+    recs = [
+        msg("q", None, "prompter", "Name a fruit."),
+        msg("a", "q", "assistant", "Apple.", rank=0, deleted=True),
+        msg("b", "q", "assistant", "Pear.", rank=0),
+        msg("b2", "q", "assistant", "Rock.", rank=1),
+        msg("f", "a", "prompter", "Why that one?"),  # its parent is deleted
+        msg("f1", "f", "assistant", "It is crisp.", rank=0),
+        msg("f2", "f", "assistant", "No idea.", rank=1),
+        msg("m", "gone", "prompter", "And then?"),  # its parent is not in the file
+        msg("m1", "m", "assistant", "Then this.", rank=0),
+        msg("m2", "m", "assistant", "Nothing.", rank=1),
+        msg("u", "q", "prompter", "A second question in a row?"),  # user after user
+        msg("u1", "u", "assistant", "Yes.", rank=0),
+        msg("u2", "u", "assistant", "No.", rank=1),
+    ]
+    f = tmp_path / "msgs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs, st = prefs.read_pairs(f)
+    assert [(p["messages"], p["chosen"]["content"], p["rejected"]["content"]) for p in pairs] == [
+        ([{"role": "user", "content": "Name a fruit."}], "Pear.", "Rock.")
+    ]
+    assert (st["incomplete_threads"], st["malformed"]) == (2, 1)
+    assert st["errors"] == [
+        f"{f}:5: an earlier message of its thread (a) is deleted; its ranked replies are skipped",
+        f"{f}:8: an earlier message of its thread (gone) is missing; its ranked replies are skipped",
+        f"{f}:11: roles do not alternate user/assistant (got user where assistant belongs)",
+    ]
+    # The thread reader starts every thread at a root; the replies it cannot reach are now reported.
+    convs, errors = chat.read_oasst_threads(f)
+    assert [[m["content"] for m in c["messages"]] for c in convs] == [["Name a fruit.", "Pear."]]
+    assert errors == [
+        f"{f}:5: 2 message(s) reply to a deleted or missing parent (here a); "
+        "they and the replies below them are skipped"
+    ]
+
+
 def test_unhashable_ids_and_roles_are_malformed_not_a_traceback(tmp_path) -> None:
     """A parent_id or a role that is a list or an object (a hand-edited or mangled dump) raised
     TypeError (unhashable type) out of read_pairs and read_oasst_threads instead of a file:line report."""

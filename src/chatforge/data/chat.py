@@ -2211,6 +2211,20 @@ def _oasst_trees(path: Path, records: list[tuple[int, Any]]) -> tuple[list[dict]
         else:
             children.setdefault(parent, []).append(mid)
 
+    # Threads are walked down from their roots, so a reply whose parent is deleted or missing (a dump cut
+    # by language or date) is never reached: said once, with the first such line, not dropped silently.
+    orphans = [
+        (line, rec["parent_id"])
+        for line, rec in nodes.values()
+        if rec.get("parent_id") is not None and rec["parent_id"] not in nodes
+    ]
+    if orphans:
+        line, parent = min(orphans)
+        errors.append(
+            f"{path}:{line}: {len(orphans)} message(s) reply to a deleted or missing parent (here {parent}); "
+            "they and the replies below them are skipped"
+        )
+
     def rank(mid: str) -> tuple[bool, float]:
         r = nodes[mid][1].get("rank")
         return (r is None, r if isinstance(r, int | float) else 0.0)  # ranked first, rank 0 best

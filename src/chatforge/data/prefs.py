@@ -353,8 +353,10 @@ def _from_ranked(rec: dict) -> list[dict]:
 
 def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
     """Raw oasst1 message dumps: every prompter message with >= 2 ranked replies -> all rank pairs."""
-    stats = {"records": 0, "pairs": 0, "ties": 0, "malformed": 0, "errors": []}
+    stats = {"records": 0, "pairs": 0, "ties": 0, "malformed": 0, "incomplete_threads": 0, "errors": []}
     nodes: dict[str, dict] = {}
+    lines: dict[str, int] = {}
+    deleted: set[str] = set()
     for lineno, rec in chat._records(path):
         stats["records"] += 1
         if isinstance(rec, _Bad) or not isinstance(rec, dict) or not isinstance(rec.get("message_id"), str):
@@ -362,6 +364,7 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
         elif rec.get("parent_id") is not None and not isinstance(rec["parent_id"], str):
             reason = "parent_id is not a string"  # a list or object would not hash
         elif rec.get("deleted"):
+            deleted.add(rec["message_id"])
             continue
         elif not isinstance(rec.get("text"), str) or not rec["text"].strip():
             reason = "text is missing or empty"
@@ -369,6 +372,7 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
             reason = "the message is its own parent"
         else:
             nodes[rec["message_id"]] = rec
+            lines[rec["message_id"]] = lineno
             continue
         stats["malformed"] += 1
         stats["errors"].append(f"{path}:{lineno}: {reason}")
@@ -378,9 +382,16 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
             kids.setdefault(m["parent_id"], []).append(m)
 
     def thread(mid: str) -> Messages:
+        """The thread from its root to ``mid``; _Bad when an ancestor is gone, as the prompt would
+        otherwise start mid-conversation without the turns it answers."""
         out: Messages = []
         seen: set[str] = set()
-        while mid in nodes and mid not in seen:  # a parent_id loop (duplicate ids) ends the thread
+        while mid:
+            if mid in seen:  # a parent_id loop (duplicate ids): no root to start from
+                raise _Bad("its parent_id chain loops, so the thread has no root")
+            if mid not in nodes:
+                gone = "deleted" if mid in deleted else "missing"
+                raise _Bad(f"an earlier message of its thread ({mid}) is {gone}")
             seen.add(mid)
             m = nodes[mid]
             out.append({"role": "user" if m.get("role") == "prompter" else "assistant", "content": m["text"]})
@@ -394,11 +405,24 @@ def _oasst_message_pairs(path: Path) -> tuple[list[dict], dict]:
         ranked = [(c["text"], float(c["rank"])) for c in children if isinstance(c.get("rank"), int | float)]
         if len(ranked) < 2:
             continue
-        got = _ranked_to_pairs(thread(pid), ranked, higher_better=False)
+        try:
+            prompt = thread(pid)
+        except _Bad as e:  # counted apart from malformed records: each message is well-formed
+            stats["incomplete_threads"] += 1
+            stats["errors"].append(f"{path}:{lines[pid]}: {e}; its ranked replies are skipped")
+            continue
+        try:  # the chat rules every other format's prompt obeys (alternating turns, ...)
+            prompt = chat._check_messages(prompt, prompt=True)
+        except _Bad as e:
+            stats["malformed"] += 1
+            stats["errors"].append(f"{path}:{lines[pid]}: {e}")
+            continue
+        got = _ranked_to_pairs(prompt, ranked, higher_better=False)
         n_possible = len(ranked) * (len(ranked) - 1) // 2
         stats["ties"] += n_possible - len(got)
         pairs += got
     stats["pairs"] = len(pairs)
+    stats["errors"].sort(key=lambda err: int(err[len(str(path)) + 1 :].split(":", 1)[0]))  # file order
     return pairs, stats
 
 
@@ -498,7 +522,9 @@ def read_pairs(
     """Any supported preference file -> (pairs in our format, stats).
 
     ``stats``: ``records``, ``pairs``, ``ties`` (no preference: equal scores or identical replies) and
-    ``malformed`` (skipped), with the first 20 reasons as ``file:line: reason`` in ``errors``.
+    ``malformed`` (skipped), with the first 20 reasons as ``file:line: reason`` in ``errors``; raw OASST
+    message dumps add ``incomplete_threads``: prompts skipped because an earlier message of their thread is
+    deleted or missing.
     """
     p = Path(path)
     if fmt not in ("auto", *FORMATS):
@@ -611,8 +637,10 @@ def prepare(cfg: Any) -> dict:
     for f in rc.pref_files:
         pairs, st = read_pairs(f)
         if not pairs:
+            cut = st.get("incomplete_threads", 0)
+            more = f", {cut} threads missing earlier messages" if cut else ""
             raise ChatforgeError(
-                f"{f}: no usable preference pairs ({st['malformed']} malformed, {st['ties']} ties)"
+                f"{f}: no usable preference pairs ({st['malformed']} malformed, {st['ties']} ties{more})"
             )
         tr, te = split_by_prompt(pairs, rc.heldout_fraction, rc.pairs_seed)
         train += tr
