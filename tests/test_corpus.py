@@ -20,6 +20,7 @@ from chatforge.data.corpus import (
     clean_text,
     is_val,
     lsh_bands,
+    open_sources,
     prepare,
     quality_reason,
     read_docs,
@@ -403,6 +404,27 @@ def test_prepare_errors(tmp_path: Path) -> None:
     with pytest.raises(ChatforgeError, match="no documents left"):
         prepare(make_run(tmp_path, [SourceConfig(kind="text", path=str(tmp_path / "s.txt"))]))
     assert not (tmp_path / "runs" / "t" / "data" / "docs.jsonl.gz").exists()
+
+
+def test_an_empty_source_fails_before_any_source_is_processed(tmp_path: Path) -> None:
+    """A source with no documents stopped `chatforge data` only when its turn came, after the sources
+    before it had been cleaned and deduplicated (minutes on a real corpus). Every source is now read up
+    to its first document before any work, and the documents read are not lost."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(3)) + "not json\n")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text"}\n')
+    sources = [SourceConfig(kind="jsonl", path=str(good)), SourceConfig(kind="world", seed=0, n_docs=200)]
+    opened = open_sources(sources)
+    assert opened[0][1].bad_records == 0  # only the first record of each source was read
+    assert [d.text for d in opened[0][2]] == [prose(i) for i in range(3)] and opened[0][1].bad_records == 1
+    for name, why in (("empty.jsonl", "empty file"), ("bad.jsonl", "no 'text' field")):
+        with pytest.raises(ChatforgeError, match=rf"jsonl:.*{name}: no documents .*{why}"):
+            open_sources([*sources, SourceConfig(kind="jsonl", path=str(tmp_path / name))])
+    with pytest.raises(ChatforgeError, match=r"empty\.jsonl: no documents"):
+        prepare(
+            make_run(tmp_path, [*sources, SourceConfig(kind="jsonl", path=str(tmp_path / "empty.jsonl"))])
+        )
 
 
 # ---------------------------------------------------------------- shards

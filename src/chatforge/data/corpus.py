@@ -433,6 +433,19 @@ def read_source(src: SourceConfig, report: ReadReport | None = None) -> Iterator
     return _limit(texts, src, label, report)
 
 
+def open_sources(sources: Iterable[SourceConfig]) -> list[tuple[SourceConfig, ReadReport, Iterator[Doc]]]:
+    """Open every source and read it up to its first document, so that a wrong path, an empty file or
+    a source of only bad records fails at once, not after minutes of work on the sources before it.
+    Usually only the first record is read; the document read is put back in front of the rest."""
+    opened = []
+    for src in sources:
+        report = ReadReport()
+        docs = read_source(src, report)
+        first = next(docs)  # a source with no document raises its one-line ChatforgeError here
+        opened.append((src, report, chain([first], docs)))
+    return opened
+
+
 def _limit(texts: Iterator[str], src: SourceConfig, label: str, report: ReadReport) -> Iterator[Doc]:
     n = 0
     for text in texts:
@@ -791,11 +804,7 @@ def prepare(cfg: RunConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dedup = Deduper.from_config(dcfg)
-    # Open every source first so that a wrong path fails before minutes of work on the others.
-    opened = []
-    for src in dcfg.sources:
-        report = ReadReport()
-        opened.append((src, report, read_source(src, report)))
+    opened = open_sources(dcfg.sources)
     per_source = []
     n_docs = n_chars = 0
     tmp = out_dir / (DOCS_FILE + ".tmp")
