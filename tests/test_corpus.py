@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
@@ -146,6 +147,43 @@ def test_invalid_utf8_is_replaced_and_reported(tmp_path: Path) -> None:
     texts, report = docs_of(SourceConfig(kind="jsonl", path=str(j)))
     assert texts == ["ok", "caf\ufffd"] and report.invalid_utf8 == 1
     assert report.examples[0].startswith(f"{j}:2:")
+
+
+def test_utf16_bom_and_old_mac_line_endings(tmp_path: Path) -> None:
+    """UTF-16 files (with their BOM, as Windows tools write them) were decoded as UTF-8 into replacement
+    characters and counted invalid_utf8, although the chat readers read them; a CR-only file (old Mac)
+    was one line, so one block; and a UTF-8 BOM followed by a blank line was a block of its own."""
+    text = "Caf\u00e9 one\nstill one\n\nt\u00e9a two\n"
+    for enc in ("utf-16", "utf-16-be", "utf-32"):
+        f = tmp_path / f"{enc}.txt"
+        data = text.encode(enc)
+        f.write_bytes(data if enc != "utf-16-be" else codecs.BOM_UTF16_BE + data)
+        for split, want in ((False, [text]), (True, ["Caf\u00e9 one\nstill one\n", "t\u00e9a two\n"])):
+            texts, report = docs_of(SourceConfig(kind="text", path=str(f), split_on_blank_lines=split))
+            assert texts == want and report.invalid_utf8 == 0, (enc, split)
+        j = tmp_path / f"{enc}.jsonl"
+        data = '{"text": "caf\u00e9"}\r\n{"text": "t\u00e9a"}\r\n'.encode(enc)
+        j.write_bytes(data if enc != "utf-16-be" else codecs.BOM_UTF16_BE + data)
+        texts, report = docs_of(SourceConfig(kind="jsonl", path=str(j)))
+        assert texts == ["caf\u00e9", "t\u00e9a"] and report.invalid_utf8 == 0 and not report.bad_records
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(b"one\rstill one\r\rtwo\r")
+    texts, _ = docs_of(SourceConfig(kind="text", path=str(mac), split_on_blank_lines=True))
+    assert texts == ["one\nstill one\n", "two\n"]
+    macj = tmp_path / "mac.jsonl"
+    macj.write_bytes(b'{"text": "a"}\r{"x": 1}\r{"text": "c"}\r')
+    texts, report = docs_of(SourceConfig(kind="jsonl", path=str(macj)))
+    assert texts == ["a", "c"] and report.examples == [f"{macj}:2: no 'text' field (has: x)"]
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(codecs.BOM_UTF8 + b"\n\nfirst\n\nsecond\r\n")
+    texts, report = docs_of(SourceConfig(kind="text", path=str(bom), split_on_blank_lines=True))
+    assert texts == ["first\n", "second\n"] and not report.bad_records
+    assert docs_of(SourceConfig(kind="text", path=str(bom)))[0] == ["\n\nfirst\n\nsecond\r\n"]
+    # A bad byte in a UTF-16 file is reported at its line, like a bad UTF-8 byte.
+    bad = tmp_path / "bad16.txt"
+    bad.write_bytes("ok\r\nline two ".encode("utf-16") + b"\x00\xd8" + "\n".encode("utf-16-le"))
+    texts, report = docs_of(SourceConfig(kind="text", path=str(bad)))
+    assert report.invalid_utf8 == 1 and report.examples[0].startswith(f"{bad}:2: ")
 
 
 def test_empty_and_unreadable_files_are_counted_not_fatal(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatforge.data import textio
 from chatforge.data.world import (
     KINSHIP,
     PERSON_RELATIONS,
@@ -2045,10 +2046,8 @@ def _open_text(path: Path) -> str:
     except (OSError, EOFError, zlib.error) as e:  # a corrupt deflate stream is a zlib.error
         raise ChatforgeError(f"{path}: cannot read ({e})") from e
     # A byte-order mark (Windows editors write one) is not part of the first record; UTF-16 files say
-    # so by theirs.
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16", errors="replace")
-    return data.decode("utf-8-sig", errors="replace")  # stray bytes become U+FFFD rather than failing
+    # so by theirs. Stray bytes become U+FFFD rather than failing. The corpus readers decode the same way.
+    return textio.decode_bytes(data)[0]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -2066,7 +2065,7 @@ def no_surrogates(obj: Any) -> Any:
     return obj
 
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK = textio.LINE_BREAK
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -2079,8 +2078,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
         for lineno, rec in _json_list_records(text, start + 1):
             yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
         return
-    # Lines end at \n, \r\n or \r only (a raw \r is never inside a JSON string): str.splitlines would
-    # also cut at U+2028, U+0085, \x0c..., which JSON (and our own write_jsonl) leave unescaped in strings.
+    # Lines end at \n, \r\n or \r only (a raw \r is never inside a JSON string); see textio.LINE_BREAK.
     for lineno, line in enumerate(_LINE_BREAK.split(text), 1):
         if not line.strip():
             continue

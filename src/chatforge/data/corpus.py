@@ -8,6 +8,7 @@ all, is a (one-line) ``ChatforgeError``.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -32,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from chatforge.data import textio
 from chatforge.errors import ChatforgeError
 
 if TYPE_CHECKING:
@@ -154,11 +156,29 @@ def _decode(raw: bytes, where: str, report: ReadReport) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _lines(file: Path, report: ReadReport) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) pairs; a read error mid-file (bad gzip, I/O) is one bad record."""
+def _lines(file: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs, streamed. Lines end at \\n, \\r\\n or \\r (old Mac files), each
+    yielded ending in \\n; a byte-order mark says the encoding, as in the chat readers (``textio``), and
+    is dropped; a mis-encoded UTF-8 line is decoded with replacement and counted. A read error mid-file
+    (bad gzip, I/O) is one bad record."""
     try:
         with _open_bytes(file) as f:
-            yield from enumerate(f, 1)
+            enc = textio.bom_encoding(f.read(4))
+            f.seek(0)
+            if enc not in ("utf-8", "utf-8-sig"):  # UTF-16/32 (rare, and small): decoded whole
+                text, bad_line = textio.decode_bytes(f.read())
+                if bad_line is not None:
+                    report.mis_encoded(f"{file}:{bad_line}")
+                yield from enumerate(textio.split_lines(text), 1)
+                return
+            # latin-1 maps bytes to characters one to one, so universal newlines split the bytes (\r
+            # and \n never occur inside a UTF-8 sequence) and each line is decoded, and reported, alone.
+            with io.TextIOWrapper(f, encoding="latin-1", newline=None) as lines:
+                for lineno, line in enumerate(lines, 1):
+                    raw = line.encode("latin-1")
+                    if lineno == 1 and enc == "utf-8-sig":
+                        raw = raw[len(codecs.BOM_UTF8) :]
+                    yield lineno, _decode(raw, f"{file}:{lineno}", report)
     except (OSError, EOFError, zlib.error) as e:
         report.bad(str(file), f"unreadable ({type(e).__name__}: {e})")
 
@@ -173,8 +193,7 @@ def _read_text(files: list[Path], src: SourceConfig, report: ReadReport) -> Iter
         n = 0
         if src.split_on_blank_lines:
             block: list[str] = []
-            for lineno, raw in _lines(file, report):
-                line = _decode(raw, f"{file}:{lineno}", report)
+            for _, line in _lines(file, report):
                 if line.strip():
                     block.append(line)
                 elif block:
@@ -191,12 +210,9 @@ def _read_text(files: list[Path], src: SourceConfig, report: ReadReport) -> Iter
             except (OSError, EOFError, zlib.error) as e:
                 report.bad(str(file), f"unreadable ({type(e).__name__}: {e})")
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                lineno = raw.count(b"\n", 0, e.start) + 1
-                report.mis_encoded(f"{file}:{lineno}")
-                text = raw.decode("utf-8", errors="replace")
+            text, bad_line = textio.decode_bytes(raw)  # a BOM says UTF-16 (or UTF-8) and is dropped
+            if bad_line is not None:
+                report.mis_encoded(f"{file}:{bad_line}")
             if text.strip():
                 n += 1
                 yield text
@@ -257,10 +273,10 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
             if report.reasons["unreadable"] == unreadable:  # an unreadable file is reported once
                 report.bad(str(file), "empty file")
             continue
-        if first[1].lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
+        if first[1].lstrip().startswith("["):
             # A .json file holding one array of records (the Alpaca/LIMA style), not JSON Lines.
-            raw = b"".join(r for _, r in chain([first], lines))
-            for i, (rec, bad) in enumerate(_json_array(_decode(raw, str(file), report), first[0])):
+            text = "".join(line for _, line in chain([first], lines))
+            for i, (rec, bad) in enumerate(_json_array(text, first[0])):
                 n_records += 1
                 text, why = (None, bad) if bad else _record_text(rec, src.text_field)
                 if text is None:
@@ -268,12 +284,11 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
                 else:
                     yield text
         else:
-            for lineno, raw in chain([first], lines):
-                if not raw.strip():
+            for lineno, line in chain([first], lines):
+                if not line.strip():
                     continue
                 n_records += 1
                 where = f"{file}:{lineno}"
-                line = _decode(raw, where, report).lstrip("\ufeff")
                 try:
                     rec = json.loads(line)
                 except ValueError as e:
