@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from chatforge.config import DataConfig, RunConfig, SourceConfig
+from chatforge.data.chat import read_openai_jsonl
 from chatforge.data.corpus import (
     Deduper,
     ReadReport,
@@ -184,6 +185,44 @@ def test_utf16_bom_and_old_mac_line_endings(tmp_path: Path) -> None:
     bad.write_bytes("ok\r\nline two ".encode("utf-16") + b"\x00\xd8" + "\n".encode("utf-16-le"))
     texts, report = docs_of(SourceConfig(kind="text", path=str(bad)))
     assert report.invalid_utf8 == 1 and report.examples[0].startswith(f"{bad}:2: ")
+
+
+def test_jsonl_whose_first_line_is_an_array_is_read_per_line(tmp_path: Path) -> None:
+    """A JSON Lines file whose first record is an array was taken for one JSON-array file: its other
+    lines were one "not JSON" bad record, or ignored. It is read line by line, with each line's error;
+    an array file (pretty-printed or on one line, even named .jsonl) is still read as one."""
+    recs = [
+        json.dumps([{"text": "in a list"}]),
+        json.dumps({"text": "second"}),
+        "oops",
+        json.dumps({"text": "x4"}),
+    ]
+    arr = [{"text": "a"}, {"text": "b"}]
+    for name in ("mixed.jsonl", "mixed.json", "mixed.txt"):
+        f = tmp_path / name
+        f.write_text("\n".join(recs) + "\n")
+        texts, report = docs_of(SourceConfig(kind="jsonl", path=str(f)))
+        assert texts == ["second", "x4"], name
+        assert report.examples == [f"{f}:1: not a JSON object (list)", f"{f}:3: not JSON (Expecting value)"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('[{"text": "a"},\n' + json.dumps({"text": "kept"}) + "\n")
+    texts, report = docs_of(SourceConfig(kind="jsonl", path=str(broken)))
+    assert texts == ["kept"] and report.examples[0].startswith(f"{broken}:1: not JSON")
+    for name, body in (("pretty.jsonl", json.dumps(arr, indent=2)), ("one.json", json.dumps(arr))):
+        (tmp_path / name).write_text(body + "\n")
+        texts, report = docs_of(SourceConfig(kind="jsonl", path=str(tmp_path / name)))
+        assert texts == ["a", "b"] and not report.bad_records, name
+    # The chat and preference readers decide the same way.
+    chat_recs = [
+        json.dumps([1]),
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+        ),
+        "oops",
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(chat_recs) + "\n")
+    convs, errors = read_openai_jsonl(tmp_path / "chat.jsonl")
+    assert len(convs) == 1 and [e.split("chat.jsonl:")[1][:2] for e in errors] == ["1:", "3:"]
 
 
 def test_empty_and_unreadable_files_are_counted_not_fatal(tmp_path: Path) -> None:

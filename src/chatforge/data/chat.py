@@ -2074,7 +2074,10 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     start = len(text) - len(text.lstrip())
     # Only a \uD800-\uDFFF escape can make a lone surrogate: look for one once, not in every record.
     fix = no_surrogates if re.search(r"\\u[dD][89a-fA-F]", text) else (lambda rec: rec)
-    if text[start : start + 1] == "[":
+    first = _LINE_BREAK.search(text, start)
+    first_end = first.start() if first else len(text)
+    more = bool(text[first_end:].strip())
+    if textio.json_array_file(path.name, text[start:first_end], more, lambda: text):
         for lineno, rec in _json_list_records(text, start + 1):
             yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
         return

@@ -26,6 +26,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -260,6 +261,12 @@ def _json_array(text: str, first_line: int = 1) -> Iterator[tuple[Any, str]]:
         pos = _JSON_WS.match(text, pos + 1).end()  # type: ignore[union-attr]
 
 
+def _read_rest(head: list[tuple[int, str]], lines: Iterator[tuple[int, str]]) -> str:
+    """Move the rest of ``lines`` into ``head`` (kept for whichever way the file is read): its text."""
+    head.extend(lines)
+    return "".join(line for _, line in head)
+
+
 def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Iterator[str]:
     for file in files:
         report.files += 1
@@ -273,9 +280,15 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
             if report.reasons["unreadable"] == unreadable:  # an unreadable file is reported once
                 report.bad(str(file), "empty file")
             continue
-        if first[1].lstrip().startswith("["):
-            # A .json file holding one array of records (the Alpaca/LIMA style), not JSON Lines.
-            text = "".join(line for _, line in chain([first], lines))
+        head = [first]
+        if first[1].lstrip().startswith("["):  # an array file, or JSON Lines whose first record is one
+            for item in lines:  # up to the next non-blank line: does more follow the first?
+                head.append(item)
+                if item[1].strip():
+                    break
+        more = len(head) > 1 and bool(head[-1][1].strip())
+        if textio.json_array_file(file.name, first[1], more, partial(_read_rest, head, lines)):
+            text = _read_rest(head, lines)
             for i, (rec, bad) in enumerate(_json_array(text, first[0])):
                 n_records += 1
                 text, why = (None, bad) if bad else _record_text(rec, src.text_field)
@@ -284,7 +297,7 @@ def _read_jsonl(files: list[Path], src: SourceConfig, report: ReadReport) -> Ite
                 else:
                     yield text
         else:
-            for lineno, line in chain([first], lines):
+            for lineno, line in chain(head, lines):
                 if not line.strip():
                     continue
                 n_records += 1

@@ -4,8 +4,9 @@ line endings (``\\n``, ``\\r\\n``, and ``\\r`` from old Mac files)."""
 from __future__ import annotations
 
 import codecs
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # Lines end at \n, \r\n or \r only: str.splitlines would also cut at U+2028, U+0085, \x0c..., which JSON
 # (and our own writers) leave unescaped inside strings.
@@ -48,3 +49,31 @@ def split_lines(text: str) -> Iterator[str]:
         pos = m.end()
     if pos < len(text):
         yield text[pos:]
+
+
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def json_array_file(name: str, first_line: str, more: bool, whole: Callable[[], str]) -> bool:
+    """Whether a JSON file is one array of records (the Alpaca/LIMA style) rather than JSON Lines, from
+    its first non-blank line, whether more non-blank lines follow, and (only where those leave it open)
+    ``whole()``, the whole text. A file is an array when it starts with "[", unless its first line is a
+    whole JSON value with more lines after it (JSON Lines whose first record is an array: no array file
+    looks like that). A .jsonl/.ndjson name says JSON Lines unless the whole file parses as one array,
+    so that a broken first line costs that line only, not the rest of the file."""
+    if not first_line.lstrip().startswith("["):
+        return False
+    if more and _complete_json(first_line):
+        return False
+    name = name.lower().removesuffix(".gz")
+    if name.endswith(JSON_LINES_SUFFIXES):
+        return _complete_json(whole())
+    return True
