@@ -69,19 +69,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     res = _run([str(single), "6", "8", "0", "adamw"], timeout=120)
     assert res.returncode == 0, res.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(SCRIPT),
-        str(ddp),
-        "6",
-        "4",
-        "0",
-        "adamw",
-    ]
+    cmd = _torchrun_tiny(str(ddp), "6", "4", "0", "adamw")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _losses(single), _losses(ddp)
