@@ -1015,21 +1015,14 @@ def _rebalance(writers: dict[str, _ShardWriter], dtype: np.dtype, eos: int, frac
         cut = int(starts[np.argmin(np.abs([val_tokens(int(c)) - want for c in starts]))])
         head = arr[:cut]
     tail = arr[cut:]
-    if full == "train":
-        with open(path, "r+b") as f:
-            f.truncate(0)
-            f.write(head.tobytes())
-        last["tokens"] = len(head)
-        writers["val"].write(tail)
-        moved = int(np.count_nonzero(tail == eos)) - split_doc
-    else:
-        with open(path, "r+b") as f:
-            f.truncate(0)
-            f.write(tail.tobytes())
-        last["tokens"] = len(tail)
-        writers["train"].write(head)
-        moved = int(np.count_nonzero(head == eos)) - split_doc
-    return moved, split_doc
+    # The full split keeps its part in its last shard; the other part goes to the empty split.
+    keep, move, other = (head, tail, "val") if full == "train" else (tail, head, "train")
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(keep.tobytes())
+    last["tokens"] = len(keep)
+    writers[other].write(move)
+    return int(np.count_nonzero(move == eos)) - split_doc, split_doc
 
 
 def write_shards(
