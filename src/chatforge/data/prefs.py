@@ -470,6 +470,18 @@ def _from_prefs(rec: dict) -> dict:
     return out
 
 
+def pair_problem(rec: dict) -> str | None:
+    """Why ``chatforge reward`` would not learn from this record of our own preference format: the reason
+    it counts it malformed, ``"identical"`` for two equal replies (a tie it skips), or None when usable."""
+    try:
+        _from_prefs(rec)
+    except _Bad as e:
+        return str(e)
+    except _Skip:
+        return "identical"
+    return None
+
+
 def _from_trl(rec: dict) -> dict:
     """TRL's preference shapes (UltraFeedback-binarized and most Hub preference sets): ``chosen`` and
     ``rejected`` as strings or message lists, with an explicit ``prompt`` (a string or messages, which

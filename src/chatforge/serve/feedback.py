@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from chatforge.data.chat import _Bad
-from chatforge.data.prefs import _from_prefs, _Skip
+from chatforge.data.prefs import pair_problem
 from chatforge.errors import ChatforgeError
 from chatforge.serve.db import Database
 
@@ -84,19 +83,17 @@ def export(db: Database, out: Path, min_weight: float = 0.0, weighted: bool = Fa
     # may send) is counted and left out, with the first reasons, instead of written.
     usable, unusable, identical, reasons = [], 0, 0, []
     for r in recs:
-        try:
-            _from_prefs(r)
-        except _Bad as e:
-            unusable += 1
-            if len(reasons) < 20:
-                reasons.append(str(e))
-            continue
-        except _Skip:
+        problem = pair_problem(r)
+        if problem == "identical":
             # The same answer twice (two identical samples): `chatforge reward` skips it as a tie, so it
             # is no pair, whatever the rater clicked; counted, not written.
             identical += 1
-            continue
-        usable.append(r)
+        elif problem is not None:
+            unusable += 1
+            if len(reasons) < 20:
+                reasons.append(problem)
+        else:
+            usable.append(r)
     recs = usable
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
