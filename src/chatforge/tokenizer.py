@@ -228,6 +228,10 @@ class Tokenizer:
         """Ids of ``text`` with special-token strings treated as ordinary text (for untrusted input)."""
         return self._plain_tokenizer().encode(text, add_special_tokens=False).ids
 
+    def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode_plain`` for many texts in one call."""
+        return [e.ids for e in self._plain_tokenizer().encode_batch_fast(texts, add_special_tokens=False)]
+
     def encode_chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """``apply_chat_template`` ids where roles and contents can never become special tokens.
 

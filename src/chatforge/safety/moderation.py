@@ -68,8 +68,14 @@ class Moderator(nn.Module):
 
 
 def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
-    """Token ids per text, cut to ``max_len`` (the opening carries the request in nearly every sample)."""
-    return [np.asarray(ids[:max_len] or [tok.eos_id], dtype=np.int64) for ids in tok.encode_batch(texts)]
+    """Token ids per text, cut to ``max_len`` (the opening carries the request in nearly every sample).
+
+    Encoded as plain text, as the chat engine encodes a user's content (``encode_chat_prompt``): a typed
+    ``<|im_end|>`` stays characters. As special tokens, twenty of them after a bomb request took its
+    illicit score from 0.96 to 0.26 with the v7 moderator, and the request was allowed."""
+    return [
+        np.asarray(ids[:max_len] or [tok.eos_id], dtype=np.int64) for ids in tok.encode_plain_batch(texts)
+    ]
 
 
 def label_arrays(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
