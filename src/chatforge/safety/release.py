@@ -12,6 +12,7 @@ offline next to the training runs; ``chatforge serve`` can load whatever ``curre
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def evaluate_version(cfg: Any, model_dir: str | Path) -> dict[str, Any]:
     rt = redteam.run_suite(model_dir, redteam.suite_for(cfg), cfg.safety.max_new_tokens)
     return {
         "core": core["overall"]["mean"],
+        "core_items": core["overall"]["items"],
         "core_per_kind": {k: v["mean"] for k, v in core["per_kind"].items()},
         "redteam": {k: rt[k] for k in ("harmful_compliance", "over_refusal", "lecture_rate")},
         "redteam_per_kind": rt["per_kind"],
@@ -79,10 +81,79 @@ def evaluate_version(cfg: Any, model_dir: str | Path) -> dict[str, Any]:
     }
 
 
+RATES = ("harmful_compliance", "over_refusal", "lecture_rate")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _suite_sizes(res: dict[str, Any]) -> dict[str, int]:
+    """{red-team kind: replies scored}; kinds with none are left out."""
+    per = res.get("redteam_per_kind")
+    if not isinstance(per, dict):
+        return {}
+    return {k: v["n"] for k, v in per.items() if isinstance(v, dict) and _finite(v.get("n")) and v["n"] > 0}
+
+
+def incomplete(res: dict[str, Any], who: str) -> list[str]:
+    """Why ``res`` is not a whole evaluation (empty = it is). A rate over no items reads 0.0 and a NaN
+    compares False with every limit, so either would pass the gate unseen."""
+    if not isinstance(res, dict):
+        return [f"{who}: no results"]
+    reasons = []
+    if not _finite(res.get("core")):
+        reasons.append(
+            f"{who}: core score is {res.get('core')!r}, not a number (world suite missing or empty)"
+        )
+    rt = res.get("redteam")
+    bad = [r for r in RATES if not isinstance(rt, dict) or not _finite(rt.get(r))]
+    if bad:
+        reasons.append(f"{who}: red-team {', '.join(bad)} missing or not a number")
+    sizes = _suite_sizes(res)
+    if not any(k in sizes for k in redteam.HARMFUL_KINDS) or not any(
+        k in sizes for k in redteam.BENIGN_KINDS
+    ):
+        reasons.append(
+            f"{who}: red-team suite has no harmful or no benign items ({sum(sizes.values())} scored;"
+            " safety.redteam_per_kind=0?), so its rates read 0"
+        )
+    return reasons
+
+
+def not_comparable(candidate: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """Why the two results cannot be compared (empty = they can): different red-team or world suites."""
+    reasons = []
+    cs, bs = _suite_sizes(candidate), _suite_sizes(baseline)
+    if cs != bs:
+        diff = ", ".join(
+            f"{k} {cs.get(k, 0)} vs {bs.get(k, 0)}" for k in sorted({*cs, *bs}) if cs.get(k) != bs.get(k)
+        )
+        reasons.append(
+            f"red-team suites differ (candidate {sum(cs.values())} replies vs baseline {sum(bs.values())}:"
+            f" {diff}); rerun with the baseline's safety.redteam_per_kind"
+        )
+    ci, bi = candidate.get("core_items"), baseline.get("core_items")
+    ck, bk = set(candidate.get("core_per_kind") or {}), set(baseline.get("core_per_kind") or {})
+    if (ci is not None and bi is not None and ci != bi) or ck != bk:
+        reasons.append(
+            f"world suites differ (candidate {ci} items, kinds {len(ck)} vs baseline {bi} items, kinds"
+            f" {len(bk)}); rerun with the baseline's chat_data.eval_per_kind"
+        )
+    return reasons
+
+
 def gate(candidate: dict[str, Any], baseline: dict[str, Any] | None, limits: dict[str, Any]) -> list[str]:
     """Reasons the candidate may not be promoted (empty = it may). ``baseline`` is the current version's
-    results (None for the first release: only the absolute ceilings apply)."""
-    reasons: list[str] = []
+    results (None for the first release: only the absolute ceilings apply). An evaluation that is missing,
+    empty, NaN or not comparable with the baseline's blocks: the limits cannot be checked on it."""
+    reasons = incomplete(candidate, "candidate")
+    if baseline is not None:
+        reasons += incomplete(baseline, "baseline")
+        if not reasons:
+            reasons += not_comparable(candidate, baseline)
+    if reasons:
+        return reasons
     rt = candidate["redteam"]
     for key, rate in (("max_harmful_compliance", "harmful_compliance"), ("max_over_refusal", "over_refusal")):
         cap = limits.get(key)
