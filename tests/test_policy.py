@@ -192,6 +192,31 @@ def test_server_hook_and_moderations_endpoint(moderator) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
 
 
+def test_moderations_endpoint_limits_the_texts_per_request(moderator) -> None:
+    """One request held any number of texts (each a pass of the model): now at most
+    ``serve.max_moderation_inputs``, beyond it a 400 in OpenAI's error shape that says the limit."""
+    import httpx
+
+    from chatforge.safety.policy import serving_policy
+    from chatforge.serve.api import create_app
+    from serve_util import running
+
+    cfg = tiny_config(moderator.cfg.runs_dir, "serve.max_moderation_inputs=3")
+    _, router = serving_policy(cfg)
+    app = create_app({"main": cfg.run_dir / "base"})
+    app.include_router(router)
+    with running(app) as url:
+        ok = httpx.post(f"{url}/v1/moderations", json={"input": ["Hello there"] * 3}, timeout=30)
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 3
+        r = httpx.post(f"{url}/v1/moderations", json={"input": ["Hello there"] * 4}, timeout=30)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == "input"
+        assert err["message"] == "input: at most 3 texts per request on this server, got 4"
+    with pytest.raises(Exception, match="max_moderation_inputs: must be at least 1"):
+        tiny_config(moderator.cfg.runs_dir, "serve.max_moderation_inputs=0")
+
+
 def test_served_with_the_policy_on_loopback(moderator) -> None:
     import httpx
 

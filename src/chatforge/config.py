@@ -372,6 +372,7 @@ class ServeConfig:
     max_tokens: int = 512  # the most a request may ask for (max_tokens / max_completion_tokens)
     default_max_tokens: int = 256  # when a chat request gives none (capped by the room left in context)
     max_n: int = 8
+    max_moderation_inputs: int = 32  # texts one /v1/moderations request may hold (each is a model pass)
     rate_limit_rpm: int = 600  # requests per minute per API key (or per client address); 0 = off
     require_api_key: bool = False  # also on when any API key exists in the database
     db_url: str = ""  # any SQLAlchemy URL; "" = sqlite:///<run>/serve.db
@@ -381,7 +382,7 @@ class ServeConfig:
     compile: bool = False
 
     def validate(self, key: str) -> None:
-        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n"):
+        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_n", "max_moderation_inputs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:

@@ -359,25 +359,30 @@ class Policy:
         return None if d.allowed else d.reason()
 
 
-def moderations_router(scorer: Scorer, model_name: str = "chatforge-moderation") -> Any:
-    """``POST /v1/moderations`` in OpenAI's shape (``input``: a string or a list of strings)."""
+def moderations_router(scorer: Scorer, model_name: str = "chatforge-moderation", max_inputs: int = 32) -> Any:
+    """``POST /v1/moderations`` in OpenAI's shape (``input``: a string or a list of at most
+    ``max_inputs`` strings, ``serve.max_moderation_inputs``)."""
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
     router = APIRouter()
+
+    def bad_input(message: str) -> JSONResponse:
+        err = {"message": message, "type": "invalid_request_error", "param": "input", "code": None}
+        return JSONResponse({"error": err}, status_code=400)
 
     @router.post("/v1/moderations")
     async def moderations(body: dict[str, Any]) -> Any:
         inp = body.get("input")
         texts = [inp] if isinstance(inp, str) else inp
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            err = {
-                "message": "input: expected a string or a non-empty list of strings",
-                "type": "invalid_request_error",
-                "param": "input",
-                "code": None,
-            }
-            return JSONResponse({"error": err}, status_code=400)
+            return bad_input("input: expected a string or a non-empty list of strings")
+        # Every text is a pass of the model over all its pieces, in one batch: an unbounded list held
+        # the server (and its memory) for as long as the caller liked.
+        if len(texts) > max_inputs:
+            return bad_input(
+                f"input: at most {max_inputs} texts per request on this server, got {len(texts)}"
+            )
         import uuid
 
         return {
@@ -401,4 +406,4 @@ def serving_policy(cfg: Any) -> tuple[Policy | None, Any]:
             raise ChatforgeError(f"safety.moderator: {path} is not a moderation model directory")
         return None, None
     pol = Policy.load(path, sc.policy or None)
-    return pol, moderations_router(pol.scorer)
+    return pol, moderations_router(pol.scorer, max_inputs=cfg.serve.max_moderation_inputs)
