@@ -203,8 +203,7 @@ def test_moderations_endpoint_limits_the_texts_per_request(moderator) -> None:
 
     cfg = tiny_config(moderator.cfg.runs_dir, "serve.max_moderation_inputs=3")
     _, router = serving_policy(cfg)
-    app = create_app({"main": cfg.run_dir / "base"})
-    app.include_router(router)
+    app = create_app({"main": cfg.run_dir / "base"}, routes=[router])
     with running(app) as url:
         ok = httpx.post(f"{url}/v1/moderations", json={"input": ["Hello there"] * 3}, timeout=30)
         assert ok.status_code == 200 and len(ok.json()["results"]) == 3
@@ -353,3 +352,29 @@ def test_redteam_measures_the_model_behind_the_policy(moderator) -> None:
 
     assert main(["report", "--run", str(cfg.run_dir)]) == 0
     assert "short everyday messages" in (cfg.run_dir / "report.md").read_text()
+
+
+def test_moderations_endpoint_checks_the_api_key_and_rate_limit(moderator) -> None:
+    """/v1/moderations was added beside create_app's routes and skipped their key check and rate limit:
+    a server that required a key answered it for anyone, as often as they liked."""
+    import dataclasses
+
+    import httpx
+
+    from chatforge.safety.policy import serving_policy
+    from chatforge.serve.api import create_app
+    from serve_util import running
+
+    cfg = tiny_config(moderator.cfg.runs_dir)
+    _, router = serving_policy(cfg)
+    keyed = dataclasses.replace(cfg.serve, require_api_key=True)
+    with running(create_app({"main": cfg.run_dir / "base"}, cfg=keyed, routes=[router])) as url:
+        r = httpx.post(f"{url}/v1/moderations", json={"input": "Hello there"}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    limited = dataclasses.replace(cfg.serve, rate_limit_rpm=2)
+    with running(create_app({"main": cfg.run_dir / "base"}, cfg=limited, routes=[router])) as url:
+        codes = [
+            httpx.post(f"{url}/v1/moderations", json={"input": "Hello there"}, timeout=30).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]

@@ -15,7 +15,8 @@ replies too). Output is checked in chunks
 (at a sentence end, every ``OUTPUT_CHECK_CHARS`` characters, and at the finish), not after every token:
 a chunk is held back until the check has seen the whole text up to it, and a flagged chunk is never
 sent (the text, and any logprobs, stop where the last clean chunk ended). Further routes
-(``/v1/moderations``) can be added to the returned app with ``app.include_router``.
+(``/v1/moderations``) come in as ``create_app(..., routes=[router])``, behind the same API-key check and
+rate limit as the rest of ``/v1``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -356,10 +357,12 @@ def create_app(
     admin_key: str | None = None,
     policy: Policy | None = None,
     active: str | None = None,
+    routes: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The server for ``versions`` ({name: checkpoint dir}); the first (or ``active``) one is promoted
     when the database has no earlier promotion of a loaded version. ``db`` is a Database or a URL
     (default: in-memory SQLite). ``admin_key`` defaults to the environment variable ``cfg.admin_key_env``.
+    ``routes`` (e.g. ``/v1/moderations``) are served behind the API-key check and rate limit.
     """
     cfg = cfg or ServeConfig()
     if not isinstance(db, Database):
@@ -1191,6 +1194,9 @@ def create_app(
         auth_cache.clear()
         return {"revoked": revoked}
 
+    # Added with app.include_router after create_app, /v1/moderations answered without a key or a limit.
+    for router in routes:
+        app.include_router(router, dependencies=[Depends(caller)])
     return app
 
 
@@ -1234,9 +1240,7 @@ def run(cfg: RunConfig, model: str | None = None, versions: list[str] | None = N
     from chatforge.safety.policy import serving_policy
 
     policy, moderations = serving_policy(cfg)  # input/output moderation + /v1/moderations (issue 8)
-    app = create_app(vs, cfg=sc, db=db_url, policy=policy)
-    if moderations is not None:
-        app.include_router(moderations)
+    app = create_app(vs, cfg=sc, db=db_url, policy=policy, routes=[moderations] if moderations else [])
     print(f"chatforge serve: http://{sc.host}:{sc.port}/  versions: {', '.join(vs)}  db: {db_url}")
     uvicorn.run(app, host=sc.host, port=sc.port, log_level="warning")
     return {"versions": vs, "db_url": db_url}
