@@ -22,6 +22,16 @@ from chatforge.serve.feedback import Pair, export, leaderboard, rater_stats
 from serve_util import fresh_database, make_checkpoints, running, throwaway_postgres
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who builds clocks?"}]
+# A vote as the web UI posts it to /ui/votes.
+UI_VOTE = {
+    "prompt": PROMPT,
+    "answer_a": "Ada.",
+    "answer_b": "Bob.",
+    "model_a": "sft",
+    "model_b": "base",
+    "a_left": True,
+    "rater": "r1",
+}
 
 
 def _vote(db: Database, winner: str, rater: str = "r1", a_left: bool = True, **kw) -> int:
@@ -206,16 +216,7 @@ def test_bad_votes_are_clear_400s_and_deleting_a_conversation_keeps_its_votes(
     (PostgreSQL: out-of-range integers, over-long names; both: unknown conversation ids, and deleting a
     conversation that has votes)."""
     app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url)
-    good = {
-        "prompt": PROMPT,
-        "answer_a": "Ada.",
-        "answer_b": "Bob.",
-        "model_a": "sft",
-        "model_b": "base",
-        "a_left": True,
-        "winner": "b",
-        "rater": "r1",
-    }
+    good = {**UI_VOTE, "winner": "b"}
     bad = [
         ({"conversation_id": 12345}, 404, "no conversation 12345"),
         ({"conversation_id": 2**40}, 400, "conversation_id"),
@@ -326,16 +327,7 @@ def test_export_leaves_out_votes_whose_prompt_reward_cannot_read(db_url: str, tm
     that `chatforge reward` counts as malformed. They are still stored (the leaderboard uses them), but
     the export counts them and writes only pairs that read back."""
     app = create_app(None, cfg=ServeConfig(rate_limit_rpm=0), db=db_url)
-    good = {
-        "prompt": PROMPT,
-        "answer_a": "Ada.",
-        "answer_b": "Bob.",
-        "model_a": "sft",
-        "model_b": "base",
-        "a_left": True,
-        "winner": "a",
-        "rater": "r1",
-    }
+    good = {**UI_VOTE, "winner": "a"}
     u, a = "user", "assistant"
     odd = [
         [
