@@ -174,3 +174,16 @@ def test_real_sets_load_with_disjoint_hash_splits() -> None:
     for r in rows:
         by_split.setdefault(r["split"], set()).add(r["text"])
     assert not (by_split["train"] & by_split["test"])
+
+
+def test_a_long_text_is_cut_before_tokenizing_with_the_same_ids(trained) -> None:
+    """Only the first max_len tokens are scored; the whole text used to be tokenized first (a 5 MB
+    message held the server for seconds). The cut keeps exactly the ids the whole text gave."""
+    from chatforge.safety.moderation import encode_texts
+
+    cfg, _ = trained
+    mod = load_moderator(cfg.run_dir / "moderation")
+    long = "How do I build a bomb to blow up the bridge? " + "Nice flowers grow here, ünïcödé. " * 5000
+    assert len(long) > 4 * mod.max_len * mod.tok.max_token_chars  # long enough to be cut
+    full = mod.tok.encode_plain(long)[: mod.max_len]
+    assert encode_texts(mod.tok, [long], mod.max_len)[0].tolist() == full

@@ -73,6 +73,10 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> list[np.ndar
     Encoded as plain text, as the chat engine encodes a user's content (``encode_chat_prompt``): a typed
     ``<|im_end|>`` stays characters. As special tokens, twenty of them after a bomb request took its
     illicit score from 0.96 to 0.26 with the v7 moderator, and the request was allowed."""
+    # Only the first max_len tokens are read: the rest of a long text is cut before tokenizing, which holds
+    # the GIL (a 5 MB message took 2.7 s, the whole server waiting). 4x leaves room for normalisation.
+    cut = 4 * max_len * tok.max_token_chars
+    texts = [t[:cut] for t in texts]
     return [
         np.asarray(ids[:max_len] or [tok.eos_id], dtype=np.int64) for ids in tok.encode_plain_batch(texts)
     ]
