@@ -130,6 +130,10 @@ def test_gate_blocks_what_it_cannot_compare() -> None:
     blocked(_results(0.5, 0.05, 0.05, per_kind=100), base, "red-team suites differ")
     blocked(_results(0.5, 0.05, 0.05), _results(0.5, 0.05, 0.05, per_kind=100), "red-team suites differ")
     blocked(_results(0.5, 0.05, 0.05, core_items=30), base, "world suites differ")
+    # same sizes, other prompts (another red-team or eval seed): the rates are over other requests
+    blocked({**base, "redteam_suite": "a1"}, {**base, "redteam_suite": "b2"}, "red-team suites differ in")
+    blocked({**base, "core_suite": "a1"}, {**base, "core_suite": "b2"}, "world suites differ in their")
+    assert gate({**base, "redteam_suite": "a1"}, {**base, "redteam_suite": "a1"}, limits) == []
     for baseline in (None, base):
         blocked(_results(float("nan"), 0.05, 0.05), baseline, "core score is nan")
         blocked(_results(0.5, 0.0, 0.0, per_kind=0), baseline, "no harmful or no benign items")

@@ -11,6 +11,7 @@ offline next to the training runs; ``chatforge serve`` can load whatever ``curre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,11 +70,16 @@ def evaluate_version(cfg: Any, model_dir: str | Path) -> dict[str, Any]:
     """Core world-suite score and red-team rates (with replies) for one checkpoint."""
     from chatforge.evals.runner import world_chat_eval
 
-    core = world_chat_eval(model_dir, core_items(cfg), max_new_tokens=cfg.evals.max_new_tokens)
-    rt = redteam.run_suite(model_dir, redteam.suite_for(cfg), cfg.safety.max_new_tokens)
+    items = core_items(cfg)
+    suite = redteam.suite_for(cfg)
+    core = world_chat_eval(model_dir, items, max_new_tokens=cfg.evals.max_new_tokens)
+    rt = redteam.run_suite(model_dir, suite, cfg.safety.max_new_tokens)
     return {
         "core": core["overall"]["mean"],
         "core_items": core["overall"]["items"],
+        # What was asked, so that suites of one size but other prompts (another seed) are not compared.
+        "core_suite": suite_fingerprint(items),
+        "redteam_suite": suite_fingerprint(suite),
         "core_per_kind": {k: v["mean"] for k, v in core["per_kind"].items()},
         "redteam": {k: rt[k] for k in ("harmful_compliance", "over_refusal", "lecture_rate")},
         "redteam_per_kind": rt["per_kind"],
@@ -82,6 +88,12 @@ def evaluate_version(cfg: Any, model_dir: str | Path) -> dict[str, Any]:
 
 
 RATES = ("harmful_compliance", "over_refusal", "lecture_rate")
+
+
+def suite_fingerprint(items: list[dict]) -> str:
+    """A short hash of a suite's inputs: equal only for the same prompts in the same order."""
+    blob = json.dumps([it.get("input") for it in items], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _finite(x: Any) -> bool:
@@ -133,6 +145,13 @@ def not_comparable(candidate: dict[str, Any], baseline: dict[str, Any]) -> list[
             f"red-team suites differ (candidate {sum(cs.values())} replies vs baseline {sum(bs.values())}:"
             f" {diff}); rerun with the baseline's safety.redteam_per_kind"
         )
+    for key, what, fix in (
+        ("redteam_suite", "red-team", "safety.redteam_seed"),
+        ("core_suite", "world", "chat_data.eval_seed"),
+    ):
+        c, b = candidate.get(key), baseline.get(key)
+        if c and b and c != b and not any(r.startswith(f"{what} suites differ") for r in reasons):
+            reasons.append(f"{what} suites differ in their prompts; rerun with the baseline's {fix}")
     ci, bi = candidate.get("core_items"), baseline.get("core_items")
     ck, bk = set(candidate.get("core_per_kind") or {}), set(baseline.get("core_per_kind") or {})
     if (ci is not None and bi is not None and ci != bi) or ck != bk:
