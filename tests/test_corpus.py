@@ -727,3 +727,21 @@ def test_empty_split_error_gives_the_right_advice(tmp_path: Path) -> None:
         )
         with pytest.raises(ChatforgeError, match=f"the '{split}' split has no tokens; add data or {advice}"):
             TokenShards(tmp_path, split)
+
+
+def test_a_streamed_hf_source_is_checked_up_front_and_reopened_for_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The up-front check left a streamed source's connection idle while the sources before it were
+    processed; it is now closed after the check and read again from its start when its turn comes."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(3)))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps({"title": "no text"}) + "\n")
+    with pytest.raises(ChatforgeError, match="no documents"):
+        open_sources([SourceConfig(kind="hf", path=str(empty), streaming=True)])
+    ((_, report, docs),) = open_sources([SourceConfig(kind="hf", path=str(f), streaming=True)])
+    assert [d.text for d in docs] == [prose(i) for i in range(3)]  # each once: the check's read is not kept
+    assert report.bad_records == 0 and report.files == 1  # the check's counts start over, not doubled

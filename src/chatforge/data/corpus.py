@@ -470,8 +470,20 @@ def open_sources(sources: Iterable[SourceConfig]) -> list[tuple[SourceConfig, Re
         report = ReadReport()
         docs = read_source(src, report)
         first = next(docs)  # a source with no document raises its one-line ChatforgeError here
-        opened.append((src, report, chain([first], docs)))
+        if src.kind == "hf" and src.streaming:
+            # A stream left idle while the sources before it are processed can be dropped by the server
+            # (the rest of it would then count as one unreadable record): checked now, reopened later.
+            docs.close()
+            opened.append((src, report, _reopen(src, report)))
+        else:
+            opened.append((src, report, chain([first], docs)))
     return opened
+
+
+def _reopen(src: SourceConfig, report: ReadReport) -> Iterator[Doc]:
+    """``src`` read again from its start, when its turn comes (the first read's counts start over)."""
+    report.__init__()  # type: ignore[misc]
+    yield from read_source(src, report)
 
 
 def _limit(texts: Iterator[str], src: SourceConfig, label: str, report: ReadReport) -> Iterator[Doc]:
