@@ -85,7 +85,7 @@ def test_likelihood_feature_rm_learns_saves_and_reloads(tok, tmp_path) -> None:
     assert float(rm.lm_weight.detach()) != pytest.approx(0.1)  # learnt, not left at its start
     save_reward_model(rm, tmp_path / "rm", tok)
     again = load_reward_model(tmp_path / "rm")
-    assert float(again.lm_weight) == pytest.approx(float(rm.lm_weight))
+    assert float(again.lm_weight.detach()) == pytest.approx(float(rm.lm_weight.detach()))
     prompts = [[{"role": "user", "content": "green apple?"}]] * 2
     replies = ["yes river", "no river"]
     a = score(rm.eval(), tok, prompts, replies)
