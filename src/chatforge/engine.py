@@ -294,6 +294,7 @@ class _Row:
     gen: torch.Generator | None  # None when greedy
     # logit_bias minus the penalties so far, one entry per vocabulary id (None when the row has neither)
     adjust: torch.Tensor | None = None
+    seen: set[int] = field(default_factory=set)  # tokens generated so far, for presence_penalty only
     pending: int | None = None  # sampled and reported, not yet fed to the model
     length: int = 0  # tokens in the slot's cache, kept on the host so a step never reads it back
     tokens: list[int] = field(default_factory=list)
@@ -580,7 +581,9 @@ class EngineSession:
             return self._finish(row, None, "stop", "")
         if row.adjust is not None and (p.frequency_penalty or p.presence_penalty):
             # OpenAI's penalties: frequency per earlier occurrence, presence once per distinct token.
-            first = bool(p.presence_penalty) and t not in row.tokens
+            first = bool(p.presence_penalty) and t not in row.seen  # a set: `in row.tokens` scanned them all
+            if p.presence_penalty:
+                row.seen.add(t)
             row.adjust[t] -= p.frequency_penalty + (p.presence_penalty if first else 0.0)
         row.tokens.append(t)
         if p.wants_logprobs:
