@@ -55,7 +55,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     n: int = 1  # samples per prompt
-    seed: int | None = None  # per-sample generators: sample j of prompt i draws sample_seed(seed, i*n + j)
+    # Per-sample generators: sample j of prompt i draws sample_seed(sample_seed(seed, i * n), j).
+    seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the tokenizer's end markers
     logprobs: bool = False  # log-probability of each chosen token under the model (before temperature)
