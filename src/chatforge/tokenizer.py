@@ -8,6 +8,7 @@ cheap to import in data workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -228,13 +229,11 @@ class Tokenizer:
         """Ids of ``text`` with special-token strings treated as ordinary text (for untrusted input)."""
         return self._plain_tokenizer().encode(text, add_special_tokens=False).ids
 
-    @property
+    @functools.cached_property
     def max_token_chars(self) -> int:
         """The most characters one token can stand for (its vocabulary entry's length: byte-level pieces
         are at least as long as the text they decode to)."""
-        if getattr(self, "_max_token_chars", None) is None:
-            self._max_token_chars = max(map(len, self._tok.get_vocab()), default=1)
-        return self._max_token_chars
+        return max(map(len, self._tok.get_vocab()), default=1)
 
     def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode_plain`` for many texts in one call."""

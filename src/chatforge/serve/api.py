@@ -30,7 +30,6 @@ import re
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -295,23 +294,15 @@ def logit_bias_of(raw: dict[str, float] | None, vocab_size: int) -> dict[int, fl
     return out
 
 
-_LONGEST_TOKEN: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
-
-
 def surely_too_long(engine: Engine, texts: list[str], context: int) -> int | None:
     """The byte length of ``texts`` when it cannot fit in ``context`` tokens whatever their tokens, else
     None: checked before tokenizing, which holds the GIL (the whole server stops: every stream) for
     seconds on a multi-megabyte request that is refused anyway. A token never covers more than the
-    longest entry of the vocabulary; the factor 4 leaves room for a normalizer that composes characters.
+    longest entry of the vocabulary (``Tokenizer.max_token_chars``, one character per byte); the factor
+    4 leaves room for a normalizer that composes characters.
     """
-    longest = _LONGEST_TOKEN.get(engine)
-    if longest is None:
-        table = engine._token_bytes()
-        longest = _LONGEST_TOKEN[engine] = max(map(len, table), default=0) if table is not None else 0
-    if not longest:
-        return None
     size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    return size if size > 4 * longest * context else None
+    return size if size > 4 * engine.tokenizer.max_token_chars * context else None
 
 
 # The safety policy's notes on a request (JSON list of strings), e.g. a "safety:" line it did not apply.
