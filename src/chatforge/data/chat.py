@@ -2065,16 +2065,13 @@ def no_surrogates(obj: Any) -> Any:
     return obj
 
 
-_LINE_BREAK = textio.LINE_BREAK
-
-
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record or _Bad) from a JSON list or a JSONL file."""
     text = _open_text(path)
     start = len(text) - len(text.lstrip())
     # Only a \uD800-\uDFFF escape can make a lone surrogate: look for one once, not in every record.
     fix = no_surrogates if re.search(r"\\u[dD][89a-fA-F]", text) else (lambda rec: rec)
-    first = _LINE_BREAK.search(text, start)
+    first = textio.LINE_BREAK.search(text, start)
     first_end = first.start() if first else len(text)
     more = bool(text[first_end:].strip())
     if textio.json_array_file(path.name, text[start:first_end], more, lambda: text):
@@ -2082,7 +2079,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             yield lineno, rec if isinstance(rec, _Bad) else fix(rec)
         return
     # Lines end at \n, \r\n or \r only (a raw \r is never inside a JSON string); see textio.LINE_BREAK.
-    for lineno, line in enumerate(_LINE_BREAK.split(text), 1):
+    for lineno, line in enumerate(textio.LINE_BREAK.split(text), 1):
         if not line.strip():
             continue
         try:

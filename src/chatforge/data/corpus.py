@@ -157,6 +157,15 @@ def _decode(raw: bytes, where: str, report: ReadReport) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _decode_file(raw: bytes, file: Path, report: ReadReport) -> str:
+    """A whole file's bytes as text (a byte-order mark says UTF-16/32, or UTF-8, and is dropped); the
+    first mis-encoded line is counted."""
+    text, bad_line = textio.decode_bytes(raw)
+    if bad_line is not None:
+        report.mis_encoded(f"{file}:{bad_line}")
+    return text
+
+
 def _lines(file: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) pairs, streamed. Lines end at \\n, \\r\\n or \\r (old Mac files), each
     yielded ending in \\n; a byte-order mark says the encoding, as in the chat readers (``textio``), and
@@ -167,10 +176,7 @@ def _lines(file: Path, report: ReadReport) -> Iterator[tuple[int, str]]:
             enc = textio.bom_encoding(f.read(4))
             f.seek(0)
             if enc not in ("utf-8", "utf-8-sig"):  # UTF-16/32 (rare, and small): decoded whole
-                text, bad_line = textio.decode_bytes(f.read())
-                if bad_line is not None:
-                    report.mis_encoded(f"{file}:{bad_line}")
-                yield from enumerate(textio.split_lines(text), 1)
+                yield from enumerate(textio.split_lines(_decode_file(f.read(), file, report)), 1)
                 return
             # latin-1 maps bytes to characters one to one, so universal newlines split the bytes (\r
             # and \n never occur inside a UTF-8 sequence) and each line is decoded, and reported, alone.
@@ -211,9 +217,7 @@ def _read_text(files: list[Path], src: SourceConfig, report: ReadReport) -> Iter
             except (OSError, EOFError, zlib.error) as e:
                 report.bad(str(file), f"unreadable ({type(e).__name__}: {e})")
                 continue
-            text, bad_line = textio.decode_bytes(raw)  # a BOM says UTF-16 (or UTF-8) and is dropped
-            if bad_line is not None:
-                report.mis_encoded(f"{file}:{bad_line}")
+            text = _decode_file(raw, file, report)
             if text.strip():
                 n += 1
                 yield text
