@@ -472,21 +472,22 @@ def open_sources(sources: Iterable[SourceConfig]) -> list[tuple[SourceConfig, Re
     opened = []
     for src in sources:
         report = ReadReport()
-        docs = read_source(src, report)
-        first = next(docs)  # a source with no document raises its one-line ChatforgeError here
         if src.kind == "hf" and src.streaming:
             # A stream left idle while the sources before it are processed can be dropped by the server
-            # (the rest of it would then count as one unreadable record): checked now, reopened later.
-            docs.close()
-            opened.append((src, report, _reopen(src, report)))
-        else:
-            opened.append((src, report, chain([first], docs)))
+            # (the rest of it would then count as one unreadable record): checked now with a throwaway
+            # report, read from its start when its turn comes.
+            probe = read_source(src, ReadReport())
+            next(probe)  # a source with no document raises its one-line ChatforgeError here
+            probe.close()
+            opened.append((src, report, _when_its_turn_comes(src, report)))
+            continue
+        docs = read_source(src, report)
+        first = next(docs)
+        opened.append((src, report, chain([first], docs)))
     return opened
 
 
-def _reopen(src: SourceConfig, report: ReadReport) -> Iterator[Doc]:
-    """``src`` read again from its start, when its turn comes (the first read's counts start over)."""
-    report.__init__()  # type: ignore[misc]
+def _when_its_turn_comes(src: SourceConfig, report: ReadReport) -> Iterator[Doc]:
     yield from read_source(src, report)
 
 
