@@ -123,16 +123,21 @@ def test_ranks_preparing_the_same_data_at_once_do_not_collide(tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
 
 
+def _tiny_grpo(runs: Path, prompts: int, batch_size: int) -> subprocess.CompletedProcess:
+    """One GRPO iteration of 2 samples per prompt on 2 processes."""
+    return _torchrun(
+        runs,
+        "grpo",
+        *("--set", "grpo.init=base", "--set", "grpo.steps=1", "--set", f"grpo.prompts_per_step={prompts}"),
+        *("--set", "grpo.samples_per_prompt=2", "--set", "grpo.max_new_tokens=4"),
+        *("--set", f"grpo.train.batch_size={batch_size}", "--set", "grpo.train.progress=false"),
+    )
+
+
 def test_rl_minibatch_that_does_not_split_over_the_processes_is_refused(runs: Path) -> None:
     # grpo.train.batch_size is a global minibatch split row by row: 1 row on 2 processes left rank 1 an
     # empty batch (a RuntimeError deep in the loss), 3 would weigh rank 1's one row twice.
-    res = _torchrun(
-        runs,
-        "grpo",
-        *("--set", "grpo.init=base", "--set", "grpo.steps=1", "--set", "grpo.prompts_per_step=2"),
-        *("--set", "grpo.samples_per_prompt=2", "--set", "grpo.max_new_tokens=4"),
-        *("--set", "grpo.train.batch_size=1", "--set", "grpo.train.progress=false"),
-    )
+    res = _tiny_grpo(runs, prompts=2, batch_size=1)
     assert res.returncode != 0
     assert "grpo.train.batch_size: 1 rows per minibatch do not split evenly over 2 processes" in res.stderr
     assert "RuntimeError" not in res.stderr
@@ -140,13 +145,7 @@ def test_rl_minibatch_that_does_not_split_over_the_processes_is_refused(runs: Pa
 
 def test_rl_with_fewer_prompts_than_processes_is_refused(runs: Path) -> None:
     # Each process samples its share of an iteration's prompts: with 1 prompt on 2 processes one has none.
-    res = _torchrun(
-        runs,
-        "grpo",
-        *("--set", "grpo.init=base", "--set", "grpo.steps=1", "--set", "grpo.prompts_per_step=1"),
-        *("--set", "grpo.samples_per_prompt=2", "--set", "grpo.max_new_tokens=4"),
-        *("--set", "grpo.train.batch_size=2", "--set", "grpo.train.progress=false"),
-    )
+    res = _tiny_grpo(runs, prompts=1, batch_size=2)
     assert res.returncode != 0
     assert "grpo.prompts_per_step: 1 prompts per iteration leave some of the 2 processes none" in res.stderr
     assert "src/chatforge" not in res.stderr  # a one-line error, no traceback through our code
