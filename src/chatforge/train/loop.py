@@ -516,9 +516,10 @@ class Trainer:
             vals = [loss_val.item(), float(n_tokens), stop, *(totals[k] for k in keys)]
             stats = torch.tensor(vals, dtype=torch.float64, device=rt.device)
             dist.all_reduce(stats)
-            loss_f, n_tokens = stats[0].item() / rt.world_size, int(stats[1].item())
-            self._stop_agreed = stats[2].item() > 0
-            totals = {k: stats[3 + i].item() / rt.world_size for i, k in enumerate(keys)}
+            summed = stats.tolist()  # one copy to the host, not one sync per value
+            loss_f, n_tokens = summed[0] / rt.world_size, int(summed[1])
+            self._stop_agreed = summed[2] > 0
+            totals = {k: summed[3 + i] / rt.world_size for i, k in enumerate(keys)}
         else:
             loss_f = loss_val.item()
         if not math.isfinite(loss_f):
