@@ -64,6 +64,38 @@ def test_resume_after_kill_replays_exactly(tmp_path: Path) -> None:
     assert resumed == reference  # bit-for-bit the same losses as the uninterrupted run
 
 
+def test_sigterm_saves_a_checkpoint_after_the_step_and_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERM (``kill``, a scheduler's time limit, ``docker stop``) used to end a run wherever it was, losing
+    the steps since the last checkpoint. Now the run finishes its step, saves a checkpoint there and exits
+    as if interrupted; the rerun resumes from that step and matches an uninterrupted run bit for bit."""
+    _run([str(tmp_path / "full"), "15", "4"], timeout=120)
+    reference = _losses(tmp_path / "full")
+    work = tmp_path / "term"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(work), "15", "4", "0.15"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    latest = work / "checkpoints" / "latest"
+    deadline = time.time() + 90
+    while time.time() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err[-2000:]
+    saved = re.search(r"interrupted: checkpoint saved at step (\d+); run again to resume", err)
+    assert saved and "SIGTERM: stopping the run after this step" in err, err[-2000:]
+    step = int(saved.group(1))
+    assert 3 < step < 15 and f"stopped at step {step}" in out
+    assert latest.read_text() == f"step_{step:07d}"  # saved where it stopped, not only the periodic one
+
+    res = _run([str(work), "15", "4"], timeout=120)
+    assert res.returncode == 0 and "'resumed': True" in res.stdout, res.stderr[-2000:]
+    assert _losses(work) == reference
+
+
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     res = _run([str(single), "6", "8", "0", "adamw"], timeout=120)
@@ -162,6 +194,35 @@ def test_ctrl_c_during_the_optimizer_update_still_resumes_exactly(tmp_path: Path
     out = _tiny_trainer(tmp_path / "int").fit()
     assert out["resumed"]
     assert _losses(tmp_path / "int") == reference
+
+
+def test_sigterm_inside_an_rl_iteration_stops_at_its_end(tmp_path: Path) -> None:
+    """An RL run resumes only at an iteration's boundary (its rollouts would be redrawn from changed weights
+    otherwise). A SIGTERM in step 5 of a run whose iterations are 4 steps used to stop at step 5 and save
+    nothing, losing the iteration; the run now finishes the iteration and saves step 8."""
+    _tiny_trainer(tmp_path / "ref").fit()
+    reference = _losses(tmp_path / "ref")
+    t = _tiny_trainer(tmp_path / "int")
+    t.resume_every = 4  # as PPO/GRPO set it: optimizer steps per iteration
+    t.cfg.ckpt_every = 0
+    batch_fn = t.batch_fn
+
+    def term_in_step_5(step: int, *rest: int) -> dict:
+        if t.step == 4 and not rest[0]:  # the first micro-batch of step 5
+            # (without the run's handler SIGTERM would end the test process itself)
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "fit() does not handle SIGTERM"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_fn(step, *rest)
+
+    t.batch_fn = term_in_step_5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's alone
+    assert t.step == 8 and max(_losses(tmp_path / "int")) == 8
+    assert (tmp_path / "int" / "checkpoints" / "latest").read_text() == "step_0000008"
+    out = _tiny_trainer(tmp_path / "int").fit()
+    assert out["resumed"] and _losses(tmp_path / "int") == reference
 
 
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_resumes(tmp_path: Path) -> None:
@@ -284,7 +345,7 @@ def two_process_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int,
     return _losses(work)
 
 
-@pytest.mark.parametrize("target", ["torchrun", "torchrun and every rank", "one rank"])
+@pytest.mark.parametrize("target", ["torchrun", "torchrun and every rank", "one rank", "SIGTERM to torchrun"])
 def test_ctrl_c_under_torchrun_stops_every_process_at_one_step(
     tmp_path: Path, two_process_reference: dict[int, float], target: str
 ) -> None:
@@ -296,7 +357,8 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_one_step(
     "torchrun": SIGINT to torchrun's process group, as a terminal's Ctrl-C (torchrun relays it to the ranks,
     which it starts in sessions of their own); "torchrun and every rank": also straight to each rank, as
     under a launcher that leaves them in the terminal's group (each rank gets the one keypress twice);
-    "one rank": only rank 1."""
+    "one rank": only rank 1; "SIGTERM to torchrun": as a scheduler stops a job (torchrun passes it on to the
+    ranks, and kills them if they have not exited 30 s later)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     work, pids = tmp_path / "int", tmp_path / "pids"
     pids.mkdir()
@@ -324,7 +386,9 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_one_step(
         ranks = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
         if target.startswith("torchrun"):
             os.killpg(proc.pid, signal.SIGINT)
-        for pid in {"torchrun": [], "torchrun and every rank": ranks, "one rank": ranks[1:]}[target]:
+        elif target == "SIGTERM to torchrun":
+            proc.send_signal(signal.SIGTERM)
+        for pid in {"torchrun and every rank": ranks, "one rank": ranks[1:]}.get(target, []):
             os.kill(pid, signal.SIGINT)
         proc.wait(timeout=120)
     finally:

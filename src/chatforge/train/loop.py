@@ -349,8 +349,9 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self._updating = False
-        # Under torchrun, Ctrl-C only notes the time here; the ranks agree on it at each step boundary.
-        self._sigint_at: float | None = None
+        # A deferred stop (SIGTERM; Ctrl-C under torchrun) only notes the time here; the run stops at the
+        # next step boundary (under torchrun the ranks agree on it there).
+        self._stop_asked_at: float | None = None
         self._stop_agreed = False
         self._wait_group: Any = None
         wrapped: nn.Module = self.model
@@ -509,7 +510,7 @@ class Trainer:
         if rt.distributed:
             # The step's one all-reduce also carries whether any rank saw Ctrl-C: all of them then stop
             # after this step, together, at no extra cost.
-            stop = float(self._sigint_at is not None)
+            stop = float(self._stop_asked_at is not None)
             # So do the loss function's extras (every rank's loss function returns the same keys): the
             # log then shows the mean over all processes' rows, not rank 0's alone.
             keys = sorted(totals)
@@ -522,6 +523,7 @@ class Trainer:
             totals = {k: summed[3 + i] / rt.world_size for i, k in enumerate(keys)}
         else:
             loss_f = loss_val.item()
+            self._stop_agreed = self._stop_asked_at is not None
         if not math.isfinite(loss_f):
             self._updating = False
             raise ChatforgeError(
@@ -565,43 +567,51 @@ class Trainer:
         return bool(due)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
-        with self._sigint_deferred():
+        with self._stops_deferred():
             return self._fit(resume)
 
     @contextlib.contextmanager
-    def _sigint_deferred(self) -> Iterator[None]:
-        """Under torchrun, Ctrl-C only asks to stop: the ranks agree on it at the next step boundary, so all
-        of them stop at the same step and save one checkpoint together. A second Ctrl-C raises at once."""
-        self._sigint_at, self._stop_agreed = None, False
-        if (
-            not self.rt.distributed
-            or threading.current_thread() is not threading.main_thread()
-            # SIGINT ignored (a background job) or handled by the caller: leave it as it is
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
+    def _stops_deferred(self) -> Iterator[None]:
+        """SIGTERM (``kill``, a scheduler's time limit, ``docker stop``, torchrun passing one on) and, under
+        torchrun, Ctrl-C only ask to stop: the run stops at the next step boundary where a checkpoint
+        replays exactly, saves it, and exits as if interrupted; under torchrun all ranks stop at the same
+        step and save one checkpoint together. A second signal of the same kind stops at once."""
+        self._stop_asked_at, self._stop_agreed = None, False
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
 
-        def on_sigint(signum: int, frame: Any) -> None:
+        def ask_to_stop(signum: int, frame: Any) -> None:
             now = time.monotonic()
-            if self._sigint_at is None:
-                self._sigint_at = now
+            if self._stop_asked_at is None:
+                self._stop_asked_at = now
                 if self.rt.is_main:
+                    why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                    again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {why}"
+                    who = "every process" if self.rt.distributed else "the run"
                     # os.write, not print: this can run in the middle of another write to stderr.
-                    note = f"\n{self.desc}: stopping every process after this step (Ctrl-C again to stop at once)\n"
+                    note = f"\n{self.desc}: {why}: stopping {who} after this step ({again} stops at once)\n"
                     os.write(2, note.encode())
-            elif now - self._sigint_at > _RELAY_WINDOW_S:
+            elif now - self._stop_asked_at > _RELAY_WINDOW_S:
                 raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        wanted = [signal.SIGTERM]
+        if self.rt.distributed:  # on one process Ctrl-C stops at once, as a user at a terminal expects
+            wanted.append(signal.SIGINT)
+        # A signal that is ignored (SIGINT in a background job) or has a caller's handler is left as it is.
+        expected = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        previous = {
+            sig: signal.signal(sig, ask_to_stop) for sig in wanted if signal.getsignal(sig) is expected[sig]
+        }
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _agree_stop(self) -> bool:
         """Whether any rank saw Ctrl-C (a collective: every rank calls it at the same point)."""
-        flag = torch.tensor([float(self._sigint_at is not None)], device=self.rt.device)
+        flag = torch.tensor([float(self._stop_asked_at is not None)], device=self.rt.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop_agreed = flag.item() > 0
         return self._stop_agreed
@@ -674,7 +684,9 @@ class Trainer:
                     self.metrics.log("train", self.step, **rec)
                     bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_t, window_tok = time.perf_counter(), 0
-                if self._stop_agreed:  # a rank saw Ctrl-C: every rank stops here, after this same step
+                # A stop was asked for (under torchrun: on some rank; all of them agree after the same
+                # step). An RL iteration is finished first: a checkpoint inside one would not replay.
+                if self._stop_agreed and self.step % self.resume_every == 0:
                     raise KeyboardInterrupt
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     last_eval = self.run_eval()
@@ -691,7 +703,8 @@ class Trainer:
         bar.close()
         last_eval = self.run_eval() or last_eval
         self.run_hooks(final=True)
-        if self.rt.distributed and self._agree_stop():  # Ctrl-C during the final evaluation
+        # A stop asked for during the final evaluation: save the finished steps' checkpoint and stop there.
+        if self._agree_stop() if self.rt.distributed else self._stop_asked_at is not None:
             self._interrupted()
             raise KeyboardInterrupt
         self.metrics.log(
