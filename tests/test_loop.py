@@ -225,6 +225,31 @@ def test_sigterm_inside_an_rl_iteration_stops_at_its_end(tmp_path: Path) -> None
     assert out["resumed"] and _losses(tmp_path / "int") == reference
 
 
+def test_a_stop_during_the_final_evaluation_resumes_without_logging_it_twice(tmp_path: Path) -> None:
+    """A SIGTERM during the final evaluation saves the finished steps and stops; the resumed run evaluates
+    again. Its records used to be kept beside the new ones: two evaluations of one step in the log."""
+    t = _tiny_trainer(tmp_path)
+    calls: list[int] = []
+
+    def evaluate(m: torch.nn.Module, step: int) -> dict[str, float]:
+        calls.append(step)
+        if step == 8 and len(calls) == 1:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "fit() does not handle SIGTERM"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"val_loss": 1.0}
+
+    t.evaluate = evaluate
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000008"
+    t = _tiny_trainer(tmp_path)
+    t.evaluate = evaluate
+    assert t.fit()["resumed"] and calls == [8, 8]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "eval")] == [8]
+    assert len(read_metrics(tmp_path / "metrics.jsonl", "end")) == 1
+    assert sorted(_losses(tmp_path)) == list(range(1, 9))
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_resumes(tmp_path: Path) -> None:
     """A full disk (here: the pointer file's name taken by a folder) mid-run is one line that names the
     last good checkpoint, not a traceback; once the space is back the run resumes from it, exactly."""

@@ -183,15 +183,20 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, redo_step: bool = False) -> None:
+        """Drop the records after ``step``; with ``redo_step`` also that step's evaluations (the run was
+        stopped during its final evaluation, which the resumed run does again)."""
         if not (self.enabled and self.path.exists()):
             return
         kept = []
         for ln in self.path.read_text().splitlines():
             rec = _parse_line(ln)
             # A line that does not parse is a record torn by the crash being resumed from: drop it.
-            if rec is not None and rec.get("step", 0) <= step:
-                kept.append(ln)
+            if rec is None or rec.get("step", 0) > step:
+                continue
+            if redo_step and rec.get("step", 0) == step and rec.get("event") != "train":
+                continue
+            kept.append(ln)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, self.path)
@@ -466,7 +471,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        self.metrics.truncate_after(self.step)
+        # At the last step only the final evaluation is left to do, and it is done again.
+        self.metrics.truncate_after(self.step, redo_step=self.step == self.cfg.steps)
         return True
 
     # ---- one optimizer step
