@@ -187,3 +187,34 @@ def test_a_saved_run_config_with_a_removed_setting_still_loads(tmp_path: Path) -
     path.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match=r"ppo\.whiten_rewards: removed: nothing ever read it"):
         load_config(path)
+
+
+def test_a_recipe_extends_another_and_names_only_what_it_changes(tmp_path: Path) -> None:
+    quick, demo = load_config("cpu-quick"), load_config("cpu-demo")
+    assert quick.name == "cpu-quick" and quick.sft.steps == 600
+    assert quick.sft.lr == demo.sft.lr and quick.model == demo.model  # kept from cpu-demo
+    assert quick.grpo.kinds == demo.grpo.kinds and quick.moderation.train.steps == 60
+
+    (tmp_path / "sub").mkdir()
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("name: p\nsft:\n  steps: 7\n  lr: 0.002\nevals:\n  models: [base, sft]\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../parent.yaml\nname: c\nsft:\n  steps: 9\nevals:\n  models: [sft]\n")
+    cfg = load_config(child, ["sft.lr=0.003"])
+    assert (cfg.name, cfg.sft.steps, cfg.sft.lr, cfg.evals.models) == ("c", 9, 0.003, ["sft"])
+    assert load_config(child).sft.lr == 0.002  # a section merges key by key; a list is replaced
+
+    parent.write_text("extends: sub/child.yaml\n")
+    with pytest.raises(
+        ConfigError, match=r"extends itself \(.*child.yaml -> .*parent.yaml -> .*child.yaml\)"
+    ):
+        load_config(child)
+    child.write_text("extends: nope\n")
+    with pytest.raises(ConfigError, match=r"unknown recipe 'nope'"):
+        load_config(child)
+    child.write_text("extends: [cpu-demo]\n")
+    with pytest.raises(ConfigError, match=r"extends: expected a recipe name or file"):
+        load_config(child)
+    child.write_text("extends: cpu-demo\nsft:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"sft.stepz: unknown key"):
+        load_config(child)

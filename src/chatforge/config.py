@@ -960,12 +960,37 @@ def resolve_recipe(recipe: str | Path | None) -> Path:
     return cand
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe, apply ``--set`` overrides, validate, and return a RunConfig."""
-    path = resolve_recipe(recipe)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key, anything else (a list too) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections, on top of those of the recipe it ``extends`` (a name, or a path relative to
+    its own file) if any: a variant names only what it changes."""
     data = load_yaml(read_user_text(path, ConfigError), f"recipe {path}", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"recipe {path}: extends: expected a recipe name or file, got {parent!r}")
+    near = path.parent / parent
+    ppath = resolve_recipe(near if near.suffix in (".yaml", ".yml") else parent)
+    chain = (*chain, path.resolve())
+    if ppath.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, ppath.resolve()))
+        raise ConfigError(f"recipe {path}: extends itself ({loop})")
+    return _merge(_read_recipe(ppath, chain), data)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe, apply ``--set`` overrides, validate, and return a RunConfig."""
+    data = _read_recipe(resolve_recipe(recipe))
     # Overrides apply to the full config (recipe over defaults), so they can reach default list elements.
     data = apply_overrides(to_dict(from_dict(RunConfig, data)), overrides or [])
     cfg = from_dict(RunConfig, data)
