@@ -191,9 +191,9 @@ def test_a_saved_run_config_with_a_removed_setting_still_loads(tmp_path: Path) -
 
 def test_a_recipe_extends_another_and_names_only_what_it_changes(tmp_path: Path) -> None:
     quick, demo = load_config("cpu-quick"), load_config("cpu-demo")
-    assert quick.name == "cpu-quick" and quick.sft.steps == 600
+    assert quick.name == "cpu-quick" and quick.sft.steps == 1200
     assert quick.sft.lr == demo.sft.lr and quick.model == demo.model  # kept from cpu-demo
-    assert quick.grpo.kinds == demo.grpo.kinds and quick.moderation.train.steps == 60
+    assert quick.grpo.kinds == demo.grpo.kinds and quick.speedrun.rl == "grpo" and not quick.speedrun.safety
 
     (tmp_path / "sub").mkdir()
     parent = tmp_path / "parent.yaml"

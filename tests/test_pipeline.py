@@ -145,6 +145,16 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(run_dir: Path) -> N
     assert "[tokenizer] up to date" in res.stdout and "[pretrain] running" in res.stdout
     assert "[sft] running" in res.stdout  # later stages follow the one that changed
     assert json.loads((run_dir / "report.json").read_text())["pretrain"]["steps"] == 20
+    # Safety switched off while the RL policy changes: the red team on disk judged the old policy, so the
+    # report leaves it out and says so (it used to show it as this run's); the moderator, made from
+    # nothing that changed, stays.
+    res = _speedrun(run_dir.parent, "pretrain.steps=20", "grpo.kl_coef=0.3", "speedrun.safety=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[rlhf] running" in res.stdout and "[redteam]" not in res.stdout
+    report, md = json.loads((run_dir / "report.json").read_text()), (run_dir / "report.md").read_text()
+    assert report["stale_stages"] == {"redteam": "rlhf"} and "redteam" not in report
+    assert "## Red team" not in md and "Left out:" in md and "redteam (before rlhf ran again)" in md
+    assert "## Moderation classifier" in md and "## RLHF (grpo)" in md
 
 
 def test_stage_hash_follows_config_and_generator_versions(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -170,7 +170,13 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
         res = fns[name](cfg)
         secs = time.perf_counter() - t0
         log(f"[{name}] done in {secs:.1f}s")
-        book[name] = {"hash": h, "started": h, "seconds": round(secs, 2), "result": _jsonable(res)}
+        book[name] = {
+            "hash": h,
+            "started": h,
+            "seconds": round(secs, 2),
+            "finished": time.time(),  # what stale_stages compares
+            "result": _jsonable(res),
+        }
         results[name] = book[name]["result"]
         _write_book(book_path, book)
     from chatforge.evals import report
@@ -179,6 +185,23 @@ def run(cfg: RunConfig, fresh: bool = False, log: Callable[[str], None] = print)
     total = time.perf_counter() - t_start
     log(f"report: {paths['md']}  (speedrun wall time {total:.1f}s)")
     return {"stages": results, "report": str(paths["md"]), "seconds": total}
+
+
+def stale_stages(book: dict[str, Any]) -> dict[str, str]:
+    """Stages of ``book`` (a run's stages.json) whose results were made from outputs that have been
+    remade since: {stage: the stage that ran after it}. A speedrun re-runs such a stage, unless the recipe
+    now switches it off (``speedrun.safety: false`` after a run with it): then its results on disk describe
+    older checkpoints, and the report leaves them out."""
+    out = {}
+    for name, entry in book.items():
+        if name not in STAGES or not isinstance(entry, dict) or "finished" not in entry:
+            continue  # books written before finish times were kept say nothing
+        for up, (sections, _) in STAGES.items():
+            later = book.get(up, {}).get("finished", 0) if isinstance(book.get(up), dict) else 0
+            if up != name and set(sections) <= set(STAGES[name][0]) and later > entry["finished"]:
+                out[name] = up
+                break
+    return out
 
 
 def _read_book(path: Path, log: Callable[[str], None]) -> dict[str, Any]:

@@ -85,9 +85,13 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
     tps = [r["tokens_per_s"] for r in train_recs[1:]] or [0.0]
     tps_median = sorted(tps)[len(tps) // 2]
 
+    from chatforge.speedrun import stale_stages
+
+    stale = stale_stages(stages)
     report: dict[str, Any] = {
         "name": cfg.name,
-        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "stage_seconds": {k: v.get("seconds") for k, v in stages.items() if k not in stale},
+        "stale_stages": stale,
         "data": data_stats.get("totals", data_stats),
         "tokens": {s: sum(f["tokens"] for f in fs) for s, fs in index.get("splits", {}).items()},
         "model": {
@@ -145,6 +149,12 @@ def write_report(cfg: RunConfig) -> dict[str, Path]:
     lines = [f"# chatforge report card: `{cfg.name}`", ""]
     lines += ["## Stages", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stage_seconds"].items()]
+    if stale:
+        left = ", ".join(f"{k} (before {v} ran again)" for k, v in stale.items())
+        lines += [
+            "",
+            f"Left out: results made from older checkpoints, by stages this run did not redo: {left}.",
+        ]
     lines += ["", "## Data", ""]
     if report["data"]:
         lines += ["| measure | value |", "|---|---|"] + [
@@ -464,7 +474,8 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
     """Reward model, RL, safety and scaling, each only if its stage left results in the run."""
     run_dir = cfg.run_dir
     lines: list[str] = []
-    rm = _read_json(run_dir / "rm" / "training_summary.json")
+    stale = report.get("stale_stages", {})
+    rm = None if "reward" in stale else _read_json(run_dir / "rm" / "training_summary.json")
     if rm:
         held = rm.get("heldout", {})
         report["reward_model"] = held
@@ -484,10 +495,13 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
     curves = plot_rl_curves(
         run_dir / "train" / rl / "metrics.jsonl", run_dir / "rl_curves.png", f"{cfg.name}: {rl}"
     )
+    if "rlhf" in stale:
+        curves = None
     table = run_dir / "evals" / "rlhf.md"
-    if table.is_file() or curves:
+    show_table = table.is_file() and "rlhf_eval" not in stale
+    if show_table or curves:
         lines += ["", f"## RLHF ({rl})", ""]
-        if table.is_file():
+        if show_table:
             lines += _demoted(table.read_text())
             report["rlhf"] = _read_json(run_dir / "evals" / "rlhf.json")
         if curves:
@@ -499,7 +513,7 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
             (run_dir / "evals").glob("redteam_*.json"),
             key=lambda p: ({"base": 0, "sft": 1}.get(p.stem.removeprefix("redteam_"), 2), p.stem),
         )
-        if isinstance(d := _read_json(p), dict) and "harmful_compliance" in d
+        if "redteam" not in stale and isinstance(d := _read_json(p), dict) and "harmful_compliance" in d
     }
     if redteam:
         keys = ("harmful_compliance", "over_refusal", "lecture_rate")
@@ -570,7 +584,7 @@ def _later_stages_section(cfg: RunConfig, report: dict[str, Any]) -> list[str]:
             lines += [
                 f"| {k} | " + " | ".join(_fmt(r.get(m, "—")) for m in models) + " |" for k, r in rows.items()
             ]
-    moderation = _read_json(run_dir / "evals" / "moderation.json")
+    moderation = None if "moderation" in stale else _read_json(run_dir / "evals" / "moderation.json")
     if isinstance(moderation, dict) and moderation:
         from chatforge.safety.moderation import summary_table
 
