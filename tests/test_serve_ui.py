@@ -97,10 +97,14 @@ def test_chat_streams_is_stored_and_rated(site, page) -> None:
     # Greedy: a sampled reply from the random-weight model can hit <|im_end|> after a token or two.
     page.fill("#temperature", "0")
     page.fill("#system", "Answer briefly.")
-    # Record the reply's length at each DOM update while it streams in.
-    page.evaluate("""() => { window.__lens = []; new MutationObserver(() => {
-        const c = document.querySelector('.msg.assistant .content'); if (c) window.__lens.push(c.innerText.length); })
-        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
+    # Record the length of the text put in the reply at each DOM update while it streams in. From each
+    # mutation's own added nodes, not the element's text when the observer runs: on a loaded machine
+    # many deltas arrive in one network read, and the observer then runs once, after the last of them.
+    page.evaluate("""() => { window.__lens = []; new MutationObserver((records) => {
+        for (const r of records) {
+            if (!r.addedNodes.length || !r.target.matches || !r.target.matches('.msg.assistant .content')) continue;
+            let n = 0; r.addedNodes.forEach((x) => { n += x.textContent.length; }); window.__lens.push(n);
+        } }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
     page.fill("[data-testid=input]", "Who builds clocks?")
     page.click("[data-testid=send]")
     page.wait_for_function(
