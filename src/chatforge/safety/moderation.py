@@ -4,8 +4,11 @@ multi-label head over OpenAI's moderation categories.
 Why this shape: the backbone is ``model.GPT`` loaded from a base/SFT checkpoint (its ``hidden_states``),
 so what pretraining learned about the world's people and towns carries over; the head reads the mean of
 the final hidden states over the text plus the last token's (a causal model's only full-text view). The
-loss is binary cross-entropy per category, masked where a source did not label a category. Per-category
-``flagged`` thresholds are tuned for F1 on a validation split and saved with the model.
+loss is binary cross-entropy per category, masked where a source did not label a category. A text is
+scored as the max over itself and its prefixes that end a sentence (``Moderator``), and a text longer than
+the window (``max_len`` tokens) as the max over windows covering it (``score_texts``), in evaluation,
+threshold tuning and serving alike: benign padding around a request diluted the whole text's score.
+Per-category ``flagged`` thresholds are tuned for F1 on a validation split and saved with the model.
 
 Artifact ``<run>/moderation/``: the backbone as a Hugging Face model directory (config.json,
 model.safetensors, tokenizer), ``moderation.json`` (categories, thresholds, head weights) and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +48,44 @@ from chatforge.train.loop import (
 HEAD_FILE = "moderation.json"
 
 
-class Moderator(nn.Module):
-    """GPT backbone + a linear multi-label head on [mean-pooled ; last-token] hidden states."""
+# Tokens that end a sentence: ". ! ?" or a line break in them.
+_SENTENCE_END = re.compile(r"[.!?\n]")
 
-    def __init__(self, backbone: GPT, n_labels: int = len(CATEGORIES)) -> None:
+
+def sentence_ends(tok: Tokenizer) -> torch.Tensor:
+    """[vocab] bool: which token ids end a sentence (what ``Moderator`` reads prefixes up to)."""
+    return torch.tensor([bool(_SENTENCE_END.search(tok.decode([i]))) for i in range(tok.vocab_size)])
+
+
+class Moderator(nn.Module):
+    """GPT backbone + a linear multi-label head on [mean-pooled ; last-token] hidden states.
+
+    Trained on whole texts; scored (``prefixes=True``) as the max over the whole text and its prefixes
+    that end a sentence (``ends``: token ids). A causal model's states never see the tokens after them,
+    so a prefix's score in the one pass is the score it gets as a text of its own, and benign text after
+    a request cannot lower its score (scored whole, v7's bomb request fell from 0.96 to 0.43 on illicit
+    with " nice flowers" x5 after it). Every prefix, not only sentences', was tried (trained so):
+    it refused look-alikes cut at their edgy verb ("How do I blow up" a photo), 28% of the red team's."""
+
+    def __init__(self, backbone: GPT, ends: torch.Tensor | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(2 * backbone.config.hidden_size, n_labels)
+        self.head = nn.Linear(2 * backbone.config.hidden_size, len(CATEGORIES))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if ends is None:
+            ends = torch.zeros(backbone.config.vocab_size, dtype=torch.bool)
+        self.register_buffer("ends", ends, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, prefixes: bool = False) -> torch.Tensor:
         """Logits [B, C] for right-padded ``input_ids`` [B, T] with ``lengths`` real tokens each."""
         h = self.backbone.hidden_states(input_ids)
-        T = input_ids.shape[1]
-        mask = (torch.arange(T, device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
-        mean = (h * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(h.dtype)
-        last = h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]
-        return self.head(torch.cat([mean, last], dim=-1))
+        pos = torch.arange(input_ids.shape[1], device=h.device)[None, :]
+        last = pos == lengths[:, None] - 1
+        read = ((self.ends[input_ids] & (pos < lengths[:, None])) | last) if prefixes else last
+        mean = h.cumsum(1) / (pos[..., None] + 1).to(h.dtype)  # each prefix's mean
+        logits = self.head(torch.cat([mean, h], dim=-1))  # [B, T, C]: each prefix's
+        return logits.masked_fill(~read[..., None], torch.finfo(logits.dtype).min).amax(1)
 
 
 # ---------------------------------------------------------------- batches and loss
@@ -80,6 +104,39 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> list[np.ndar
     return [
         np.asarray(ids[:max_len] or [tok.eos_id], dtype=np.int64) for ids in tok.encode_plain_batch(texts)
     ]
+
+
+# A text longer than the window is read in windows of max_len tokens every max_len // 2 (the last ending
+# where the text does), its score the max over them: the first max_len tokens alone let a long preamble
+# push a request out of view. Half-window steps put any request up to max_len // 2 tokens whole inside one.
+# Read up to READ_TOKENS: four times the chat models' context (a longer prompt is refused before it is
+# moderated), and a bound on the work one text can ask for.
+READ_TOKENS = 2048
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """``ids`` when it fits ``size``, else ``size``-token slices every ``size // 2``, the last at the end."""
+    if len(ids) <= size:
+        return [ids]
+    step = max(1, size // 2)
+    starts = [*range(0, len(ids) - size, step), len(ids) - size]
+    return [ids[a : a + size] for a in starts]
+
+
+def score_texts(model: Moderator, tok: Tokenizer, texts: list[str], max_len: int) -> np.ndarray:
+    """Sigmoid scores [N, C], each the max over the text's ``windows`` (one batched pass over all). Text
+    with nothing but whitespace says nothing, so it scores 0 in every category: fed to the model as a lone
+    end-of-text token, the v7 moderator flagged an empty message in five categories, sexual/minors too."""
+    out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
+    idx = [i for i, t in enumerate(texts) if t.strip()]
+    seqs, owner = [], []
+    for i, ids in zip(idx, encode_texts(tok, [texts[i] for i in idx], READ_TOKENS), strict=True):
+        for w in windows(ids.tolist(), max_len):
+            seqs.append(np.asarray(w, dtype=np.int64))
+            owner.append(i)
+    if seqs:
+        np.maximum.at(out, np.asarray(owner), predict(model, seqs, tok.pad_id))
+    return out
 
 
 def label_arrays(examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +171,8 @@ def moderation_loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, di
 def predict(
     model: Moderator, seqs: list[np.ndarray], pad_id: int, batch_size: int = 64, progress: bool = False
 ) -> np.ndarray:
-    """Sigmoid scores [N, C]; batches are formed in length order so padding stays small."""
+    """Sigmoid scores [N, C], each sequence's max over its sentence prefixes (``Moderator``); batches are
+    formed in length order so padding stays small."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -123,7 +181,7 @@ def predict(
     for s in tqdm(starts, desc="moderation", disable=not progress, leave=False):
         idx = order[s : s + batch_size]
         ids, lengths = pad_ids([seqs[i] for i in idx], pad_id)
-        logits = model(ids.to(device), lengths.to(device)).float()
+        logits = model(ids.to(device), lengths.to(device), prefixes=True).float()
         out[idx] = torch.sigmoid(logits).cpu().numpy()
     return out
 
@@ -272,15 +330,9 @@ class LoadedModerator:
         self.max_len: int = meta.get("max_len", 128)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        """Sigmoid scores [N, C]. Text with nothing but whitespace says nothing, so it scores 0 in every
-        category: fed to the model as a lone end-of-text token (``encode_texts``' stand-in for no tokens),
-        the v7 moderator flagged an empty message in five categories, sexual/minors among them."""
-        out = np.zeros((len(texts), len(self.categories)), dtype=np.float32)
-        idx = [i for i, t in enumerate(texts) if t.strip()]
-        if idx:
-            seqs = encode_texts(self.tok, [texts[i] for i in idx], self.max_len)
-            out[idx] = predict(self.model, seqs, self.tok.pad_id)
-        return out
+        """Sigmoid scores [N, C], as tuned and evaluated: the max over each text's windows (``score_texts``);
+        blank text scores 0."""
+        return score_texts(self.model, self.tok, texts, self.max_len)
 
     def score(self, texts: list[str], thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """One ``{"flagged", "categories", "category_scores"}`` per text; ``thresholds`` override (e.g. a
@@ -299,9 +351,10 @@ def load_moderator(path: str | Path, device: str = "cpu") -> LoadedModerator:
     meta = _read_meta(p)
     if list(meta.get("categories", [])) != list(CATEGORIES):
         raise ChatforgeError(f"{p / HEAD_FILE}: categories differ from this version's {list(CATEGORIES)}")
-    model = Moderator(load_model(p, device=device)).to(device)
-    _load_head(model, meta)
-    return LoadedModerator(model, Tokenizer.load(p), meta)
+    tok = Tokenizer.load(p)
+    model = Moderator(load_model(p, device=device), sentence_ends(tok))
+    _load_head(model.to(device), meta)
+    return LoadedModerator(model, tok, meta)
 
 
 # ---------------------------------------------------------------- the stage
@@ -349,8 +402,8 @@ def _by_source(examples: list[dict]) -> dict[str, list[int]]:
 def evaluate_split(
     model: Moderator, tok: Tokenizer, examples: list[dict], thresholds: dict[str, float], max_len: int
 ) -> dict[str, Any]:
-    """Metrics on ``examples`` overall and per source (world, moderation, ...)."""
-    scores = predict(model, encode_texts(tok, [e["text"] for e in examples], max_len), tok.pad_id)
+    """Metrics on ``examples`` overall and per source (world, moderation, ...), scored as served."""
+    scores = score_texts(model, tok, [e["text"] for e in examples], max_len)
     y, m = label_arrays(examples)
     out = {"all": category_metrics(scores, y, m, thresholds)}
     for src, idx in sorted(_by_source(examples).items()):
@@ -369,7 +422,7 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
     backbone = load_model(init)
     start = weights_fingerprint(backbone)
     max_len = min(tc.seq_len, backbone.config.max_position_embeddings)
-    model = Moderator(backbone)
+    model = Moderator(backbone, sentence_ends(tok))
     data = build_dataset(cfg)
     train_ex = data["train"]
     if not train_ex:
@@ -396,13 +449,13 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         }
 
     val_ex = data["val"]
-    val_seqs = encode_texts(tok, [e["text"] for e in val_ex], max_len)
+    val_texts = [e["text"] for e in val_ex]
     val_y, val_m = label_arrays(val_ex)
 
     def evaluate(m: nn.Module, step: int) -> dict[str, float]:
         if not val_ex:
             return {}
-        s = predict(m, val_seqs, tok.pad_id)  # type: ignore[arg-type]
+        s = score_texts(m, tok, val_texts, max_len)  # type: ignore[arg-type]
         res = category_metrics(s, val_y, val_m, {c: 0.5 for c in CATEGORIES})
         return {"val_mean_auprc": res["mean_auprc"], "val_any_auprc": res["per_category"]["any"]["auprc"]}
 
@@ -422,10 +475,10 @@ def train(cfg: RunConfig, resume: bool = True) -> dict[str, Any]:
         find_unused_parameters=True,  # the backbone's LM head is not part of the classifier
     )
     summary = trainer.fit(resume=resume)
-    # Thresholds: best F1 per category on the validation split (world + real).
+    # Thresholds: best F1 per category on the validation split (world + real), scored as served.
     thresholds = {c: 0.5 for c in CATEGORIES}
     if val_ex:
-        vs = predict(model, val_seqs, tok.pad_id)
+        vs = score_texts(model, tok, val_texts, max_len)
         for j, c in enumerate(CATEGORIES):
             rows = val_m[:, j] > 0
             thresholds[c] = round(best_f1_threshold(vs[rows, j], val_y[rows, j]), 6)
