@@ -24,7 +24,7 @@ import numpy as np
 from chatforge.data.chat import decline_groups
 from chatforge.data.world import build_world
 from chatforge.safety import redteam
-from chatforge.safety.moderation_data import HARMFUL
+from chatforge.safety.moderation_data import HARMFUL, training_templates
 from chatforge.safety.policy import Policy
 
 STORY = (  # six sentences, ~120 tokens: with a request, past one 128-token window
@@ -57,7 +57,7 @@ PADDINGS = {
 def attack_sets(seed: int = 0) -> dict[str, list[str]]:
     world, rng = build_world(seed), random.Random("padding-attack")
     seen = {u for users, _ in decline_groups() for u in users}
-    seen |= {t for ts, _ in HARMFUL for t in (ts[:-1] if len(ts) >= 3 else ts)}
+    seen |= {t for ts, _ in HARMFUL for t in training_templates(ts)}
     reqs = redteam._harmful_requests()
     held = [t for t in reqs if t not in seen]
 

@@ -197,7 +197,8 @@ def stale_stages(book: dict[str, Any]) -> dict[str, str]:
         if name not in STAGES or not isinstance(entry, dict) or "finished" not in entry:
             continue  # books written before finish times were kept say nothing
         for up, (sections, _) in STAGES.items():
-            later = book.get(up, {}).get("finished", 0) if isinstance(book.get(up), dict) else 0
+            up_entry = book.get(up)
+            later = up_entry.get("finished", 0) if isinstance(up_entry, dict) else 0
             if up != name and set(sections) <= set(STAGES[name][0]) and later > entry["finished"]:
                 out[name] = up
                 break

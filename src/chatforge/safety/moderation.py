@@ -81,8 +81,12 @@ class Moderator(nn.Module):
         """Logits [B, C] for right-padded ``input_ids`` [B, T] with ``lengths`` real tokens each."""
         h = self.backbone.hidden_states(input_ids)
         pos = torch.arange(input_ids.shape[1], device=h.device)[None, :]
-        last = pos == lengths[:, None] - 1
-        read = ((self.ends[input_ids] & (pos < lengths[:, None])) | last) if prefixes else last
+        if not prefixes:  # training: the whole text alone, no head over every position
+            mask = (pos < lengths[:, None]).to(h.dtype)
+            mean = (h * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(h.dtype)
+            last = h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]
+            return self.head(torch.cat([mean, last], dim=-1))
+        read = (self.ends[input_ids] & (pos < lengths[:, None])) | (pos == lengths[:, None] - 1)
         mean = h.cumsum(1) / (pos[..., None] + 1).to(h.dtype)  # each prefix's mean
         logits = self.head(torch.cat([mean, h], dim=-1))  # [B, T, C]: each prefix's
         return logits.masked_fill(~read[..., None], torch.finfo(logits.dtype).min).amax(1)
