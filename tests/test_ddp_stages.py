@@ -220,3 +220,11 @@ def test_scaling_under_torchrun_is_one_line_and_writes_nothing(tmp_path: Path) -
     assert res.stderr.count("chatforge scaling: error: not for torchrun (WORLD_SIZE=2)") == 1
     assert "Traceback" not in res.stderr.split("chatforge scaling: error")[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_error_under_torchrun_is_said_once(runs: Path) -> None:
+    # Every process read the same bad config and printed the same line, one per process.
+    res = _torchrun(runs, "pretrain", "--set", "pretrain.lr=fast", timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("chatforge pretrain: error: ") == 1, res.stderr[-3000:]
+    assert "pretrain.lr" in res.stderr

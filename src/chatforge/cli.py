@@ -418,6 +418,21 @@ def torchrun_refusal(args: argparse.Namespace) -> str | None:
     )
 
 
+def _error_tag() -> str | None:
+    """How this process reports an error: "" plainly, a rank tag, or None (another process says it).
+
+    Under torchrun an error raised before the process group is joined (a config or a file) is the same on
+    every process of a node, which read the same inputs: the node's first process says it once. Once
+    joined, an error may be one rank's own (its data, its device), so each says its own, tagged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"(rank {dist.get_rank()}) "
+    return "" if os.environ.get("LOCAL_RANK", "0") == "0" else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refused = torchrun_refusal(args)
@@ -428,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.fn(args)
     except ChatforgeError as e:
-        print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
+        tag = _error_tag()
+        if tag is not None:
+            print(f"chatforge {args.command}: error: {tag}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops: say it once
