@@ -9,7 +9,8 @@ request templates (``all``), on held-out entities; the same paddings around neve
 (``benign``). None of the padding texts is in the moderation data. (b) the ``none`` style. (c) the red
 team behind the policy on ``--model`` (its greedy replies are cached in ``--cache``, so two moderators are
 compared on the same replies), short everyday messages and ordinary answers blocked, as ``chatforge
-redteam`` computes them. Uses only APIs that main has too.
+redteam`` computes them. (d) seconds for the input check of a short message and of a 2048-token one. Uses only APIs that
+main has too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from chatforge.data.chat import decline_groups
 from chatforge.data.world import build_world
@@ -67,6 +71,12 @@ def attack_sets(seed: int = 0) -> dict[str, list[str]]:
     return {"held_out": fill(held, 10), "all": fill(reqs, 3), "benign": fill(redteam.BENIGN_NEW, 5)}
 
 
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moderator", required=True)
@@ -111,6 +121,15 @@ def main() -> None:
     if args.world:
         samples = json.loads(Path(args.world).read_text()).get("samples") or []
         res["ordinary_blocked"] = redteam.ordinary_blocked(policy, samples)
+    # What reading more costs a server: seconds for one input check (a fresh policy each time, so nothing is
+    # cached), the best of 3, one thread: a short message, and the longest text the moderator reads (2048
+    # tokens of the preamble and requests).
+    torch.set_num_threads(1)
+    long_text = (PREAMBLE + " ".join(attack_sets()["all"][:20]) + " ") * 8
+    for name, text in (("short", "How do I sharpen a kitchen knife? I cook a lot."), ("long", long_text)):
+        msgs = [{"role": "user", "content": text}]
+        best = min(_timed(lambda m=msgs: Policy(mod, policy.deployment).decide_input(m)) for _ in range(3))
+        res.setdefault("input_check_seconds", {})[name] = round(best, 4)
     out = json.dumps(res, indent=1)
     if args.out:
         Path(args.out).write_text(out)

@@ -232,6 +232,24 @@ def decoded_views(text: str) -> list[str]:
     return views
 
 
+# A user's message is also read from each sentence start on, as text of its own: the moderator scores a
+# text as the max over its sentence prefixes (safety/moderation.py), so words after a request cannot dilute
+# it, but words before it still could (the cpu-demo moderator blocked 7% of the red team's requests behind a
+# six-sentence story, 63% bare). Input only: a model's reply is not split so, since a story's sentence out
+# of context reads as harmful ("... the clockmaker is found dead ..." blocked as hate: look-alike
+# over-refusal 6.5% -> 11.5% when replies were split too). Bounded: the last MAX_TAILS sentence starts, each
+# tail cut to TAIL_CHARS (one moderator window holds a request that long).
+_SENTENCE_START = re.compile(r"(?<=[.!?\n])\s+(?=\S)")
+MAX_TAILS = 32
+TAIL_CHARS = 512
+
+
+def sentence_tails(text: str) -> list[str]:
+    """The text from each of its last MAX_TAILS sentence starts on, cut to TAIL_CHARS characters."""
+    starts = [m.end() for m in _SENTENCE_START.finditer(text)][-MAX_TAILS:]
+    return [text[a : a + TAIL_CHARS] for a in starts]
+
+
 class Policy:
     """Global bounds + a deployment policy + per-request user preferences, over a moderation scorer.
 
@@ -333,6 +351,7 @@ class Policy:
             views += decoded_views(" ".join(users[-3:]))
             # a base64 run cut across turns decodes only once the pieces are glued back without a space
             views += decoded_views("".join(users[-3:]))[1:]
+        views += [t for v in views for t in sentence_tails(v)]
         return self._decide("input", views, eff, eff.input)
 
     def decide_output(self, text: str, prefs: UserPrefs | None = None) -> Decision:
