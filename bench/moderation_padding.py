@@ -9,8 +9,8 @@ request templates (``all``), on held-out entities; the same paddings around neve
 (``benign``). None of the padding texts is in the moderation data. (b) the ``none`` style. (c) the red
 team behind the policy on ``--model`` (its greedy replies are cached in ``--cache``, so two moderators are
 compared on the same replies), short everyday messages and ordinary answers blocked, as ``chatforge
-redteam`` computes them. (d) seconds for the input check of a short message and of a 2048-token one. Uses only APIs that
-main has too.
+redteam`` computes them. (d) seconds for the input check of a short message and of a 2048-token one.
+Uses only APIs that main has too.
 """
 
 from __future__ import annotations

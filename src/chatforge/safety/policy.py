@@ -239,14 +239,16 @@ def decoded_views(text: str) -> list[str]:
 # of context reads as harmful ("... the clockmaker is found dead ..." blocked as hate: look-alike
 # over-refusal 6.5% -> 11.5% when replies were split too). Bounded: the last MAX_TAILS sentence starts, each
 # tail cut to TAIL_CHARS (one moderator window holds a request that long).
-_SENTENCE_START = re.compile(r"(?<=[.!?\n])\s+(?=\S)")
+_SENTENCE_START = re.compile(r"(?:(?<=[.!?])\s+|\n\s*)(?=\S)")  # after ". ! ?" and a space, or a line break
 MAX_TAILS = 32
 TAIL_CHARS = 512
+_TAIL_SCAN = 65536  # only the end of a huge message is searched for its last starts
 
 
 def sentence_tails(text: str) -> list[str]:
     """The text from each of its last MAX_TAILS sentence starts on, cut to TAIL_CHARS characters."""
-    starts = [m.end() for m in _SENTENCE_START.finditer(text)][-MAX_TAILS:]
+    off = max(0, len(text) - _TAIL_SCAN)
+    starts = [m.end() for m in _SENTENCE_START.finditer(text, off)][-MAX_TAILS:]
     return [text[a : a + TAIL_CHARS] for a in starts]
 
 
