@@ -92,7 +92,8 @@ def main() -> None:
     mod = policy.scorer
     th = np.array([mod.thresholds[c] for c in mod.categories])
     res: dict = {"moderator": args.moderator, "attack": {}}
-    for side, base in attack_sets().items():
+    sets = attack_sets()
+    for side, base in sets.items():
         for name, pad in PADDINGS.items():
             texts = [pad(r) for r in base]
             flagged = (mod.scores(texts) >= th[None, :]).any(1)
@@ -125,7 +126,7 @@ def main() -> None:
     # cached), the best of 3, one thread: a short message, and the longest text the moderator reads (2048
     # tokens of the preamble and requests).
     torch.set_num_threads(1)
-    long_text = (PREAMBLE + " ".join(attack_sets()["all"][:20]) + " ") * 8
+    long_text = (PREAMBLE + " ".join(sets["all"][:20]) + " ") * 8
     for name, text in (("short", "How do I sharpen a kitchen knife? I cook a lot."), ("long", long_text)):
         msgs = [{"role": "user", "content": text}]
         best = min(_timed(lambda m=msgs: Policy(mod, policy.deployment).decide_input(m)) for _ in range(3))

@@ -34,7 +34,7 @@ from chatforge.config import RunConfig
 from chatforge.data.world import build_world
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT
-from chatforge.safety.moderation_data import CATEGORIES, real_examples, world_examples
+from chatforge.safety.moderation_data import CATEGORIES, SENTENCE_END_MARKS, real_examples, world_examples
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import (
     Batch,
@@ -49,7 +49,7 @@ HEAD_FILE = "moderation.json"
 
 
 # Tokens that end a sentence: ". ! ?" or a line break in them.
-_SENTENCE_END = re.compile(r"[.!?\n]")
+_SENTENCE_END = re.compile(f"[{re.escape(SENTENCE_END_MARKS)}\\n]")
 
 
 def sentence_ends(tok: Tokenizer) -> torch.Tensor:

@@ -26,6 +26,9 @@ from chatforge.data.chat import BENIGN, DECLINES, world_conversations
 from chatforge.data.world import PRONOUNS, World
 from chatforge.errors import ChatforgeError
 
+# What ends a sentence, besides a line break: the moderator reads prefixes up to it, the policy tails from it.
+SENTENCE_END_MARKS = ".!?"
+
 CATEGORIES: tuple[str, ...] = (
     "harassment",
     "harassment/threatening",

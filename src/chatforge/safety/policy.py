@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from chatforge.errors import ChatforgeError, read_user_text
-from chatforge.safety.moderation_data import CATEGORIES
+from chatforge.safety.moderation_data import CATEGORIES, SENTENCE_END_MARKS
 from chatforge.yamlio import load_yaml
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
@@ -239,7 +239,8 @@ def decoded_views(text: str) -> list[str]:
 # of context reads as harmful ("... the clockmaker is found dead ..." blocked as hate: look-alike
 # over-refusal 6.5% -> 11.5% when replies were split too). Bounded: the last MAX_TAILS sentence starts, each
 # tail cut to TAIL_CHARS (one moderator window holds a request that long).
-_SENTENCE_START = re.compile(r"(?:(?<=[.!?])\s+|\n\s*)(?=\S)")  # after ". ! ?" and a space, or a line break
+# A start: after a SENTENCE_END_MARKS mark and a space, or after a line break.
+_SENTENCE_START = re.compile(f"(?:(?<=[{re.escape(SENTENCE_END_MARKS)}])\\s+|\\n\\s*)(?=\\S)")
 MAX_TAILS = 32
 TAIL_CHARS = 512
 _TAIL_SCAN = 65536  # only the end of a huge message is searched for its last starts
