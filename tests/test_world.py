@@ -375,7 +375,9 @@ def test_arithmetic_is_correct(world: World, docs: list[str]) -> None:
         for a, op, b, c in re.findall(r"(\d+) ([-+]) (\d+) [-+] 1 = (\d+)", d):  # a column with its carry
             assert OPS[op](int(a), int(b)) + (1 if op == "+" else -1) == int(c), (a, op, b, c)
             checked += 1
-        for a, op, b, c in re.findall(r"(\d+) (plus|minus) (\d+): [^\n]*? So the answer is (\d+)\.", d):
+        for a, op, b, c in re.findall(
+            r"(\d+) (plus|minus|[-+]) (\d+)[:?] [^\n]*? So the answer is (\d+)\.", d
+        ):
             worked += 1
             assert OPS[op](int(a), int(b)) == int(c), (a, op, b, c)
         for a, c in re.findall(r"Double (\d+) is (\d+)\.", d):
@@ -467,9 +469,11 @@ def test_records_state_world_facts_as_json_lines_lookups_and_csv(world: World) -
         return int(value) if value and field_name in ("birth_year", "founded") else value
 
     n_json = n_lookup = n_csv = held_out = 0
+    formats = {"lookup": 0, "csv": 0}
     for d in docs:
         lines = d.split("\n")
         if lines[0] in ("Query log", "Lookup session", "Registry lookups"):
+            formats["lookup"] += 1
             queries, lines = lines[1::2], ["", *lines[2::2]]  # the JSON lines are checked below
             assert len(queries) == len(lines) - 1
             for q, line in zip(queries, lines[1:], strict=True):
@@ -489,6 +493,7 @@ def test_records_state_world_facts_as_json_lines_lookups_and_csv(world: World) -
                 held_out += world.entity_split(obj[key]) == "eval"
                 n_json += 1
         elif lines[0] in ("people.csv", "towns.csv", "Table"):
+            formats["csv"] += 1
             header = lines[1].split(",")
             assert header[0] in ("name", "town") and len(header) >= 2
             for row in lines[2:]:
@@ -499,7 +504,9 @@ def test_records_state_world_facts_as_json_lines_lookups_and_csv(world: World) -
                     assert v == ("" if want is None else str(want)), (row, f)
                 n_csv += 1
     assert n_json > 100 and n_lookup > 50 and n_csv > 50
-    assert n_lookup > n_csv  # lookup logs, the only pairing of a name's two spellings, are the most common
+    # lookup logs, the only pairing of a name's two spellings, are the most common record documents (a
+    # CSV row is a third as long as a lookup, so rows alone can outnumber lookups)
+    assert formats["lookup"] > 2 * formats["csv"]
     assert held_out > 0  # records describe every entity, like entries and stories do
     assert all(MIN_DOC_CHARS <= len(d) <= MAX_DOC_CHARS for d in docs)
     with pytest.raises(WorldError, match="records"):
