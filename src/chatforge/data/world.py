@@ -1364,10 +1364,11 @@ class _Prose:
         if form == 5 and op in "+-":
             return f"Double {a} is {2 * a}." if op == "+" else f"Half of {2 * a} is {a}."
         if op in "+-" and max(a, b) >= 10:
-            # Every other two-digit sum is worked, as SFT's replies work them: the steps teach the column
-            # facts and the copy of each operand's digits. With a quarter of them worked (383 in the
-            # corpus) one pretraining seed learned the tens-digit copy (56 of 60 sums) and another did
-            # not (0 of 60: "1 + 0" for 59 + 63); said in one go, a sum teaches a 4-layer model nothing.
+            # Two-digit sums (but the doublings) are all worked, as SFT's replies work them: the steps
+            # teach the column facts and the copy of each operand's digits. With a quarter of them worked
+            # (383 in the corpus) one pretraining seed learned the tens-digit copy (56 of 60 sums) and
+            # another did not (0 of 60: "1 + 0" for 59 + 63); with all, three seeds of three did (53-58).
+            # Said in one go, a two-digit sum teaches a 4-layer model nothing it can use.
             lead = (f"{a} {word} {b}:", f"{a} {op} {b}:", f"What is {a} {word} {b}?")[form % 3]
             return f"{lead} {worked_answer(a, op, b)}"
         if form in (0, 5):
