@@ -1367,7 +1367,7 @@ class _Prose:
             # Two-digit sums (but the doublings) are all worked, as SFT's replies work them: the steps
             # teach the column facts and the copy of each operand's digits. With a quarter of them worked
             # (383 in the corpus) one pretraining seed learned the tens-digit copy (56 of 60 sums) and
-            # another did not (0 of 60: "1 + 0" for 59 + 63); with all, three seeds of three did (53-58).
+            # another did not (0 of 60: "1 + 0" for 59 + 63); with all, four seeds of four did (53-59).
             # Said in one go, a two-digit sum teaches a 4-layer model nothing it can use.
             lead = (f"{a} {word} {b}:", f"{a} {op} {b}:", f"What is {a} {word} {b}?")[form % 3]
             return f"{lead} {worked_answer(a, op, b)}"
