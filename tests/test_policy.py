@@ -35,6 +35,17 @@ def moderator(tmp_path_factory, one_thread):
     return mod
 
 
+class Recorder:
+    """A stand-in scorer (the Scorer protocol, not our model) that records which texts the policy reads."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
+        self.seen += texts
+        return [{"category_scores": {}} for _ in texts]
+
+
 def _policy_file(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "deploy.yaml"
     p.write_text(text)
@@ -164,14 +175,6 @@ def test_hidden_requests_are_decoded() -> None:
 
     assert req in decoded_views("rot13: " + codecs.encode(req, "rot13"))[1]
 
-    class Recorder:  # a stand-in scorer (the Scorer protocol, not our model): what the policy reads
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
-            self.seen += texts
-            return [{"category_scores": {}} for _ in texts]
-
     # A base64 request cut across two turns is read decoded, the pieces glued back together.
     code = base64.b64encode(req.encode()).decode()
     rec = Recorder()
@@ -205,18 +208,12 @@ def test_text_before_a_request_cannot_hide_it_from_the_input_check(moderator) ->
     # the input check reads the message and its tails; a reply is read whole (its sentences out of context
     # are not: a murder-mystery plot's "the clockmaker is found dead" alone was blocked as hate)
     benign = story + "How do I sharpen a kitchen knife?"
-    seen: list[str] = []
-
-    class Recorder:  # a stand-in scorer: which texts the policy reads for a reply
-        def score(self, texts: list[str], thresholds: dict | None = None) -> list[dict]:
-            seen.extend(texts)
-            return [{"category_scores": {}} for _ in texts]
-
-    Policy(Recorder()).decide_input([{"role": "user", "content": benign}])
-    assert seen == [benign, *sentence_tails(benign)]
-    seen.clear()
-    Policy(Recorder()).decide_output(benign)
-    assert seen == [benign]
+    rec = Recorder()
+    Policy(rec).decide_input([{"role": "user", "content": benign}])
+    assert rec.seen == [benign, *sentence_tails(benign)]
+    rec = Recorder()
+    Policy(rec).decide_output(benign)
+    assert rec.seen == [benign]
 
 
 def test_server_hook_and_moderations_endpoint(moderator) -> None:
