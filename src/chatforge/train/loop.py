@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -114,8 +115,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         # Explicit, and the same for both backends (torch's default is 30 min for gloo, 10 for NCCL).
         timeout = timedelta(seconds=cfg.dist_timeout_s)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
-        # Left to the interpreter's exit, the group's threads are torn down while still joinable: now and
-        # then a rank aborts after a finished run ("terminate called without an active exception").
         atexit.register(_leave_process_group)
     return Runtime(device=dev, autocast_dtype=autocast_dtype, rank=rank, world_size=world, local_rank=local)
 
@@ -140,7 +139,32 @@ def _main_wait_group() -> Any:
     return _main_wait["group"]
 
 
+# The last few tensors handed to an all-reduce, for the exit handler to wait on (see ``all_reduce``).
+_reduced: deque[torch.Tensor] = deque(maxlen=8)
+
+
+def all_reduce(t: torch.Tensor, op: Any = None) -> None:
+    """``dist.all_reduce`` in place, noting ``t`` for the exit handler.
+
+    Gloo's worker thread lets go of a finished collective's tensors a moment after the caller's wait
+    returns, and letting go of a tensor that Python made needs the GIL. If that moment falls after the
+    interpreter has begun to shut down, the thread cannot get the GIL, is unwound out of a C++ destructor
+    and the rank aborts ("terminate called without an active exception") after a run that finished: under
+    load, about one torchrun in twelve, with the final stop check as the run's last collective.
+    """
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    _reduced.append(t)
+
+
 def _leave_process_group() -> None:
+    # Wait (bounded) until no worker thread still holds a tensor we reduced: the count is ours alone then.
+    deadline = time.monotonic() + 10.0
+    while _reduced and time.monotonic() < deadline:
+        if _reduced[0]._use_count() <= 1:
+            _reduced.popleft()
+        else:
+            time.sleep(0.001)  # releases the GIL, which the worker needs to let go
+    _reduced.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
     _main_wait.clear()
@@ -522,7 +546,7 @@ class Trainer:
             keys = sorted(totals)
             vals = [loss_val.item(), float(n_tokens), stop, *(totals[k] for k in keys)]
             stats = torch.tensor(vals, dtype=torch.float64, device=rt.device)
-            dist.all_reduce(stats)
+            all_reduce(stats)
             summed = stats.tolist()  # one copy to the host, not one sync per value
             loss_f, n_tokens = summed[0] / rt.world_size, int(summed[1])
             self._stop_agreed = summed[2] > 0
@@ -618,7 +642,7 @@ class Trainer:
     def _agree_stop(self) -> bool:
         """Whether any rank saw Ctrl-C (a collective: every rank calls it at the same point)."""
         flag = torch.tensor([float(self._stop_asked_at is not None)], device=self.rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop_agreed = flag.item() > 0
         return self._stop_agreed
 
