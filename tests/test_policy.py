@@ -306,6 +306,25 @@ def test_served_with_the_policy_on_loopback(moderator) -> None:
         )
         assert r.json()["choices"][0]["finish_reason"] == "content_filter"
         assert "ünknown" in json.loads(r.headers["x-chatforge-safety-notes"])[0]  # ASCII-safe in a header
+        # /v1/completions reads its prompt as a user turn: it used to go to the model unchecked.
+        ask = harmful["messages"][0]["content"]
+        plain = {"model": "main", "max_tokens": 4, "n": 2}
+        r = httpx.post(f"{url}/v1/completions", json={**plain, "prompt": [ask, "The river"]}, timeout=30)
+        got = r.json()["choices"]
+        assert r.status_code == 200 and [c["index"] for c in got] == [0, 1, 2, 3]
+        assert {c["finish_reason"] for c in got[:2]} == {"content_filter"}
+        assert got[0]["text"] == choice["message"]["content"]  # the chat's decline, word for word
+        # The clean prompt was generated for (the tiny model's babble may still trip the output check).
+        assert r.json()["usage"]["completion_tokens"] > 0
+        assert all(c["text"] != got[0]["text"] for c in got[2:])
+        r = httpx.post(f"{url}/v1/completions", json={**plain, "prompt": ask, "stream": True}, timeout=30)
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert [e["choices"][0]["finish_reason"] for e in events][-2:] == ["content_filter"] * 2
+        assert (
+            "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == 1)
+            == got[1]["text"]
+        )
         m = httpx.post(f"{url}/v1/moderations", json={"input": "I will make you pay, I know where you live"})
         assert m.status_code == 200 and len(m.json()["results"]) == 1
     off = tiny_config(cfg.runs_dir, "safety.moderator=none")

@@ -7,8 +7,9 @@ promote, rollback; API keys), which need ``Authorization: Bearer $CHATFORGE_ADMI
 
 Moderation hook (issue 8): ``create_app(..., policy=obj)`` where ``obj`` has
 ``check_input(messages: list[dict]) -> str | None`` and ``check_output(text: str) -> str | None``; each
-returns None to allow, or a reason. A flagged input is answered with the policy's brief decline (from
-``decide_input(messages).message`` when the policy has it) and ``finish_reason: "content_filter"``; a
+returns None to allow, or a reason. A flagged input (a chat's messages, or a completion's prompt read as
+one user turn) is answered with the policy's brief decline (from ``decide_input(messages).message`` when
+the policy has it) and ``finish_reason: "content_filter"``; a
 flagged output stops that choice with ``finish_reason: "content_filter"`` (a chat's output is checked by
 ``check_output_for(text, messages)`` when the policy has it, so the user's ``safety:`` line applies to the
 replies too). Output is checked in chunks
@@ -847,10 +848,48 @@ def create_app(
             ]
         if body.stream and (body.echo or len(ids_list) > 1):
             raise bad_request("stream: supported for one prompt without echo", "stream")
+        # The input check, as for a chat: a raw prompt is read as one user turn. A flagged prompt is
+        # answered with the decline (finish_reason "content_filter") and never reaches the model. Not
+        # for scoring (echo with logprobs: lm-eval's loglikelihood), which reads the prompt's own scores;
+        # what such a request generates is still checked on output.
+        declines: list[str | None] = [None] * len(ids_list)
+        notes: dict[str, str] = {}
+        if policy is not None and not (body.echo and body.logprobs is not None):
+            for i, ids in enumerate(ids_list):
+                declines[i], said = input_decline([{"role": "user", "content": tok.decode(ids)}])
+                notes = notes or said
         cid, created = P.new_id("cmpl"), P.now()
-        gens = [v.scheduler.submit(ids, p) for ids, p in zip(ids_list, plist)]
+        if body.stream and declines[0] is not None:
+            head = {"id": cid, "object": "text_completion", "created": created, "model": v.name}
+            parts = [
+                {
+                    **head,
+                    "choices": [{"index": j, "text": declines[0], "logprobs": None, "finish_reason": None}],
+                }
+                for j in range(body.n)
+            ]
+            parts += [
+                {
+                    **head,
+                    "choices": [
+                        {"index": j, "text": "", "logprobs": None, "finish_reason": "content_filter"}
+                    ],
+                }
+                for j in range(body.n)
+            ]
+            if body.stream_options and body.stream_options.include_usage:
+                parts.append({**head, "choices": [], "usage": P.usage(len(ids_list[0]), 0)})
+            sse_text = "".join(f"data: {json.dumps(x, ensure_ascii=False)}\n\n" for x in parts)
+            return StreamingResponse(
+                iter([sse_text + "data: [DONE]\n\n"]), media_type="text/event-stream", headers=notes
+            )
+        gens = [
+            None if d is not None else v.scheduler.submit(ids, p)
+            for ids, p, d in zip(ids_list, plist, declines)
+        ]
         if body.stream:
             gen = gens[0]
+            assert gen is not None
             first, batches = await first_batch(v, gen)
             choices = [Choice() for _ in range(body.n)]
             want_lp = body.logprobs is not None
@@ -899,9 +938,9 @@ def create_app(
                 finally:
                     v.scheduler.cancel(gen)
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(sse(), media_type="text/event-stream", headers=notes)
 
-        watchers = [asyncio.create_task(watch_disconnect(request, v, g)) for g in gens]
+        watchers = [asyncio.create_task(watch_disconnect(request, v, g)) for g in gens if g is not None]
         out = []
         completion_tokens = 0
         try:
@@ -914,12 +953,16 @@ def create_app(
                     echoes.append(None)
             for i, (ids, gen) in enumerate(zip(ids_list, gens)):
                 choices = [Choice() for _ in range(body.n)]
-                try:
-                    async for j, ev in gen.events():
-                        if choices[j].finish is None:
-                            apply_event(v, choices[j], ev, body.logprobs is not None)
-                except ValueError as e:
-                    raise bad_request(f"prompt[{i}]: {e}", "prompt") from None
+                if gen is None:  # declined by the input check
+                    for c in choices:
+                        c.text, c.finish = declines[i] or "", "content_filter"
+                else:
+                    try:
+                        async for j, ev in gen.events():
+                            if choices[j].finish is None:
+                                apply_event(v, choices[j], ev, body.logprobs is not None)
+                    except ValueError as e:
+                        raise bad_request(f"prompt[{i}]: {e}", "prompt") from None
                 prompt_text = tok.decode(ids)
                 for j, c in enumerate(choices):
                     completion_tokens += c.tokens
@@ -943,7 +986,8 @@ def create_app(
             for w in watchers:
                 w.cancel()
             for g in gens:
-                v.scheduler.cancel(g)
+                if g is not None:
+                    v.scheduler.cancel(g)
         return JSONResponse(
             {
                 "id": cid,
@@ -952,7 +996,8 @@ def create_app(
                 "model": v.name,
                 "choices": out,
                 "usage": P.usage(sum(map(len, ids_list)), completion_tokens),
-            }
+            },
+            headers=notes,
         )
 
     # ------------------------------------------------------------ web UI + its storage
