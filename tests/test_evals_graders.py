@@ -254,6 +254,14 @@ def test_registry_loads_builtins_and_user_dirs(tmp_path: Path) -> None:
         a, b = map(int, re.findall(r"\d+", q))
         a, b = (b, a) if q.startswith("Subtract") else (a, b)
         assert b >= 10 and a <= 99 and int(it["ideal"]) == (a + b if it["kind"] == "sum" else a - b) >= 0, q
+    # Its base twin: the same problems, as the pretraining text's arithmetic pages write them.
+    base = registry.load_samples(specs["two-digit-base"])
+    assert [(it["id"], it["kind"], it["ideal"]) for it in base] == [
+        (it["id"], it["kind"], it["ideal"]) for it in probe
+    ]
+    for it in base:
+        a, word, b = re.fullmatch(r"Sums with answers\n(\d+) (plus|minus) (\d+):", it["input"]).groups()
+        assert int(it["ideal"]) == (int(a) + int(b) if word == "plus" else int(a) - int(b)), it
     d = _reg(tmp_path, "ev:\n  samples: s.jsonl\n  grader: exact\n  sampling: {n: 4}\n")
     spec = registry.get_spec("ev", [d])
     items = registry.load_samples(spec)
