@@ -309,9 +309,12 @@ def test_kind_shapes(world: World, train_convs: list[dict]) -> None:
             assert not (op in "+-" and max(x, y) >= 10), reply  # two-digit sums are worked
             continue
         # worked column by column, ones first, closing with the answer the steps give
+        # restated in the pretraining text's order first ("49 - 42:"), whatever the question's wording
+        lead = re.match(r"(\d+) ([-+]) (\d+): ", reply)
+        assert lead and (int(lead[1]), int(lead[3])) == (x, y), (question, reply)
         w = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+): write (\d)(, (?:carry|borrow) 1)?; (\d+) [-+] (\d+)"
-                         r"(?: [-+] 1)? = (-?\d+)\. So the answer is (\d+)\.", reply)  # fmt: skip
-        assert w and int(w[3]) == y % 10 and int(w[1]) % 10 == x % 10, (question, reply)
+                         r"(?: [-+] 1)? = (-?\d+)\. So the answer is (\d+)\.", reply[lead.end():])  # fmt: skip
+        assert w and w[2] == lead[2] and int(w[3]) == y % 10 and int(w[1]) % 10 == x % 10, (question, reply)
         assert (int(w[7]), int(w[8])) == (x // 10, y // 10), reply
         assert z == (x + y if w[2] == "+" else x - y) == int(w[9]) * 10 + int(w[5]), reply
         worked += 1

@@ -61,7 +61,8 @@ from chatforge.errors import ChatforgeError
 # 5: a word-limited reply names a relative after the role word ("Mother: Ornel Vask.").
 # 6: a request split across two turns comes in twelve frames instead of three.
 # 7: twice as many split requests in the training mix (declined and benign alike); the eval suite keeps v6's.
-CHAT_VERSION = 7
+# 8: a worked sum or difference first restates the problem ("49 - 42: 9 - 2 = 7: ...").
+CHAT_VERSION = 8
 
 
 def chat_version(sources: Iterable[Any]) -> dict[str, int]:
@@ -1453,7 +1454,13 @@ class _Gen:
             b, c = rng.randint(1, 12), rng.randint(1, 12)
             a = b * c
         # answers write "x" like the pretraining prose, whatever sign the question used
-        return rng.choice(ARITHMETIC_QUESTIONS[op]).format(a=a, b=b), worked_answer(a, op, b), c
+        answer = worked_answer(a, op, b)
+        if op in "+-" and max(a, b) >= 10:
+            # A worked answer first restates the problem as the pretraining text leads one ("49 - 42:"), so
+            # that the columns copy their digits from just before them, in the order the steps use them:
+            # asked "Subtract 42 from 49.", chat v7's SFT got 9 of 53 right ("19 - 6 = 3: ...").
+            answer = f"{a} {op} {b}: {answer}"
+        return rng.choice(ARITHMETIC_QUESTIONS[op]).format(a=a, b=b), answer, c
 
     def system_json(self) -> Built:
         rng = self.rng
