@@ -852,36 +852,33 @@ def create_app(
         # answered with the decline (finish_reason "content_filter") and never reaches the model. Not
         # for scoring (echo with logprobs: lm-eval's loglikelihood), which reads the prompt's own scores;
         # what such a request generates is still checked on output.
+        prompt_texts = [tok.decode(ids) for ids in ids_list]
         declines: list[str | None] = [None] * len(ids_list)
         notes: dict[str, str] = {}
         if policy is not None and not (body.echo and body.logprobs is not None):
-            for i, ids in enumerate(ids_list):
-                declines[i], said = input_decline([{"role": "user", "content": tok.decode(ids)}])
+            for i, text in enumerate(prompt_texts):
+                declines[i], said = input_decline([{"role": "user", "content": text}])
                 notes = notes or said
         cid, created = P.new_id("cmpl"), P.now()
+        head = {"id": cid, "object": "text_completion", "created": created, "model": v.name}
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+        def sse_event(choices: list[dict], **extra: Any) -> str:
+            """One server-sent event of this completion's stream."""
+            return f"data: {json.dumps({**head, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+        def choice_chunk(j: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
+            """One choice of a completion (a whole one, or a streamed chunk of one)."""
+            return {"index": j, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
         if body.stream and declines[0] is not None:
-            head = {"id": cid, "object": "text_completion", "created": created, "model": v.name}
-            parts = [
-                {
-                    **head,
-                    "choices": [{"index": j, "text": declines[0], "logprobs": None, "finish_reason": None}],
-                }
-                for j in range(body.n)
-            ]
-            parts += [
-                {
-                    **head,
-                    "choices": [
-                        {"index": j, "text": "", "logprobs": None, "finish_reason": "content_filter"}
-                    ],
-                }
-                for j in range(body.n)
-            ]
-            if body.stream_options and body.stream_options.include_usage:
-                parts.append({**head, "choices": [], "usage": P.usage(len(ids_list[0]), 0)})
-            sse_text = "".join(f"data: {json.dumps(x, ensure_ascii=False)}\n\n" for x in parts)
+            n = range(body.n)
+            parts = [sse_event([choice_chunk(j, declines[0], None, None)]) for j in n]
+            parts += [sse_event([choice_chunk(j, "", None, "content_filter")]) for j in n]
+            if include_usage:
+                parts.append(sse_event([], usage=P.usage(len(ids_list[0]), 0)))
             return StreamingResponse(
-                iter([sse_text + "data: [DONE]\n\n"]), media_type="text/event-stream", headers=notes
+                iter(["".join(parts) + "data: [DONE]\n\n"]), media_type="text/event-stream", headers=notes
             )
         gens = [
             None if d is not None else v.scheduler.submit(ids, p)
@@ -894,7 +891,6 @@ def create_app(
             choices = [Choice() for _ in range(body.n)]
             want_lp = body.logprobs is not None
             offsets = [0] * body.n  # text_offset of each choice's next token, as in the non-streamed answer
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def chunk_logprobs(j: int, c: Choice) -> dict | None:
                 """The legacy logprobs of ``c``'s released tokens not sent yet (None without logprobs)."""
@@ -915,7 +911,6 @@ def create_app(
                     async for items in batches:
                         yield items
 
-                head = {"id": cid, "object": "text_completion", "created": created, "model": v.name}
                 try:
                     async for items in all_batches():
                         parts = []
@@ -926,14 +921,11 @@ def create_app(
                             delta = apply_event(v, c, ev, want_lp)
                             lp = chunk_logprobs(j, c)
                             if delta or c.finish or (lp and lp["tokens"]):
-                                ch = {"index": j, "text": delta, "logprobs": lp, "finish_reason": c.finish}
-                                obj = {**head, "choices": [ch]}
-                                parts.append(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n")
+                                parts.append(sse_event([choice_chunk(j, delta, lp, c.finish)]))
                         if parts:
                             yield "".join(parts)
                     if include_usage:
-                        used = P.usage(len(gen.prompt), sum(c.tokens for c in choices))
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': used})}\n\n"
+                        yield sse_event([], usage=P.usage(len(gen.prompt), sum(c.tokens for c in choices)))
                     yield "data: [DONE]\n\n"
                 finally:
                     v.scheduler.cancel(gen)
@@ -963,7 +955,7 @@ def create_app(
                                 apply_event(v, choices[j], ev, body.logprobs is not None)
                     except ValueError as e:
                         raise bad_request(f"prompt[{i}]: {e}", "prompt") from None
-                prompt_text = tok.decode(ids)
+                prompt_text = prompt_texts[i]
                 for j, c in enumerate(choices):
                     completion_tokens += c.tokens
                     text = (prompt_text if body.echo else "") + c.text
@@ -979,9 +971,7 @@ def create_app(
                         tlps += c.raw_lps
                         ttops += c.raw_tops if k else [None] * len(c.ids)
                         lp = P.completion_logprobs(toks, tlps, ttops)
-                    out.append(
-                        {"index": i * body.n + j, "text": text, "logprobs": lp, "finish_reason": c.finish}
-                    )
+                    out.append(choice_chunk(i * body.n + j, text, lp, c.finish))
         finally:
             for w in watchers:
                 w.cancel()
